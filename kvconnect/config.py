@@ -1,0 +1,242 @@
+"""The connector configuration: typed, validated once at start, every default in this file.
+
+vLLM passes ``kv_connector_extra_config`` (a free dict); SGLang passes its own extra-config JSON.
+Both reach :func:`parse_config`. Two shapes are accepted::
+
+    {"backend": "nixl", "mode": "pull"}                          # one backend
+    {"backends": [{"backend": "nixl"},                           # several, composed by the
+                  {"backend": "cpu_offload", "cpu_bytes_to_use": 4e9}]}  # MultiConnector, in order
+
+An unknown key is an error that names it and suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+import msgspec
+
+from kvconnect.errors import ConfigError
+
+
+class _Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class PDConfig(_Base, frozen=True):
+    """Options shared by the P/D transfer backends (NIXL, MoRI-IO)."""
+
+    #: ``pull``: the decode instance reads the prefill's blocks (NIXL READ / MoRI read).
+    #: ``push``: the prefill instance writes into the decode's blocks once the decode has
+    #: allocated them. ``read`` / ``write`` are accepted as MoRI-style aliases.
+    mode: Literal["pull", "push", "read", "write"] = "pull"
+    #: Host the side-channel listener binds to and advertises to peers (``*`` binds all, and then
+    #: ``advertise_host`` is what peers are told). IPv4, IPv6 or a host name.
+    side_channel_host: str = "127.0.0.1"
+    #: Base TCP port of the side channel; TP rank r listens on ``base + r``.
+    side_channel_port: int = 5600
+    #: Address advertised in transfer params when it differs from the bind address.
+    advertise_host: str | None = None
+    #: Shared secret: when set, side-channel messages without a valid HMAC are rejected.
+    secret: str | None = None
+    #: Deadline for one handshake (connect, request, reply) with a peer.
+    handshake_timeout_s: float = 10.0
+    #: Deadline for one request's transfer, from its start to its last completed status.
+    transfer_timeout_s: float = 60.0
+    #: How long a producer holds blocks for a consumer that has not finished reading them.
+    lease_timeout_s: float = 120.0
+    #: Sleep between polls of the transport while transfers are in flight (never a hot spin).
+    poll_interval_s: float = 0.0005
+    #: Sleep between polls while nothing is in flight.
+    idle_poll_interval_s: float = 0.02
+    #: Producer checksums each block; consumer verifies before the engine uses it.
+    verify_checksums: bool = False
+    #: Merge contiguous block runs into single descriptors.
+    merge_runs: bool = True
+
+    @property
+    def pull(self) -> bool:
+        return self.mode in ("pull", "read")
+
+
+class NixlConfig(PDConfig, frozen=True, tag="nixl", tag_field="backend"):
+    """P/D transfer over NIXL."""
+
+    #: NIXL transport plugins to instantiate.
+    nixl_backends: tuple[str, ...] = ("UCX",)
+    #: Run NIXL's own progress thread (spins a core; off by default, kvconnect polls).
+    nixl_progress_thread: bool = False
+
+
+class MoriConfig(PDConfig, frozen=True, tag="mori", tag_field="backend"):
+    """P/D transfer over MoRI-IO RDMA."""
+
+    #: Queue pairs per transfer and RDMA batching knobs handed to ``RdmaBackendConfig``.
+    qp_per_transfer: int = 1
+    post_batch_size: int = -1
+    num_worker_threads: int = 1
+
+
+class CpuOffloadConfig(_Base, frozen=True, tag="cpu_offload", tag_field="backend"):
+    """Host-memory KV tier."""
+
+    #: Host memory for the tier, in bytes (required). Split over TP ranks unless ``per_rank``.
+    cpu_bytes_to_use: int
+    #: Read ``cpu_bytes_to_use`` as per TP rank instead of in total.
+    per_rank: bool = False
+    #: ``lru`` or ``arc``.
+    eviction_policy: Literal["lru", "arc"] = "lru"
+    #: ``finish``: store a request's full blocks when it finishes; ``fill``: also as they fill.
+    store_mode: Literal["finish", "fill"] = "finish"
+    #: Folded into every prefix hash (isolates tenants sharing one tier).
+    hash_salt: str = ""
+    #: Checksum blocks when stored, verify when loaded.
+    verify_checksums: bool = False
+    #: Copy threads used when the KV caches live on the CPU.
+    copy_threads: int = 1
+
+
+BackendConfig = Union[NixlConfig, MoriConfig, CpuOffloadConfig]
+BACKEND_TYPES: dict[str, type[_Base]] = {
+    "nixl": NixlConfig,
+    "mori": MoriConfig,
+    "cpu_offload": CpuOffloadConfig,
+}
+#: Backends that move KV between instances; a composition may hold at most one.
+PD_BACKENDS = frozenset({"nixl", "mori"})
+
+
+class KVConnectConfig(_Base, frozen=True):
+    """The whole connector: backends in priority order (load first-wins, store to all)."""
+
+    backends: tuple[BackendConfig, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [backend_name(b) for b in self.backends]
+
+
+def backend_name(cfg: Any) -> str:
+    return type(cfg).__struct_config__.tag  # type: ignore[no-any-return]
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`(?: - at `([^`]*)`)?")
+_INVALID_TAG = re.compile(r"Invalid value '([^']*)' - at `([^`]*)`")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _fields_at(path: str, raw: Mapping[str, Any]) -> list[str]:
+    """Known keys of the struct at a msgspec error path like ``$.backends[1]``."""
+    m = re.fullmatch(r"\$\.backends\[(\d+)\]", path or "")
+    if m:
+        entries = raw.get("backends") or []
+        i = int(m.group(1))
+        if i < len(entries) and isinstance(entries[i], Mapping):
+            t = BACKEND_TYPES.get(entries[i].get("backend"))
+            if t is not None:
+                return list(t.__struct_fields__) + ["backend"]
+    return ["backends"]
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
+    """Validate a plain dict into a :class:`KVConnectConfig`, or raise ConfigError."""
+    if raw is None or len(raw) == 0:
+        raise ConfigError(
+            "kvconnect needs a config naming its backend(s), e.g. "
+            '{"backend": "nixl"} or {"backends": [{"backend": "nixl"}, '
+            '{"backend": "cpu_offload", "cpu_bytes_to_use": 4000000000}]}'
+        )
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config must be an object, got {type(raw).__name__}")
+    data = dict(raw)
+    if "backend" in data and not isinstance(data["backend"], str):
+        raise ConfigError(f"'backend' must be a backend name, got {data['backend']!r}")
+    if "backends" in data and not isinstance(data["backends"], (list, tuple)):
+        raise ConfigError(f"'backends' must be a list of backend objects, got {data['backends']!r}")
+    if "backends" not in data:
+        if "backend" not in data:
+            raise ConfigError(
+                "config needs 'backend' (one backend) or 'backends' (a list)"
+                + _suggest(next(iter(data)), ["backend", "backends"])
+            )
+        data = {"backends": [data]}
+    elif "backend" in data:
+        raise ConfigError("config has both 'backend' and 'backends': give one of them")
+    data["backends"] = [dict(e) if isinstance(e, Mapping) else e for e in data["backends"]]
+    for i, entry in enumerate(data["backends"]):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"backends[{i}] must be an object with a 'backend' key, got {entry!r}")
+        name = entry.get("backend")
+        if not isinstance(name, str) or name not in BACKEND_TYPES:
+            raise ConfigError(
+                f"backends[{i}].backend: unknown backend {name!r}; known: {sorted(BACKEND_TYPES)}"
+                + _suggest(str(name), list(BACKEND_TYPES))
+            )
+    # JSON has no integer/float split for sizes: accept 4e9 for cpu_bytes_to_use.
+    for entry in data.get("backends") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("cpu_bytes_to_use"), float):
+            v = entry["cpu_bytes_to_use"]
+            if v.is_integer():
+                entry["cpu_bytes_to_use"] = int(v)
+    try:
+        cfg = msgspec.convert(data, KVConnectConfig)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = _UNKNOWN_FIELD.search(msg)
+        if m:
+            key, path = m.group(1), m.group(2) or "$"
+            raise ConfigError(
+                f"unknown config key '{key}' at {path}" + _suggest(key, _fields_at(path, data))
+            ) from None
+        raise ConfigError(f"invalid config: {msg}") from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: KVConnectConfig) -> None:
+    if not cfg.backends:
+        raise ConfigError("'backends' is empty: name at least one backend")
+    pd = [n for n in cfg.names if n in PD_BACKENDS]
+    if len(pd) > 1:
+        raise ConfigError(
+            f"backends {pd} are both P/D transfer backends: one engine has one P/D peer protocol "
+            "(the router passes a single set of transfer params); keep one of them"
+        )
+    for i, b in enumerate(cfg.backends):
+        where = f"backends[{i}] ({backend_name(b)})"
+        if isinstance(b, PDConfig):
+            for key in ("handshake_timeout_s", "transfer_timeout_s", "lease_timeout_s",
+                        "poll_interval_s", "idle_poll_interval_s"):
+                if not getattr(b, key) > 0:
+                    raise ConfigError(f"{where}.{key} must be > 0, got {getattr(b, key)}")
+            if not 0 <= b.side_channel_port < 65536:
+                raise ConfigError(f"{where}.side_channel_port {b.side_channel_port} is not a TCP port")
+        if isinstance(b, CpuOffloadConfig):
+            if b.cpu_bytes_to_use <= 0:
+                raise ConfigError(f"{where}.cpu_bytes_to_use must be > 0, got {b.cpu_bytes_to_use}")
+            if b.copy_threads <= 0:
+                raise ConfigError(f"{where}.copy_threads must be > 0, got {b.copy_threads}")
+
+
+def defaults_table() -> str:
+    """Every option with its default, for ``kvconnect config``."""
+    lines = []
+    for name, t in BACKEND_TYPES.items():
+        lines.append(f"[{name}]")
+        for f, d in zip(t.__struct_fields__, _defaults(t)):
+            lines.append(f"  {f} = {d!r}")
+    return "\n".join(lines)
+
+
+def _defaults(t: type[msgspec.Struct]) -> list[Any]:
+    fields = t.__struct_fields__
+    defaults = list(t.__struct_defaults__)
+    pad = ["<required>"] * (len(fields) - len(defaults))
+    return pad + defaults

@@ -1,0 +1,34 @@
+"""Every error kvconnect raises on purpose derives from KVConnectError, so callers can tell
+kvconnect's clear refusals apart from bugs."""
+
+
+class KVConnectError(Exception):
+    """Base class of kvconnect's own errors."""
+
+
+class ConfigError(KVConnectError, ValueError):
+    """The connector configuration is invalid; the message names the offending key."""
+
+
+class LayoutError(KVConnectError, ValueError):
+    """A KV cache tensor or block list does not fit the described layout."""
+
+
+class WireError(KVConnectError, ValueError):
+    """Bytes or a dict from another process (handshake, transfer params) failed validation."""
+
+
+class HandshakeError(KVConnectError):
+    """The side-channel exchange with a peer failed: unreachable, timed out, refused or garbled."""
+
+
+class CompatibilityError(HandshakeError):
+    """The peer's model/layout compatibility hash differs from ours: its KV cannot be used."""
+
+
+class TransferError(KVConnectError):
+    """A KV transfer failed or ran past its deadline."""
+
+
+class BackendUnavailableError(KVConnectError, ImportError):
+    """A selected backend needs a package that is not installed; the message says how to install it."""

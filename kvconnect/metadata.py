@@ -1,0 +1,150 @@
+"""Wire types: everything that crosses a process boundary, as msgspec Structs.
+
+Input from outside (a peer's handshake, a router's transfer params) is decoded strictly: wrong
+types, missing fields and oversize messages raise :class:`~kvconnect.errors.WireError` naming
+the field. Decoders are built once per type and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from kvconnect.errors import WireError
+
+#: Bumped whenever a wire type changes incompatibly; part of every compatibility hash.
+PROTOCOL_VERSION = 1
+#: Default ceiling for one decoded message (handshake metadata for a large model is ~MBs).
+MAX_WIRE_BYTES = 64 * 1024 * 1024
+
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode(data: bytes, type_: type[T], *, what: str, max_bytes: int = MAX_WIRE_BYTES) -> T:
+    """Strictly decode msgpack ``data`` as ``type_``; errors name ``what`` and the bad field."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireError(f"{what}: message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    dec = _decoders.get(type_)
+    if dec is None:
+        dec = _decoders[type_] = msgspec.msgpack.Decoder(type_)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as e:
+        raise WireError(f"{what}: {e}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise WireError(f"{what}: not a valid message ({e})") from None
+
+
+def convert(obj: Any, type_: type[T], *, what: str) -> T:
+    """Strictly convert a plain Python object (e.g. a JSON dict) to ``type_``."""
+    try:
+        return msgspec.convert(obj, type_)
+    except msgspec.ValidationError as e:
+        raise WireError(f"{what}: {e}") from None
+
+
+def compat_hash(signature: Mapping[str, Any]) -> str:
+    """Stable hash over what two peers must agree on to exchange KV (model shape, dtype,
+    layout kind, protocol version). Order of keys does not matter."""
+    canonical = msgspec.json.encode({"protocol": PROTOCOL_VERSION, **dict(signature)}, order="sorted")
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+class LayerRegion(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One registered KV tensor as a peer sees it."""
+
+    name: str
+    base_addr: int
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    itemsize: int
+    dtype: str
+    group: int = 0
+
+
+class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a worker publishes about itself on the side channel."""
+
+    engine_id: str
+    tp_rank: int
+    tp_size: int
+    #: :func:`compat_hash` of the model/layout signature; peers refuse a mismatch.
+    compat_hash: str
+    #: Tokens per block, per KV-cache group.
+    block_sizes: tuple[int, ...]
+    layers: tuple[LayerRegion, ...]
+    #: Which transport the opaque blob belongs to ("nixl", "mori").
+    transport: str
+    #: The transport's own metadata (NIXL agent metadata, a packed MoRI EngineDesc).
+    transport_metadata: bytes
+    #: Transport-level name of this worker (NIXL agent name, MoRI engine key).
+    agent_name: str
+    kvconnect_version: str = ""
+
+
+class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """vLLM's P/D ``kv_transfer_params`` protocol (the keys routers pass between instances).
+
+    Unknown keys are ignored so that routers and newer vLLM versions can add their own; the
+    known keys are type-checked and a wrong type names the key."""
+
+    do_remote_decode: bool = False
+    do_remote_prefill: bool = False
+    remote_engine_id: str | None = None
+    #: One list per KV-cache group; vLLM sends a flat list for single-group models.
+    remote_block_ids: list[int | list[int]] | None = None
+    remote_host: str | None = None
+    remote_port: int | None = None
+    remote_request_id: str | None = None
+    tp_size: int | None = None
+    #: kvconnect extras (ignored by routers): producer block size and push-mode flag.
+    remote_block_size: int | None = None
+    kvconnect_mode: str | None = None
+
+
+def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams | None:
+    """Validate a router's ``kv_transfer_params`` dict; None stays None."""
+    if params is None:
+        return None
+    if not isinstance(params, Mapping):
+        raise WireError(f"kv_transfer_params: expected an object, got {type(params).__name__}")
+    p = convert(dict(params), KVTransferParams, what="kv_transfer_params")
+    if p.do_remote_prefill:
+        missing = [
+            k
+            for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
+            if getattr(p, k) is None
+        ]
+        if missing:
+            raise WireError(f"kv_transfer_params: do_remote_prefill needs {', '.join(missing)}")
+        ids = p.remote_block_ids or []
+        nested = [isinstance(g, list) for g in ids]
+        if any(nested) and not all(nested):
+            raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists")
+        if any(i < 0 for g in ids for i in (g if isinstance(g, list) else [g])):
+            raise WireError("kv_transfer_params: remote_block_ids has a negative block id")
+        if p.remote_port is not None and not 0 < p.remote_port < 65536:
+            raise WireError(f"kv_transfer_params: remote_port {p.remote_port} is not a TCP port")
+    return p
+
+
+def block_groups(ids: list[int | list[int]] | None) -> list[list[int]]:
+    """Normalise vLLM's flat (single group) or nested (per group) block id lists."""
+    if not ids:
+        return [[]]
+    if isinstance(ids[0], list):
+        return [list(g) for g in ids]  # type: ignore[arg-type]
+    return [list(ids)]  # type: ignore[arg-type]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv (see setup.sh) and runs every test tier: unit, integration (real NIXL between
+# processes), e2e (real vLLM servers on CPU). GPU tests skip without a device.
+# Pass pytest arguments to narrow it, e.g. scripts/test.sh -m unit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
+exec .venv/bin/python -m pytest tests "$@"

@@ -1,0 +1,32 @@
+"""Shared test set-up: tier markers by folder, GPU skipping, and a deadline helper."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+# NIXL/UCX read these themselves; set before any test imports nixl.
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+os.environ.setdefault("UCX_LOG_LEVEL", "error")
+
+_TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e", "gpu": "gpu"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = pathlib.Path(str(item.fspath)).parent.name
+        if tier in _TIERS and not item.get_closest_marker(_TIERS[tier]):
+            item.add_marker(getattr(pytest.mark, _TIERS[tier]))
+        if item.get_closest_marker("gpu") and not _has_gpu():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA/ROCm device"))
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

@@ -1,0 +1,240 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvconnect.errors import LayoutError
+from kvconnect.layout import (
+    FLASH_HND_DIMS,
+    FLASH_NHD_DIMS,
+    MLA_DIMS,
+    VLLM_CPU_DIMS,
+    KVLayout,
+    blocks_to_pages,
+    head_sources,
+    head_targets,
+    merge_paired_runs,
+    merge_runs,
+    merge_segments,
+    pages_to_blocks,
+    pair_rows,
+    rank_heads,
+    token_chunks,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _filled(shape):
+    return torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
+
+
+def _gather(tensor: torch.Tensor, ranges) -> bytes:
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    return b"".join(raw[o : o + n] for o, n in ranges)
+
+
+# -- byte ranges ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape,dims,index",
+    [
+        ((6, 2, 32, 8), VLLM_CPU_DIMS, lambda t, b: t[b]),
+        ((2, 6, 16, 4, 8), FLASH_NHD_DIMS, lambda t, b: t[:, b]),
+        ((2, 6, 4, 16, 8), FLASH_HND_DIMS, lambda t, b: t[:, b]),
+        ((6, 16, 12), MLA_DIMS, lambda t, b: t[b]),
+    ],
+)
+def test_block_ranges_cover_exactly_the_block_bytes(shape, dims, index):
+    t = _filled(shape)
+    layout = KVLayout.of_tensor(t, dims)
+    got = _gather(t, layout.block_ranges(4))
+    assert sorted(np.frombuffer(got, np.float32)) == sorted(index(t, 4).reshape(-1).tolist())
+    assert sum(n for _, n in layout.block_ranges(4)) == layout.block_bytes
+
+
+def test_block_ranges_merge_contiguous_rows_into_one_range():
+    t = _filled((6, 2, 32, 8))
+    layout = KVLayout.of_tensor(t, VLLM_CPU_DIMS)
+    assert layout.block_ranges(2) == [(2 * 2 * 32 * 8 * 4, 2 * 32 * 8 * 4)]
+    nhd = KVLayout.of_tensor(_filled((2, 6, 16, 4, 8)), FLASH_NHD_DIMS)
+    assert len(nhd.block_ranges(1)) == 2  # one per K/V plane
+
+
+def test_token_and_head_subranges_select_the_right_elements():
+    t = _filled((6, 4, 32, 8))
+    layout = KVLayout.of_tensor(t, VLLM_CPU_DIMS)
+    got = np.frombuffer(_gather(t, layout.block_ranges(1, tokens=(8, 24), heads=(1, 3))), np.float32)
+    assert got.tolist() == t[1, 1:3, 8:24].reshape(-1).tolist()
+
+
+def test_layout_of_a_padded_view_uses_strides():
+    base = _filled((6, 2, 32, 16))
+    view = base[..., :8]  # feature padded to 16
+    layout = KVLayout.of_tensor(view, VLLM_CPU_DIMS)
+    ranges = layout.block_ranges(0, tokens=(0, 1), heads=(0, 1))
+    assert ranges == [(0, 8 * 4)]
+    assert layout.block_bytes == 2 * 32 * 8 * 4
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(dims=("block", "token"), shape=(2, 4), strides=(4, 1)), "feature"),
+        (dict(dims=("block", "toke", "feature"), shape=(2, 4, 8), strides=(32, 8, 1)), "unknown dimension"),
+        (dict(dims=("block", "token", "feature"), shape=(2, 4), strides=(8, 1)), "do not match"),
+        (dict(dims=("kv", "block", "token", "feature"), shape=(3, 2, 4, 8), strides=(64, 32, 8, 1)), "size 2"),
+        (dict(dims=("block", "token", "feature"), shape=(2, 4, 8), strides=(32, 1, 4)), "contiguous"),
+        (dict(dims=("block", "block", "feature"), shape=(2, 4, 8), strides=(32, 8, 1)), "repeat"),
+    ],
+)
+def test_bad_layouts_are_refused_with_the_reason(kwargs, msg):
+    with pytest.raises(LayoutError, match=msg):
+        KVLayout(itemsize=2, **kwargs)
+
+
+def test_out_of_range_block_token_or_head_is_an_error():
+    layout = KVLayout.of_tensor(_filled((6, 2, 32, 8)), VLLM_CPU_DIMS)
+    with pytest.raises(LayoutError, match="block id"):
+        layout.block_ranges(6)
+    with pytest.raises(LayoutError, match="token range"):
+        layout.block_ranges(0, tokens=(0, 33))
+    with pytest.raises(LayoutError, match="head range"):
+        layout.block_ranges(0, heads=(1, 1))
+
+
+def test_pair_rows_maps_between_different_memory_orders():
+    nhd_t = _filled((2, 6, 16, 4, 8))
+    hnd_t = torch.zeros(2, 6, 4, 16, 8)
+    nhd = KVLayout.of_tensor(nhd_t, FLASH_NHD_DIMS)
+    hnd = KVLayout.of_tensor(hnd_t, FLASH_HND_DIMS)
+    src = nhd_t.view(torch.uint8).reshape(-1)
+    dst = hnd_t.view(torch.uint8).reshape(-1)
+    for lo, ro, n in pair_rows(hnd, nhd):  # local = hnd (destination)
+        dst[hnd.stride_bytes("block") * 2 + lo : hnd.stride_bytes("block") * 2 + lo + n] = src[
+            nhd.stride_bytes("block") * 3 + ro : nhd.stride_bytes("block") * 3 + ro + n
+        ]
+    assert torch.equal(hnd_t[:, 2].permute(0, 2, 1, 3), nhd_t[:, 3])
+
+
+def test_pair_rows_refuses_regions_of_different_size():
+    a = KVLayout.of_tensor(_filled((6, 2, 32, 8)), VLLM_CPU_DIMS)
+    with pytest.raises(LayoutError, match="differ in size"):
+        pair_rows(a, a, local_tokens=(0, 16), remote_tokens=(0, 8))
+    m = KVLayout.of_tensor(_filled((6, 32, 16)), MLA_DIMS)
+    with pytest.raises(LayoutError, match="cannot be paired"):
+        pair_rows(a, m)
+
+
+def test_merge_segments_needs_both_sides_contiguous():
+    segs = np.array([[0, 100, 10], [10, 110, 10], [20, 500, 10], [30, 510, 10]])
+    assert merge_segments(segs).tolist() == [[0, 100, 20], [20, 500, 20]]
+    assert merge_segments(np.zeros((0, 3))).shape == (0, 3)
+
+
+# -- runs --------------------------------------------------------------------------------------
+def test_merge_runs_sorts_dedups_and_handles_edges():
+    assert merge_runs([]) == []
+    assert merge_runs([7]) == [(7, 1)]
+    assert merge_runs([5, 3, 4, 9, 10, 1, 4]) == [(1, 1), (3, 3), (9, 2)]
+
+
+@given(st.lists(st.integers(0, 200), max_size=60))
+def test_merge_runs_covers_exactly_the_input_set(ids):
+    runs = merge_runs(ids)
+    covered = [s + i for s, n in runs for i in range(n)]
+    assert covered == sorted(set(ids))
+    assert all(a[0] + a[1] < b[0] for a, b in zip(runs, runs[1:]))  # runs never touch
+
+
+def test_merge_paired_runs_breaks_when_either_side_jumps():
+    assert merge_paired_runs([1, 2, 3, 7], [4, 5, 9, 10]) == [(1, 4, 2), (3, 9, 1), (7, 10, 1)]
+    assert merge_paired_runs([], []) == []
+    with pytest.raises(LayoutError):
+        merge_paired_runs([1], [])
+
+
+# -- block sizes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("lbs,rbs,n", [(16, 32, 70), (32, 16, 70), (16, 16, 32), (16, 48, 5), (1, 16, 33)])
+def test_token_chunks_never_cross_a_block_and_cover_every_token(lbs, rbs, n):
+    lids = list(range(100, 100 + -(-n // lbs)))
+    rids = list(range(500, 500 + -(-n // rbs)))
+    chunks = token_chunks(lids, lbs, rids, rbs, n)
+    pos = 0
+    for c in chunks:
+        assert c.local_offset + c.num_tokens <= lbs and c.remote_offset + c.num_tokens <= rbs
+        assert lids[pos // lbs] == c.local_block and pos % lbs == c.local_offset
+        assert rids[pos // rbs] == c.remote_block and pos % rbs == c.remote_offset
+        pos += c.num_tokens
+    assert pos == n
+
+
+def test_token_chunks_refuse_too_few_blocks():
+    with pytest.raises(LayoutError, match="need 3 remote blocks"):
+        token_chunks([1, 2, 3], 16, [1, 2], 16, 40)
+
+
+def test_blocks_to_pages_and_back_round_trip():
+    pages = blocks_to_pages([3, 5], 16, 1)
+    assert pages.tolist() == list(range(48, 64)) + list(range(80, 96))
+    assert pages_to_blocks(pages, 1, 16).tolist() == [3, 5]
+    assert blocks_to_pages([2], 16, 4).tolist() == [8, 9, 10, 11]
+
+
+def test_pages_that_are_not_whole_aligned_blocks_are_refused():
+    with pytest.raises(LayoutError, match="not one aligned block"):
+        pages_to_blocks([1, 2, 3, 4], 1, 4)
+    with pytest.raises(LayoutError, match="whole blocks"):
+        pages_to_blocks([0, 1, 2], 1, 4)
+    with pytest.raises(LayoutError, match="must divide"):
+        blocks_to_pages([0], 16, 3)
+
+
+# -- tensor parallelism ----------------------------------------------------------------------------
+def test_rank_heads_splits_and_replicates():
+    assert [rank_heads(8, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert [rank_heads(2, 8, r) for r in range(8)] == [(0, 1)] * 4 + [(1, 2)] * 4
+    with pytest.raises(LayoutError):
+        rank_heads(8, 3, 0)
+    with pytest.raises(LayoutError):
+        rank_heads(8, 4, 4)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("local_tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("remote_tp", [1, 2, 4, 8])
+def test_head_sources_give_each_local_head_exactly_once_from_a_holder(heads, local_tp, remote_tp):
+    for rank in range(local_tp):
+        lo, hi = rank_heads(heads, local_tp, rank)
+        got = []
+        for s in head_sources(heads, local_tp, rank, remote_tp):
+            r_lo, r_hi = rank_heads(heads, remote_tp, s.remote_rank)
+            for i in range(s.count):
+                g = r_lo + s.remote_head + i
+                assert r_lo <= g < r_hi  # the remote rank really holds it
+                assert g == lo + s.local_head + i  # and it lands on the same global head
+                got.append(g)
+        assert got == list(range(lo, hi))
+
+
+def test_replicated_heads_are_read_from_spread_replicas():
+    # 2 heads, producer TP 8 (4 replicas each), consumer TP 2: readers use different replicas
+    a = head_sources(2, 2, 0, 8)
+    b = head_sources(2, 2, 1, 8)
+    assert a[0].remote_rank in range(0, 4) and b[0].remote_rank in range(4, 8)
+    # consumer TP 8 reading from TP 4 with 2 heads: consumers of the same head spread over replicas
+    srcs = {head_sources(2, 8, r, 4)[0].remote_rank for r in range(4)}
+    assert srcs == {0, 1}
+
+
+def test_mla_is_read_whole_from_one_rank():
+    s = head_sources(1, 4, 3, 2, is_mla=True)
+    assert len(s) == 1 and s[0].remote_rank == 1
+
+
+def test_head_targets_is_the_inverse_of_head_sources():
+    for producer in range(2):
+        targets = head_targets(8, 2, producer, 4)
+        for consumer in range(4):
+            want = [s for s in head_sources(8, 4, consumer, 2) if s.remote_rank == producer]
+            assert targets.get(consumer, []) == want
