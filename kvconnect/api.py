@@ -162,6 +162,13 @@ class EngineInfo:
     model_signature: Mapping[str, Any] = field(default_factory=dict)
     #: Data-parallel rank, when the engine runs several.
     dp_rank: int = 0
+    #: KV bytes one engine block takes on this rank, summed over every layer of every group
+    #: (what one CPU-offload slot must hold). 0 when the engine cannot tell before registration.
+    kv_bytes_per_block: int = 0
+    #: Total KV heads of the model (before the TP split); 1 for MLA.
+    num_kv_heads: int = 0
+    #: Layer names of each KV-cache group, in group order.
+    layer_groups: tuple[tuple[str, ...], ...] = ()
 
     @property
     def block_size(self) -> int:
@@ -194,6 +201,11 @@ class SchedulerConnector(abc.ABC):
 
     def update_worker_output(self, results: TransferResults) -> None:
         return None
+
+    def has_pending_work(self) -> bool:
+        """True while work the engine must keep stepping for is in flight (e.g. stores or pushes
+        of finished requests), so an idle engine does not stall it."""
+        return False
 
     def set_handshake_metadata(self, metadata: Mapping[int, Any]) -> None:
         """Worker handshake metadata, keyed by TP rank, when the engine forwards it."""

@@ -1,0 +1,1 @@
+"""Engine adapters: translate an engine's objects to kvconnect's neutral API, nothing more."""

@@ -1,0 +1,198 @@
+"""kvconnect as a vLLM (0.32+) KV connector.
+
+Select it with ``--kv-transfer-config '{"kv_connector": "KVConnect", "kv_role": "kv_both",
+"kv_connector_extra_config": {...kvconnect config...}}'`` (the name is registered by kvconnect's
+``vllm.general_plugins`` entry point), or with ``"kv_connector_module_path":
+"kvconnect.adapters.vllm"``.
+
+This class only translates between vLLM's objects and kvconnect's neutral API
+(:mod:`kvconnect.api`); every decision about what to load, store or transfer is a backend's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
+)
+
+from kvconnect.adapters import vllm_translate as tr
+from kvconnect.adapters.vllm_stats import KVConnectStats
+from kvconnect.api import TransferResults
+from kvconnect.config import parse_config
+from kvconnect.errors import ConfigError
+from kvconnect.registry import create_scheduler, create_worker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class KVConnectMetadata(KVConnectorMetadata):
+    """The backend's step metadata, carried from the scheduler to the workers."""
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+
+class KVConnectHandshake(KVConnectorHandshakeMetadata):
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+
+class KVConnect(KVConnectorBase_V1, SupportsHMA):
+    """vLLM's view of a kvconnect connector (one backend, or several composed)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        self._config = parse_config(ktc.kv_connector_extra_config)
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        self._engine = tr.engine_info(vllm_config, kv_cache_config, tp_rank)
+        self._num_groups = len(kv_cache_config.kv_cache_groups)
+        self._groups = tr.layer_group_index(kv_cache_config.kv_cache_groups)
+        self._kv_layout_hint = getattr(kv_cache_config, "kv_cache_layout", None)
+        self._sched = self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = create_scheduler(self._config, self._engine)
+            supports_hybrid = self._sched.supports_hybrid
+        else:
+            self._worker = create_worker(self._config, self._engine)
+            supports_hybrid = self._worker.supports_hybrid
+        if self._num_groups > 1 and not supports_hybrid:
+            raise ConfigError(
+                f"this model has {self._num_groups} KV-cache groups (hybrid attention) but the "
+                f"configured backends {self._config.names} do not all support hybrid models; "
+                "start vLLM with --disable-hybrid-kv-cache-manager"
+            )
+        self._load_errors: set[int] = set()
+        self._stats: dict[str, Any] | None = None
+        logger.info("kvconnect %s half ready: backends %s", role.name.lower(), self._config.names)
+
+    # -- worker half -----------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        described = {}
+        for name, tensor in kv_caches.items():
+            group, spec = self._groups.get(name, (0, None))
+            if spec is None:
+                raise ConfigError(f"vLLM registered KV layer {name!r} that no KV-cache group names")
+            described[name] = tr.layer_layout(tensor, spec, group, self._kv_layout_hint)
+        self._worker.register_kv_caches(described)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._worker.bind_step_metadata(connector_metadata.payload)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self._worker.clear_step_metadata()
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._worker.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        self._worker.save_kv_layer(layer_name, kv_layer)
+
+    def wait_for_save(self) -> None:
+        self._worker.wait_for_save()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        r = self._worker.get_transfer_results(finished_req_ids)
+        # vLLM maps block-level errors back to requests only for single-group models; with
+        # several groups a failed request (failed_recving) is how it learns to recompute.
+        if self._num_groups == 1:
+            self._load_errors |= r.invalid_block_ids
+        if r.stats:
+            self._stats = r.stats
+        return KVConnectorTransferResults(
+            finished_sending=set(r.finished_sending),
+            finished_recving=set(r.finished_recving) | set(r.failed_recving),
+            failed_recving=set(r.failed_recving),
+        )
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        r = self.get_transfer_results(finished_req_ids)
+        return r.finished_sending or None, r.finished_recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def get_kv_connector_stats(self) -> KVConnectStats | None:
+        data, self._stats = self._stats, None
+        return KVConnectStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectStats | None:
+        return KVConnectStats(data=data) if data is not None else KVConnectStats()
+
+    def get_handshake_metadata(self) -> KVConnectHandshake | None:
+        if self._worker is None:
+            return None
+        md = self._worker.get_handshake_metadata()
+        return KVConnectHandshake(md) if md is not None else None
+
+    # -- scheduler half ------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._sched.get_num_new_matched_tokens(tr.request_view(request), num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        self._sched.update_state_after_alloc(
+            tr.request_view(request), tr.block_ids_of(blocks), num_external_tokens
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return KVConnectMetadata(self._sched.build_step_metadata(tr.step_view(scheduler_output)))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        o = connector_output
+        self._sched.update_worker_output(
+            TransferResults(
+                finished_sending=set(o.finished_sending or ()),
+                finished_recving=set(o.finished_recving or ()),
+                failed_recving=set(getattr(o, "failed_recving", None) or ()),
+                invalid_block_ids=set(o.invalid_block_ids or ()),
+            )
+        )
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched.request_finished(tr.request_view(request), (list(block_ids),))
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched.request_finished(tr.request_view(request), tr.block_ids_of(block_ids))
+
+    def has_pending_push_work(self) -> bool:
+        return self._sched is not None and self._sched.has_pending_work()
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        if self._sched is not None:
+            self._sched.set_handshake_metadata(
+                {rank: getattr(m, "payload", m) for rank, m in metadata.items()}
+            )
+
+    def shutdown(self) -> None:
+        for half in (self._sched, self._worker):
+            if half is not None:
+                half.shutdown()
