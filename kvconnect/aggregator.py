@@ -32,6 +32,7 @@ class FinishedAggregator:
         self._sending: dict[str, int] = {}
         self._recving: dict[str, int] = {}
         self._failed: set[str] = set()
+        self._failed_send: set[str] = set()
 
     def _count(self, table: dict[str, int], ids: set[str], out: set[str]) -> None:
         for rid in ids:
@@ -49,7 +50,8 @@ class FinishedAggregator:
         for r in outputs:
             if r is None:
                 continue
-            self._count(self._sending, r.finished_sending, out.finished_sending)
+            self._failed_send |= r.failed_sending
+            self._count(self._sending, r.finished_sending | r.failed_sending, out.finished_sending)
             self._failed |= r.failed_recving
             # A worker that failed also reports the request received; count it once either way.
             self._count(self._recving, r.finished_recving | r.failed_recving, out.finished_recving)
@@ -60,6 +62,10 @@ class FinishedAggregator:
             if rid in self._failed:
                 self._failed.discard(rid)
                 out.failed_recving.add(rid)
+        for rid in out.finished_sending:
+            if rid in self._failed_send:
+                self._failed_send.discard(rid)
+                out.failed_sending.add(rid)
         out.stats = stats or None
         return out
 
@@ -70,3 +76,4 @@ class FinishedAggregator:
         self._sending.clear()
         self._recving.clear()
         self._failed.clear()
+        self._failed_send.clear()

@@ -135,6 +135,9 @@ class TransferResults:
     invalid_block_ids: set[int] = field(default_factory=set)
     #: Backend statistics (plain dict of numbers); None when there is nothing new.
     stats: dict[str, Any] | None = None
+    #: Subset of ``finished_sending`` whose send/store failed (e.g. a CPU-offload store that could
+    #: not be completed: the blocks may be freed, but the stored copy must not be used).
+    failed_sending: set[str] = field(default_factory=set)
 
     def is_empty(self) -> bool:
         return not (
@@ -143,6 +146,7 @@ class TransferResults:
             or self.failed_recving
             or self.invalid_block_ids
             or self.stats
+            or self.failed_sending
         )
 
 

@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
     SupportsHMA,
 )
 
@@ -53,6 +54,16 @@ class KVConnectHandshake(KVConnectorHandshakeMetadata):
         self.payload = payload
 
 
+class KVConnectWorkerMeta(KVConnectorWorkerMetadata):
+    """What vLLM's connector output has no field for: sends/stores that failed."""
+
+    def __init__(self, failed_sending: set[str]) -> None:
+        self.failed_sending = failed_sending
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectWorkerMeta:
+        return KVConnectWorkerMeta(self.failed_sending | getattr(other, "failed_sending", set()))
+
+
 class KVConnect(KVConnectorBase_V1, SupportsHMA):
     """vLLM's view of a kvconnect connector (one backend, or several composed)."""
 
@@ -83,6 +94,7 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
                 "start vLLM with --disable-hybrid-kv-cache-manager"
             )
         self._load_errors: set[int] = set()
+        self._failed_sending: set[str] = set()
         self._stats: dict[str, Any] | None = None
         logger.info("kvconnect %s half ready: backends %s", role.name.lower(), self._config.names)
 
@@ -124,6 +136,7 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
             self._load_errors |= r.invalid_block_ids
         if r.stats:
             self._stats = r.stats
+        self._failed_sending |= r.failed_sending
         return KVConnectorTransferResults(
             finished_sending=set(r.finished_sending),
             finished_recving=set(r.finished_recving) | set(r.failed_recving),
@@ -133,6 +146,12 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         r = self.get_transfer_results(finished_req_ids)
         return r.finished_sending or None, r.finished_recving or None
+
+    def build_connector_worker_meta(self) -> KVConnectWorkerMeta | None:
+        if not self._failed_sending:
+            return None
+        out, self._failed_sending = self._failed_sending, set()
+        return KVConnectWorkerMeta(out)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -172,6 +191,7 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
                 finished_recving=set(o.finished_recving or ()),
                 failed_recving=set(getattr(o, "failed_recving", None) or ()),
                 invalid_block_ids=set(o.invalid_block_ids or ()),
+                failed_sending=set(getattr(o.kv_connector_worker_meta, "failed_sending", None) or ()),
             )
         )
 

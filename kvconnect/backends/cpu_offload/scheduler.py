@@ -1,0 +1,367 @@
+"""Scheduler half of the CPU offload tier: prefix lookups, slot planning, store/load jobs.
+
+Per request, in the engine's call order:
+
+* ``get_num_new_matched_tokens`` hashes the request's full blocks (once; memoised), finds the
+  longest run of stored blocks after ``num_computed_tokens`` and pins those slots. Repeated calls
+  replace the previous pins, so the call is idempotent. It never offers the whole request: the
+  last token always stays for the engine to compute (it needs logits), so the hit stops at the
+  last full block that ends before the final token. (vLLM's own offloading connector may offer
+  every full block and relies on its scheduler recomputing the final token; kvconnect also serves
+  engines that do not, so it backs off by whole blocks here.)
+* ``update_state_after_alloc`` turns the pinned hit into a :class:`LoadJob` (or releases the pins
+  when the engine took zero tokens from us).
+* ``build_step_metadata`` tracks block lists and computed tokens from the step; with
+  ``store_mode="fill"`` it plans stores of blocks that fill during the step.
+* ``request_finished`` plans stores of the request's full, computed blocks not yet stored and
+  returns ``delay_free=True`` while any of its copies is outstanding.
+* ``update_worker_output`` unpins finished loads (dropping the slots of failed ones) and commits
+  or frees the slots of finished stores.
+
+Slots of a store become hits only when the request's stores are reported complete by every
+worker (``finished_sending``); until then they are pending and never offered.
+
+Hybrid models (several KV-cache groups) are not supported (``supports_hybrid = False``): a slot
+holds one engine block of one group, and groups do not share a hit rule: a sliding-window group
+frees its early blocks (null blocks) before the request finishes and only needs the trailing
+window at the hit boundary, while a full-attention group needs every block. Storing "block i of
+every group" per prefix key would either store nulls or lose hits; doing it right needs per-group
+chains and a per-group hit rule, which this backend does not attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvconnect.api import BlockIds, EngineInfo, RequestView, SchedulerConnector, StepView, TransferResults
+from kvconnect.backends.cpu_offload import sizing
+from kvconnect.backends.cpu_offload.hashing import KeyCache
+from kvconnect.backends.cpu_offload.index import SlotIndex
+from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
+from kvconnect.backends.cpu_offload.policies import make_policy
+from kvconnect.config import CpuOffloadConfig
+from kvconnect.errors import ConfigError, LayoutError, WireError
+from kvconnect.metadata import convert, decode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Lookup:
+    num_computed: int
+    start: int
+    slots: list[int]
+    keys: list[bytes]
+
+
+@dataclass(slots=True)
+class _Req:
+    view: RequestView
+    blocks: list[int]
+    #: Tokens whose KV is computed once the latest scheduled step ran.
+    computed: int = 0
+    #: Leading blocks already planned (stored, being stored, loaded from here, or skipped).
+    planned: int = 0
+    #: Slots/keys of the load in flight (None: no load in flight).
+    load_slots: list[int] | None = None
+    load_keys: list[bytes] = field(default_factory=list)
+    #: Pending slots/keys of every store planned for the request, in chain order.
+    store_slots: list[int] = field(default_factory=list)
+    store_keys: list[bytes] = field(default_factory=list)
+    finished: bool = False
+
+
+def single_group(block_ids: BlockIds, what: str) -> list[int]:
+    if len(block_ids) > 1:
+        raise LayoutError(
+            f"cpu_offload: {what} has {len(block_ids)} KV-cache groups; this backend supports "
+            "one group only (supports_hybrid=False)"
+        )
+    return list(block_ids[0]) if len(block_ids) else []
+
+
+def known_kv_tokens(view: RequestView) -> int:
+    """Tokens whose KV can exist: the final sampled token is never fed back, so once there are
+    outputs the last token has no KV."""
+    n = len(view.all_token_ids) if view.all_token_ids is not None else len(view.prompt_token_ids)
+    return n - 1 if n > len(view.prompt_token_ids) else n
+
+
+class CpuOffloadScheduler(SchedulerConnector):
+    supports_hybrid = False
+
+    def __init__(self, config: CpuOffloadConfig, engine: EngineInfo) -> None:
+        sizing.validate(config)
+        self.cfg = config
+        self.engine = engine
+        self.block_size = engine.block_size
+        self._keys = KeyCache(config.hash_salt, self.block_size)
+        self.index: SlotIndex | None = None
+        self._reqs: dict[str, _Req] = {}
+        self._lookups: dict[str, _Lookup] = {}
+        self._loads: list[LoadJob] = []
+        self._stores: list[StoreJob] = []
+        self._closed: list[str] = []
+        self._counters = dict.fromkeys(
+            ("hits", "misses", "hit_tokens", "load_failures", "store_failures", "loaded_tokens",
+             "stored_tokens", "stored_blocks", "skipped_stores"), 0
+        )
+        self._worker: dict[str, Any] = {}
+        self._warned_unsized = False
+        hint = sizing.engine_hint(engine)
+        if hint is not None:
+            self._size(int(hint), "EngineInfo")
+
+    # -- sizing -----------------------------------------------------------------------------------
+    def _size(self, kv_bytes_per_block: int, source: str) -> None:
+        n = sizing.slot_count(self.cfg, self.engine.tp_size, kv_bytes_per_block)
+        if self.index is None:
+            self.index = SlotIndex(n, make_policy(self.cfg.eviction_policy, n))
+            logger.info("cpu_offload: %d host slots of %d bytes (from %s)", n, kv_bytes_per_block, source)
+        elif self.index.num_slots != n:
+            raise ConfigError(
+                f"cpu_offload: {source} gives {n} slots ({kv_bytes_per_block} bytes per block) but "
+                f"the scheduler already sized its pool to {self.index.num_slots} slots"
+            )
+
+    def set_handshake_metadata(self, metadata: Mapping[int, Any]) -> None:
+        hs: dict[int, OffloadHandshake] = {}
+        for rank, md in metadata.items():
+            if isinstance(md, (bytes, bytearray, memoryview)):
+                md = decode(bytes(md), OffloadHandshake, what=f"cpu_offload handshake (rank {rank})")
+            elif isinstance(md, Mapping):
+                md = convert(dict(md), OffloadHandshake, what=f"cpu_offload handshake (rank {rank})")
+            if not isinstance(md, OffloadHandshake):
+                raise WireError(f"cpu_offload handshake (rank {rank}): unexpected {type(md).__name__}")
+            hs[rank] = md
+        if not hs:
+            return
+        sizes = {(h.kv_bytes_per_block, h.num_slots) for h in hs.values()}
+        if len(sizes) > 1:
+            raise ConfigError(f"cpu_offload: TP ranks disagree on block bytes / slot count: {sorted(sizes)}")
+        kv_bytes, num_slots = sizes.pop()
+        self._size(kv_bytes, "worker handshake")
+        assert self.index is not None
+        if self.index.num_slots != num_slots:
+            raise ConfigError(
+                f"cpu_offload: workers allocated {num_slots} slots, the scheduler computed "
+                f"{self.index.num_slots}"
+            )
+
+    def _unsized(self) -> bool:
+        if self.index is None and not self._warned_unsized:
+            self._warned_unsized = True
+            logger.warning(
+                "cpu_offload: block size in bytes not known yet (no model_signature[%r] and no "
+                "worker handshake): no hits and no stores until it is",
+                sizing.KV_BYTES_PER_BLOCK,
+            )
+        return self.index is None
+
+    # -- lookups and loads ----------------------------------------------------------------------------
+    def _release_lookup(self, request_id: str) -> None:
+        lk = self._lookups.pop(request_id, None)
+        if lk is not None and self.index is not None:
+            self.index.unpin(lk.slots)
+
+    def get_num_new_matched_tokens(
+        self, request: RequestView, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        rid = request.request_id
+        self._release_lookup(rid)
+        if self._unsized():
+            return 0, False
+        assert self.index is not None
+        bs = self.block_size
+        n_tokens = len(request.all_token_ids) if request.all_token_ids is not None else request.num_prompt_tokens
+        limit = (n_tokens - 1) // bs  # whole blocks that end before the last token
+        start = num_computed_tokens // bs
+        if limit <= start:
+            return 0, False
+        keys = self._keys.keys(request, limit)
+        slots = self.index.ready_prefix(keys, start, limit)
+        if not slots:
+            return 0, False
+        self.index.pin(slots)
+        self._lookups[rid] = _Lookup(num_computed_tokens, start, slots, keys[start : start + len(slots)])
+        return (start + len(slots)) * bs - num_computed_tokens, True
+
+    def update_state_after_alloc(
+        self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
+    ) -> None:
+        rid = request.request_id
+        blocks = single_group(block_ids, "update_state_after_alloc")
+        st = self._reqs.get(rid)
+        if st is None:
+            st = self._reqs[rid] = _Req(view=request, blocks=blocks)
+        else:
+            st.view, st.blocks = request, blocks
+        lk = self._lookups.pop(rid, None)
+        if num_external_tokens <= 0:
+            if lk is not None and self.index is not None:
+                self.index.unpin(lk.slots)
+            self._counters["misses"] += 1
+            return
+        if lk is None or self.index is None:
+            self._fail_load(st, blocks, f"engine accepted {num_external_tokens} tokens but no hit is pinned")
+            return
+        bs = self.block_size
+        n_load = -(-(lk.num_computed + num_external_tokens) // bs) - lk.start
+        if n_load > len(lk.slots) or lk.start + n_load > len(blocks):
+            self.index.unpin(lk.slots)
+            self._fail_load(
+                st, blocks[lk.start : lk.start + n_load],
+                f"engine accepted {num_external_tokens} tokens; {len(lk.slots)} blocks are pinned "
+                f"and {len(blocks) - lk.start} allocated",
+            )
+            return
+        self.index.unpin(lk.slots[n_load:])
+        slots, keys = lk.slots[:n_load], lk.keys[:n_load]
+        self.index.touch(slots)
+        st.load_slots, st.load_keys = slots, keys
+        st.planned = max(st.planned, lk.start + n_load)
+        self._loads.append(
+            LoadJob(request_id=rid, block_ids=blocks[lk.start : lk.start + n_load], slots=slots, keys=keys)
+        )
+        self._counters["hits"] += 1
+        self._counters["hit_tokens"] += num_external_tokens
+
+    def _fail_load(self, st: _Req, blocks: list[int], why: str) -> None:
+        logger.error("cpu_offload: request %s: %s; failing its load", st.view.request_id, why)
+        st.load_slots, st.load_keys = [], []
+        self._loads.append(
+            LoadJob(request_id=st.view.request_id, block_ids=blocks, slots=[], keys=[], error=why)
+        )
+
+    # -- stores ---------------------------------------------------------------------------------------
+    def _plan_store(self, st: _Req, blocks: list[int], after_forward: bool) -> None:
+        if self.index is None:
+            return
+        n_full = min(min(st.computed, known_kv_tokens(st.view)) // self.block_size, len(blocks))
+        if n_full <= st.planned:
+            return
+        keys = self._keys.keys(st.view, n_full)
+        n_full = min(n_full, len(keys))
+        todo = [i for i in range(st.planned, n_full) if keys[i] not in self.index]
+        slots = self.index.reserve([keys[i] for i in todo])
+        if len(slots) < len(todo):
+            self._counters["skipped_stores"] += len(todo) - len(slots)
+            st.planned = todo[len(slots)]
+        else:
+            st.planned = n_full
+        if not slots:
+            return
+        done = todo[: len(slots)]
+        job_keys = [keys[i] for i in done]
+        st.store_slots.extend(slots)
+        st.store_keys.extend(job_keys)
+        self._stores.append(
+            StoreJob(
+                request_id=st.view.request_id, block_ids=[blocks[i] for i in done], slots=slots,
+                keys=job_keys, after_forward=after_forward,
+            )
+        )
+
+    def build_step_metadata(self, step: StepView) -> OffloadStepMetadata:
+        fill = self.cfg.store_mode == "fill"
+        for sr in step.scheduled:
+            st = self._reqs.get(sr.request_id)
+            if st is None or st.finished:
+                continue
+            new = single_group(sr.new_block_ids, "a scheduled request")
+            if sr.is_new:
+                st.blocks = new
+            else:
+                st.blocks.extend(new)
+            st.computed = sr.num_computed_tokens + sr.num_scheduled_tokens
+            if fill:
+                self._plan_store(st, st.blocks, after_forward=True)
+        preempted = []
+        for rid in step.preempted_request_ids:
+            st = self._reqs.get(rid)
+            if st is not None:
+                st.blocks, st.computed = [], 0
+            preempted.append(rid)
+        meta = OffloadStepMetadata(
+            loads=self._loads, stores=self._stores, preempted=preempted, closed=self._closed
+        )
+        self._loads, self._stores, self._closed = [], [], []
+        return meta
+
+    def request_finished(
+        self, request: RequestView, block_ids: BlockIds
+    ) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._release_lookup(rid)
+        st = self._reqs.get(rid)
+        if st is None or st.finished:
+            self._keys.forget(rid)
+            return False, None
+        st.view = request
+        blocks = single_group(block_ids, "request_finished") or st.blocks
+        self._plan_store(st, blocks, after_forward=False)
+        self._keys.forget(rid)
+        if st.store_slots or st.load_slots is not None:
+            st.finished = True
+            self._closed.append(rid)
+            return True, None
+        del self._reqs[rid]
+        return False, None
+
+    # -- results --------------------------------------------------------------------------------------
+    def _end_load(self, st: _Req, failed: bool) -> None:
+        slots, keys = st.load_slots or [], st.load_keys
+        st.load_slots, st.load_keys = None, []
+        if self.index is None:
+            return
+        self.index.unpin(slots)
+        if failed:
+            self.index.discard(slots, keys)
+            self._counters["load_failures"] += 1
+        else:
+            self._counters["loaded_tokens"] += len(slots) * self.block_size
+
+    def update_worker_output(self, results: TransferResults) -> None:
+        failed_sending = results.failed_sending
+        for rid in results.finished_recving:
+            st = self._reqs.get(rid)
+            if st is not None and st.load_slots is not None:
+                self._end_load(st, rid in results.failed_recving)
+        for rid in results.finished_sending:
+            st = self._reqs.get(rid)
+            if st is None or not st.finished:
+                continue
+            if st.load_slots is not None:
+                self._end_load(st, rid in results.failed_recving)
+            if self.index is not None and st.store_slots:
+                if rid in failed_sending:
+                    self.index.discard(st.store_slots, st.store_keys)
+                    self._counters["store_failures"] += 1
+                else:
+                    self.index.commit(st.store_slots, st.store_keys)
+                    self._counters["stored_blocks"] += len(st.store_slots)
+                    self._counters["stored_tokens"] += len(st.store_slots) * self.block_size
+            del self._reqs[rid]
+        if results.stats:
+            for k, v in results.stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._worker[k] = self._worker.get(k, 0) + v
+
+    def get_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._counters)
+        idx = self.index
+        out["evictions"] = idx.evictions if idx else 0
+        out["num_slots"] = idx.num_slots if idx else 0
+        out["stored_now"] = idx.num_stored if idx else 0
+        out.update(self._worker)
+        for d in ("load", "store"):
+            secs = self._worker.get(f"{d}_seconds", 0.0)
+            out[f"{d}_gbps"] = self._worker.get(f"{d}_bytes", 0) / secs / 1e9 if secs > 0 else 0.0
+        return out
+
+    def shutdown(self) -> None:
+        for rid in list(self._lookups):
+            self._release_lookup(rid)

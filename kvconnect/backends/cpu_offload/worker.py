@@ -1,0 +1,286 @@
+"""Worker half of the CPU offload tier: the host pool and the copies.
+
+At registration the worker measures one block's bytes over its layers, allocates
+``[num_slots, *block_shape]`` per layer (pinned when the KV caches are on a GPU) and publishes
+:class:`OffloadHandshake` so the scheduler half can check it sized its index the same way.
+
+Per step: loads and finished-request stores are started in ``start_load_kv`` (they touch no block
+of this step's forward pass); stores of blocks filled by this step start in ``wait_for_save``.
+Every copy runs off the engine thread (:mod:`copier`), in submission order.
+
+The worker keeps the key each slot actually holds. A load names the key it expects per slot; a
+slot holding anything else (evicted and overwritten meanwhile) fails that request's load before
+a byte is copied: the request is reported received *and* failed, with its block ids invalid. With
+``verify_checksums`` each slot's Adler-32 is recorded at store and checked at load.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
+from kvconnect.backends.cpu_offload import sizing
+from kvconnect.backends.cpu_offload.copier import (
+    CopyTask,
+    CudaStreamCopier,
+    LayerCopy,
+    ThreadCopier,
+    copy_blocks,
+    slot_checksum,
+)
+from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
+from kvconnect.backends.cpu_offload.rows import block_shape, plan_rows
+from kvconnect.config import CpuOffloadConfig
+from kvconnect.errors import ConfigError, LayoutError
+from kvconnect.layout import KVLayout
+from kvconnect.metadata import decode
+
+logger = logging.getLogger(__name__)
+
+#: How long ``start_load_kv`` waits for the copies of a preempted request (whose blocks this
+#: step's forward pass may reuse) before giving up on them (their stores then count as failed).
+PREEMPT_WAIT_S = 30.0
+
+
+class CpuOffloadWorker(WorkerConnector):
+    supports_hybrid = False
+
+    def __init__(self, config: CpuOffloadConfig, engine: EngineInfo) -> None:
+        sizing.validate(config)
+        self.cfg = config
+        self.engine = engine
+        self.num_slots = 0
+        self.kv_bytes_per_block = 0
+        self.layers: list[LayerCopy] = []
+        self._copier: ThreadCopier | CudaStreamCopier | None = None
+        self._slot_keys: list[bytes | None] = []
+        self._slot_sums: list[int | None] = []
+        self._meta: OffloadStepMetadata | None = None
+        self._deferred: list[StoreJob] = []
+        self._inflight: dict[str, list[CopyTask]] = {}
+        self._closed: set[str] = set()
+        self._store_failed: set[str] = set()
+        self._out = TransferResults()
+        self._stats: dict[str, float] = {}
+
+    # -- registration ---------------------------------------------------------------------------------
+    def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
+        if not caches:
+            raise LayoutError("cpu_offload: register_kv_caches got no layers")
+        groups = {lay.group for _, lay in caches.values()}
+        if len(groups) > 1:
+            raise LayoutError(
+                f"cpu_offload: layers span KV-cache groups {sorted(groups)}; this backend supports "
+                "one group only (supports_hybrid=False)"
+            )
+        total = 0
+        for name, (t, lay) in caches.items():
+            if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
+                raise LayoutError(f"cpu_offload: layer {name}: tensor {tuple(t.shape)} does not match its layout")
+            if lay.block_size != self.engine.block_size:
+                raise LayoutError(
+                    f"cpu_offload: layer {name} has {lay.block_size}-token blocks, the engine "
+                    f"{self.engine.block_size}"
+                )
+            total += lay.block_bytes
+        hint = sizing.engine_hint(self.engine)
+        if hint is not None and int(hint) != total:
+            raise ConfigError(
+                f"cpu_offload: the engine says {hint} bytes per KV block but this rank's "
+                f"layers hold {total} bytes per block"
+            )
+        self.kv_bytes_per_block = total
+        self.num_slots = sizing.slot_count(self.cfg, self.engine.tp_size, total)
+        devices = {t.device for t, _ in caches.values()}
+        if len(devices) > 1:
+            raise LayoutError(f"cpu_offload: KV caches live on several devices {devices}")
+        device = devices.pop()
+        on_gpu = device.type == "cuda"
+        for name, (t, lay) in caches.items():
+            pool = torch.empty((self.num_slots, *block_shape(lay)), dtype=t.dtype, pin_memory=on_gpu)
+            plan = plan_rows(lay)
+            if plan is None:
+                logger.warning("cpu_offload: layer %s has strides that do not split into rows; "
+                               "copies take an extra pass", name)
+            self.layers.append(LayerCopy(t, pool, lay.dims.index("block"), plan))
+        self._slot_keys = [None] * self.num_slots
+        self._slot_sums = [None] * self.num_slots
+        if on_gpu:
+            self._copier = CudaStreamCopier(device, self._start_task, self._finish_task)
+        else:
+            self._copier = ThreadCopier(self._run_task)
+        logger.info("cpu_offload: %d slots x %d bytes on the host (%s KV caches)",
+                    self.num_slots, total, device.type)
+
+    def get_handshake_metadata(self) -> OffloadHandshake | None:
+        if not self.num_slots:
+            return None
+        return OffloadHandshake(
+            tp_rank=self.engine.tp_rank, kv_bytes_per_block=self.kv_bytes_per_block, num_slots=self.num_slots
+        )
+
+    # -- tasks (run on the copier) --------------------------------------------------------------------
+    def _check_ids(self, task: CopyTask) -> str | None:
+        nb = self.layers[0].engine.shape[self.layers[0].block_dim]
+        if len(task.block_ids) != len(task.slots) or len(task.slots) != len(task.keys):
+            return "block, slot and key lists differ in length"
+        if any(not 0 <= b < nb for b in task.block_ids):
+            return f"block id outside [0, {nb})"
+        if any(not 0 <= s < self.num_slots for s in task.slots):
+            return f"slot outside [0, {self.num_slots})"
+        return None
+
+    def _start_task(self, task: CopyTask) -> None:
+        """Checks and bookkeeping before the copy, then the copy (enqueued on a GPU)."""
+        if task.error is None:
+            task.error = self._check_ids(task)
+        if task.error is not None:
+            return
+        if task.kind == "load":
+            for s, k in zip(task.slots, task.keys):
+                if self._slot_keys[s] != k:
+                    task.error = f"slot {s} no longer holds the expected block (evicted or overwritten)"
+                    task.failure_stat = "key_mismatches"
+                    return
+            if self.cfg.verify_checksums:
+                for s in task.slots:
+                    if self._slot_sums[s] is None or slot_checksum(self.layers, s) != self._slot_sums[s]:
+                        task.error = f"slot {s} failed its checksum"
+                        task.failure_stat = "checksum_failures"
+                        return
+        else:
+            for s in task.slots:
+                self._slot_keys[s] = None
+                self._slot_sums[s] = None
+        copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep)
+
+    def _finish_task(self, task: CopyTask) -> None:
+        """Bookkeeping once the copy is complete: a store's slots now hold its keys."""
+        if task.kind != "store" or task.error is not None:
+            return
+        if task.cancelled:
+            task.error = "store abandoned: its request was preempted and the copy did not finish in time"
+            return
+        for s, k in zip(task.slots, task.keys):
+            self._slot_keys[s] = k
+            if self.cfg.verify_checksums:
+                self._slot_sums[s] = slot_checksum(self.layers, s)
+
+    def _run_task(self, task: CopyTask) -> None:
+        try:
+            self._start_task(task)
+        except Exception as e:
+            if task.kind == "store":
+                for s in task.slots:
+                    if 0 <= s < self.num_slots:
+                        self._slot_keys[s] = None
+            raise e
+        self._finish_task(task)
+
+    # -- per step -------------------------------------------------------------------------------------
+    def bind_step_metadata(self, metadata: Any) -> None:
+        if isinstance(metadata, (bytes, bytearray, memoryview)):
+            metadata = decode(bytes(metadata), OffloadStepMetadata, what="cpu_offload step metadata")
+        if not isinstance(metadata, OffloadStepMetadata):
+            raise TypeError(f"cpu_offload: unexpected step metadata {type(metadata).__name__}")
+        self._meta = metadata
+        self._closed.update(metadata.closed)
+        self._deferred.extend(s for s in metadata.stores if s.after_forward)
+
+    def clear_step_metadata(self) -> None:
+        self._meta = None
+
+    def _submit(self, kind: str, job: LoadJob | StoreJob) -> None:
+        task = CopyTask(kind, job.request_id, list(job.block_ids), list(job.slots), list(job.keys),
+                        nbytes=len(job.block_ids) * self.kv_bytes_per_block)
+        self._inflight.setdefault(job.request_id, []).append(task)
+        if isinstance(job, LoadJob) and job.error is not None:
+            task.error, task.done = job.error, True
+            self._complete(task)
+            return
+        if self._copier is None:
+            task.error, task.done = "KV caches were never registered", True
+            self._complete(task)
+            return
+        self._copier.submit(task)
+
+    def start_load_kv(self) -> None:
+        meta = self._meta
+        if meta is None:
+            return
+        if meta.preempted:
+            self._wait_for_requests(meta.preempted)
+        for job in meta.loads:
+            self._submit("load", job)
+        for st in meta.stores:
+            if not st.after_forward:
+                self._submit("store", st)
+
+    def _wait_for_requests(self, request_ids: list[str]) -> None:
+        tasks = [t for rid in request_ids for t in self._inflight.get(rid, ()) if not t.done]
+        if not tasks or self._copier is None:
+            return
+        if not self._copier.wait(tasks, PREEMPT_WAIT_S):
+            for t in tasks:
+                t.cancelled = True
+            logger.error("cpu_offload: copies of preempted requests %s still running after %.0f s",
+                         request_ids, PREEMPT_WAIT_S)
+
+    def wait_for_save(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for st in deferred:
+            self._submit("store", st)
+
+    def _complete(self, task: CopyTask) -> None:
+        ok = task.error is None
+        kind = task.kind
+        if ok:
+            self._add(f"{kind}_bytes", task.nbytes)
+            self._add(f"{kind}_blocks", len(task.block_ids))
+            self._add(f"{kind}_seconds", task.seconds)
+        else:
+            self._add(f"{kind}_failures", 1)
+            if task.failure_stat:
+                self._add(task.failure_stat, 1)
+            logger.warning("cpu_offload: %s for request %s failed: %s", kind, task.request_id, task.error)
+        if kind == "load":
+            self._out.finished_recving.add(task.request_id)
+            if not ok:
+                self._out.failed_recving.add(task.request_id)
+                self._out.invalid_block_ids.update(task.block_ids)
+        elif not ok:
+            self._store_failed.add(task.request_id)
+        lst = self._inflight.get(task.request_id)
+        if lst is not None:
+            lst[:] = [t for t in lst if t is not task]
+            if not lst:
+                del self._inflight[task.request_id]
+
+    def _add(self, key: str, v: float) -> None:
+        self._stats[key] = self._stats.get(key, 0) + v
+
+    def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:
+        if self._deferred:  # a step without wait_for_save: its stores still have to run
+            self.wait_for_save()
+        if self._copier is not None:
+            for task in self._copier.poll():
+                self._complete(task)
+        out, self._out = self._out, TransferResults()
+        for rid in list(self._closed):
+            if rid not in self._inflight:
+                self._closed.discard(rid)
+                out.finished_sending.add(rid)
+                if rid in self._store_failed:
+                    self._store_failed.discard(rid)
+                    out.failed_sending.add(rid)
+        if self._stats:
+            out.stats, self._stats = self._stats, {}
+        return out
+
+    def shutdown(self) -> None:
+        if self._copier is not None:
+            self._copier.close()

@@ -1,0 +1,204 @@
+"""``kvconnect bench offload``: CPU-offload store and load bandwidth through the backend's worker,
+next to a plain copy of the same bytes in the same run, and prefix-lookup cost against the number
+of stored blocks.
+
+Default model: 32 layers, 8 KV heads, head dim 128, bf16, flash-attention NHD layout
+``[2, blocks, block_size, heads, dim]`` per layer, engine block ids shuffled (a fragmented cache),
+jobs of ``--blocks-per-request`` blocks. Each figure is the median of ``--repeats`` runs; the
+three copies of one repeat run back to back so they share the machine's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvconnect.api import EngineInfo, RequestView
+from kvconnect.backends.cpu_offload import CpuOffloadScheduler, CpuOffloadWorker
+from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadStepMetadata, StoreJob
+from kvconnect.config import CpuOffloadConfig
+from kvconnect.layout import FLASH_NHD_DIMS, KVLayout
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvconnect bench offload", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--gb", type=float, default=2.0, help="GB of blocks moved per direction and block size")
+    p.add_argument("--blocks-per-request", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--copy-threads", type=int, default=1)
+    p.add_argument("--lookup-stored", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    p.add_argument("--lookup-prefix-blocks", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.layers, a.gb, a.repeats = min(a.layers, 4), min(a.gb, 0.05), min(a.repeats, 3)
+        a.lookup_stored = [s for s in a.lookup_stored if s <= 10_000] or [1_000]
+    return a
+
+
+def _run(worker: CpuOffloadWorker, meta: OffloadStepMetadata, expect: int, timeout: float = 600.0) -> float:
+    """Drive one step through the worker and wait until ``expect`` requests reported."""
+    t0 = time.perf_counter()
+    worker.bind_step_metadata(meta)
+    worker.start_load_kv()
+    worker.wait_for_save()
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        r = worker.get_transfer_results(set())
+        if r.failed_recving or r.failed_sending:
+            raise RuntimeError(f"benchmark copy failed: {r}")
+        seen |= r.finished_sending | r.finished_recving
+        if len(seen) >= expect:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark copies did not finish")
+        time.sleep(0.0002)
+    worker.clear_step_metadata()
+    return time.perf_counter() - t0
+
+
+def _plain_copy(w: CpuOffloadWorker) -> float:
+    """The physical limit: one contiguous copy of the same bytes per layer (engine -> pool)."""
+    t0 = time.perf_counter()
+    for lc in w.layers:
+        flat = lc.pool.view(-1)
+        flat.copy_(lc.engine.view(-1)[: flat.numel()])
+    return time.perf_counter() - t0
+
+
+def bandwidth(a: argparse.Namespace, block_size: int) -> dict[str, float]:
+    dtype = DTYPES[a.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_layer = 2 * block_size * a.kv_heads * a.head_dim * itemsize
+    per_block = per_layer * a.layers
+    n = max(1, int(a.gb * 1e9 // per_block))
+    nb = n + 8
+    caches = {}
+    for i in range(a.layers):
+        t = torch.empty((2, nb, block_size, a.kv_heads, a.head_dim), dtype=dtype)
+        t.view(torch.uint8).random_()
+        caches[f"layer.{i}"] = (t, KVLayout.of_tensor(t, FLASH_NHD_DIMS))
+    cfg = CpuOffloadConfig(cpu_bytes_to_use=n * per_block, per_rank=True, copy_threads=a.copy_threads)
+    w = CpuOffloadWorker(cfg, EngineInfo("bench", block_sizes=(block_size,)))
+    w.register_kv_caches(caches)
+    for lc in w.layers:  # fault the pool in before timing
+        lc.pool.view(torch.uint8).zero_()
+    g = torch.Generator().manual_seed(0)
+    src = torch.randperm(nb, generator=g)[:n].tolist()
+    dst = torch.randperm(nb, generator=g)[:n].tolist()
+    keys = [i.to_bytes(8, "little") for i in range(n)]
+    per = a.blocks_per_request
+    chunks = [(f"r{j}", slice(j, min(j + per, n))) for j in range(0, n, per)]
+    nbytes = n * per_block
+    store_t, load_t, copy_t = [], [], []
+    for rep in range(a.repeats):
+        before = _plain_copy(w)
+        stores = [StoreJob(request_id=f"s{rep}{rid}", block_ids=src[s], slots=list(range(n))[s], keys=keys[s])
+                  for rid, s in chunks]
+        store_t.append(_run(w, OffloadStepMetadata(stores=stores, closed=[j.request_id for j in stores]), len(stores)))
+        loads = [LoadJob(request_id=f"l{rep}{rid}", block_ids=dst[s], slots=list(range(n))[s], keys=keys[s])
+                 for rid, s in chunks]
+        load_t.append(_run(w, OffloadStepMetadata(loads=loads), len(loads)))
+        for i in (0, n // 2, n - 1):  # byte-for-byte check of a few loaded blocks
+            for lc in w.layers[:2]:
+                if not torch.equal(lc.engine[:, dst[i]].view(torch.uint8), lc.pool[i].view(torch.uint8)):
+                    raise RuntimeError("benchmark round trip corrupted data")
+        copy_t.append(min(before, _plain_copy(w)))  # the faster of two, so the reference is strict
+    w.shutdown()
+    out = {
+        "blocks": n,
+        "bytes": nbytes,
+        "block_bytes": per_block,
+        "store_gbps": nbytes / statistics.median(store_t) / 1e9,
+        "load_gbps": nbytes / statistics.median(load_t) / 1e9,
+        "memcpy_gbps": nbytes / statistics.median(copy_t) / 1e9,
+    }
+    out["store_ratio"] = out["store_gbps"] / out["memcpy_gbps"]
+    out["load_ratio"] = out["load_gbps"] / out["memcpy_gbps"]
+    return out
+
+
+def lookup_cost(a: argparse.Namespace) -> list[dict[str, float]]:
+    """Per-call time of a prefix lookup hitting ``lookup_prefix_blocks`` blocks, against the number
+    of blocks stored in the tier (memoised keys: repeated calls; fresh: first call, hashing too)."""
+    bs, prefix = 16, a.lookup_prefix_blocks
+    rows = []
+    for stored in a.lookup_stored:
+        s = CpuOffloadScheduler(
+            CpuOffloadConfig(cpu_bytes_to_use=stored + prefix),
+            EngineInfo("bench", block_sizes=(bs,), model_signature={"kv_bytes_per_block": 1}),
+        )
+        idx = s.index
+        assert idx is not None
+        filler = [os.urandom(16) for _ in range(stored)]
+        idx.commit(idx.reserve(filler), filler)
+        tokens = list(range(prefix * bs + 1))
+        keys = s._keys.keys(RequestView("seed", tokens), prefix)
+        slots = idx.reserve(keys)
+        idx.commit(slots, keys)
+        view = RequestView("q", tokens)
+        assert s.get_num_new_matched_tokens(view, 0)[0] == prefix * bs
+        reps = 200
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            s.get_num_new_matched_tokens(view, 0)
+        warm = (time.perf_counter() - t0) / reps
+        t0 = time.perf_counter()
+        for i in range(reps // 4):
+            s.get_num_new_matched_tokens(RequestView(f"f{i}", tokens), 0)
+        fresh = (time.perf_counter() - t0) / (reps // 4)
+        rows.append({"stored_blocks": stored, "prefix_blocks": prefix, "lookup_us": warm * 1e6,
+                     "first_lookup_us": fresh * 1e6})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger("kvconnect").setLevel(logging.WARNING)
+    a = _args(argv)
+    per_size = {bs: bandwidth(a, bs) for bs in a.block_sizes}
+    lookups = lookup_cost(a)
+    first = per_size[a.block_sizes[0]]
+    result = {
+        "model": {"layers": a.layers, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dtype": a.dtype},
+        "store_gbps": first["store_gbps"],
+        "load_gbps": first["load_gbps"],
+        "memcpy_gbps": first["memcpy_gbps"],
+        "per_block_size": {str(bs): v for bs, v in per_size.items()},
+        "lookup": lookups,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if a.json:
+        print(json.dumps(result))
+        return 0
+    print(f"CPU offload bandwidth ({a.layers} layers, {a.kv_heads} KV heads, head dim {a.head_dim}, "
+          f"{a.dtype}; median of {a.repeats})")
+    print(f"{'block':>6} {'blocks':>7} {'GB':>6} {'store GB/s':>11} {'load GB/s':>10} {'memcpy GB/s':>12} "
+          f"{'store/memcpy':>13} {'load/memcpy':>12}")
+    for bs, v in per_size.items():
+        print(f"{bs:>6} {v['blocks']:>7} {v['bytes'] / 1e9:>6.2f} {v['store_gbps']:>11.2f} {v['load_gbps']:>10.2f} "
+              f"{v['memcpy_gbps']:>12.2f} {v['store_ratio']:>13.2f} {v['load_ratio']:>12.2f}")
+    print(f"\nPrefix lookup ({lookups[0]['prefix_blocks']}-block hit, 16-token blocks)")
+    print(f"{'stored blocks':>14} {'lookup us':>10} {'first lookup us':>16}")
+    for r in lookups:
+        print(f"{r['stored_blocks']:>14} {r['lookup_us']:>10.1f} {r['first_lookup_us']:>16.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

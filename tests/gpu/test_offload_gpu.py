@@ -1,0 +1,62 @@
+"""CPU offload on a CUDA device: pinned host pool, copies on a dedicated stream."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kvconnect.api import EngineInfo
+from kvconnect.backends.cpu_offload import CpuOffloadWorker
+from kvconnect.backends.cpu_offload.copier import CudaStreamCopier
+from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadStepMetadata, StoreJob
+from kvconnect.config import CpuOffloadConfig
+from kvconnect.layout import FLASH_HND_DIMS, FLASH_NHD_DIMS, MLA_DIMS, KVLayout
+
+pytestmark = pytest.mark.gpu
+
+BS = 16
+
+
+def _step(w, meta, expect, timeout=30.0):
+    w.bind_step_metadata(meta)
+    w.start_load_kv()
+    w.wait_for_save()
+    seen, failed = set(), set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < expect:
+        assert time.monotonic() < deadline
+        r = w.get_transfer_results(set())
+        seen |= r.finished_sending | r.finished_recving
+        failed |= r.failed_recving | r.failed_sending
+        time.sleep(0.001)
+    w.clear_step_metadata()
+    return failed
+
+
+@pytest.mark.parametrize("dims", [FLASH_NHD_DIMS, FLASH_HND_DIMS, MLA_DIMS])
+def test_cuda_round_trip_is_byte_identical_and_pool_is_pinned(dims):
+    shape = {FLASH_NHD_DIMS: (2, 64, BS, 4, 64), FLASH_HND_DIMS: (2, 64, 4, BS, 64), MLA_DIMS: (64, BS, 576)}[dims]
+    caches = {}
+    for i in range(3):
+        t = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        caches[f"l{i}"] = (t, KVLayout.of_tensor(t, dims))
+    w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=1 << 26, verify_checksums=True),
+                         EngineInfo("g", block_sizes=(BS,)))
+    w.register_kv_caches(caches)
+    assert isinstance(w._copier, CudaStreamCopier)
+    assert all(lc.pool.is_pinned() for lc in w.layers)
+    src, dst, slots = [3, 9, 4, 40], [1, 50, 51, 0], [7, 8, 2, 30]
+    keys = [b"a", b"b", b"c", b"d"]
+    bd = dims.index("block")
+    want = [t.movedim(bd, 0)[src].clone() for t, _ in caches.values()]
+    assert not _step(w, OffloadStepMetadata(stores=[StoreJob(request_id="s", block_ids=src, slots=slots, keys=keys)],
+                                            closed=["s"]), 1)
+    assert not _step(w, OffloadStepMetadata(loads=[LoadJob(request_id="l", block_ids=dst, slots=slots, keys=keys)]), 1)
+    torch.cuda.synchronize()
+    for (t, _), wnt in zip(caches.values(), want):
+        assert torch.equal(t.movedim(bd, 0)[dst], wnt)
+    failed = _step(w, OffloadStepMetadata(loads=[LoadJob(request_id="x", block_ids=[5], slots=[7], keys=[b"zz"])]), 1)
+    assert failed == {"x"}
+    w.shutdown()
