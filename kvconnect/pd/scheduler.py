@@ -1,0 +1,224 @@
+"""The scheduler half of P/D transfer, shared by every transport. It speaks vLLM's
+``kv_transfer_params`` protocol, so routers that drive vLLM's NixlConnector drive it unchanged.
+
+Producer (prefill instance): a request arrives with ``{"do_remote_decode": true}``. When it
+finishes normally (``length`` -- the router's ``max_tokens=1`` -- or ``stop``) its blocks are kept
+(``delay_free``) under a lease and the returned params tell the consumer where they are. An
+aborted or failed request frees its blocks at once and returns nothing.
+
+Consumer (decode instance): a request arrives with the producer's params
+(``do_remote_prefill: true`` ...). Every prompt token not computed locally is offered as an
+asynchronous external load; once the engine allocated blocks, the load is handed to the workers.
+Malformed params are logged with the offending field and the request is computed locally.
+A consumer request that never loads (aborted early, or fully cached here) still tells the
+producer to free its blocks.
+
+Every call is O(1) per request (plus copying the request's own block ids once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kvconnect.api import (
+    BlockIds,
+    EngineInfo,
+    RequestView,
+    SchedulerConnector,
+    StepView,
+    TransferResults,
+)
+from kvconnect.config import PDConfig
+from kvconnect.errors import WireError
+from kvconnect.metadata import KVTransferParams, block_groups, parse_transfer_params
+from kvconnect.pd import wire as W
+
+logger = logging.getLogger(__name__)
+
+#: Finish reasons after which a producer keeps the blocks for its consumer (vLLM keeps them for
+#: length-capped and stopped requests alike).
+KEEP_FOR = frozenset({"length", "stop"})
+
+
+def advertised_host(cfg: PDConfig) -> str:
+    if cfg.advertise_host:
+        return cfg.advertise_host
+    if cfg.side_channel_host in ("*", "0.0.0.0", "::"):
+        logger.warning("side_channel_host %r binds every address; set advertise_host so peers "
+                       "can reach this instance (using 127.0.0.1)", cfg.side_channel_host)
+        return "127.0.0.1"
+    return cfg.side_channel_host
+
+
+def base_port(cfg: PDConfig, engine: EngineInfo) -> int:
+    """Side-channel port of TP rank 0 of this engine (data-parallel ranks get their own range)."""
+    return cfg.side_channel_port + engine.dp_rank * engine.tp_size
+
+
+class PDScheduler(SchedulerConnector):
+    supports_hybrid = True
+
+    def __init__(self, config: PDConfig, engine: EngineInfo) -> None:
+        self._cfg = config
+        self._engine = engine
+        self._mode = "pull" if config.pull else "push"
+        self._host = advertised_host(config)
+        self._port = base_port(config, engine)
+        self._num_groups = max(1, len(engine.layer_groups) or len(engine.block_sizes))
+        #: consumer requests: parsed params (None when rejected), until the load is handed off
+        self._params: dict[str, KVTransferParams | None] = {}
+        self._computed: dict[str, int] = {}
+        self._handed: set[str] = set()
+        self._loads: list[W.LoadSpec] = []
+        self._leases: list[W.LeaseSpec] = []
+        self._releases: list[W.ReleaseSpec] = []
+        self._leased: set[str] = set()
+        self._loading: set[str] = set()
+
+    # -- consumer ---------------------------------------------------------------------------------
+    def _consumer_params(self, request: RequestView) -> KVTransferParams | None:
+        rid = request.request_id
+        if rid in self._params:
+            return self._params[rid]
+        try:
+            p = parse_transfer_params(request.transfer_params)
+            assert p is not None
+            self._check(p, request)
+        except WireError as e:
+            logger.warning("request %s: ignoring its kv_transfer_params (%s); its prompt is computed here", rid, e)
+            p = None
+        self._params[rid] = p
+        return p
+
+    def _check(self, p: KVTransferParams, request: RequestView) -> None:
+        if not p.remote_request_id:
+            raise WireError("kv_transfer_params: do_remote_prefill needs remote_request_id")
+        if p.tp_size is not None and p.tp_size <= 0:
+            raise WireError(f"kv_transfer_params: tp_size {p.tp_size} must be positive")
+        if p.kvconnect_mode not in (None, "pull", "push", "read", "write"):
+            raise WireError(f"kv_transfer_params: kvconnect_mode {p.kvconnect_mode!r} is not pull or push")
+        groups = block_groups(p.remote_block_ids)
+        if len(groups) != self._num_groups:
+            raise WireError(
+                f"kv_transfer_params: remote_block_ids has {len(groups)} KV-cache group(s), "
+                f"this model has {self._num_groups}"
+            )
+        bs = p.remote_block_size or self._engine.block_sizes[0]
+        if bs <= 0 or len(groups[0]) * bs < request.num_prompt_tokens:
+            raise WireError(
+                f"kv_transfer_params: remote_block_ids cover {len(groups[0])} blocks of {bs} tokens, "
+                f"the prompt has {request.num_prompt_tokens} tokens"
+            )
+
+    def get_num_new_matched_tokens(self, request: RequestView, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = request.transfer_params
+        if not params or not params.get("do_remote_prefill") or request.request_id in self._handed:
+            return 0, False
+        if self._consumer_params(request) is None:
+            return 0, False
+        # Every prompt token not computed here comes from the producer; the engine itself
+        # recomputes the last one when it needs its logits (vLLM does).
+        count = request.num_prompt_tokens - num_computed_tokens
+        if count <= 0:
+            return 0, False
+        self._computed[request.request_id] = num_computed_tokens
+        return count, True
+
+    def update_state_after_alloc(self, request: RequestView, block_ids: BlockIds, num_external_tokens: int) -> None:
+        params = request.transfer_params
+        rid = request.request_id
+        if not params or not params.get("do_remote_prefill") or rid in self._handed:
+            return
+        p = self._consumer_params(request)
+        self._handed.add(rid)
+        start = self._computed.pop(rid, 0)
+        self._params.pop(rid, None)
+        if p is None:
+            return
+        remote = _remote(p)
+        if num_external_tokens <= 0:
+            self._releases.append(W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=remote))
+            return
+        mode = p.kvconnect_mode or self._mode
+        self._loads.append(
+            W.LoadSpec(
+                request_id=rid,
+                remote_request_id=p.remote_request_id,  # type: ignore[arg-type]
+                remote=remote,
+                local_block_ids=tuple(tuple(g) for g in block_ids),
+                remote_block_ids=tuple(tuple(g) for g in block_groups(p.remote_block_ids)),
+                token_start=start,
+                token_end=start + num_external_tokens,
+                mode="pull" if mode in ("pull", "read") else "push",
+            )
+        )
+        self._loading.add(rid)
+
+    # -- both ------------------------------------------------------------------------------------
+    def build_step_metadata(self, step: StepView) -> W.PDStepMetadata:
+        if not (self._loads or self._leases or self._releases):
+            return _EMPTY
+        meta = W.PDStepMetadata(loads=tuple(self._loads), leases=tuple(self._leases), releases=tuple(self._releases))
+        self._loads, self._leases, self._releases = [], [], []
+        return meta
+
+    def request_finished(self, request: RequestView, block_ids: BlockIds) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        params = request.transfer_params
+        self._computed.pop(rid, None)
+        if not params:
+            return False, None
+        if params.get("do_remote_prefill"):
+            p = self._consumer_params(request) if rid not in self._handed else None
+            self._params.pop(rid, None)
+            if rid not in self._handed and p is not None:
+                # Never allocated (aborted while waiting): the producer must still free.
+                self._releases.append(
+                    W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=_remote(p))
+                )
+            self._handed.discard(rid)
+            return False, None
+        self._handed.discard(rid)
+        if not params.get("do_remote_decode"):
+            return False, None
+        if request.finish_reason not in KEEP_FOR or not any(len(g) for g in block_ids):
+            return False, None
+        groups = tuple(tuple(g) for g in block_ids)
+        self._leases.append(W.LeaseSpec(request_id=rid, block_ids=groups))
+        self._leased.add(rid)
+        e = self._engine
+        return True, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": e.engine_id,
+            "remote_block_ids": list(groups[0]) if len(groups) == 1 else [list(g) for g in groups],
+            "remote_host": self._host,
+            "remote_port": self._port,
+            "remote_request_id": rid,
+            "tp_size": e.tp_size,
+            "remote_block_size": e.block_sizes[0],
+            "kvconnect_mode": self._mode,
+        }
+
+    def update_worker_output(self, results: TransferResults) -> None:
+        if results.finished_sending:
+            self._leased -= results.finished_sending
+        if results.finished_recving or results.failed_recving:
+            self._loading -= results.finished_recving | results.failed_recving
+
+    def has_pending_work(self) -> bool:
+        return bool(self._leased or self._loading or self._loads or self._leases or self._releases)
+
+    def get_stats(self) -> dict[str, Any]:
+        return {"leased": len(self._leased), "loading": len(self._loading)}
+
+
+_EMPTY = W.PDStepMetadata()
+
+
+def _remote(p: KVTransferParams) -> W.Remote:
+    return W.Remote(
+        engine_id=p.remote_engine_id or "", host=p.remote_host or "", port=p.remote_port or 0,
+        tp_size=p.tp_size or 1,
+    )

@@ -1,0 +1,114 @@
+"""P/D wire types: the scheduler-to-worker step metadata, worker-to-worker notifications and
+push-mode write requests. All msgspec Structs; peer input is decoded strictly."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvconnect.errors import WireError
+from kvconnect.metadata import decode, encode
+
+#: Per-group engine block ids, as they travel.
+Groups = tuple[tuple[int, ...], ...]
+
+
+class Remote(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a peer engine is: what the router's transfer params said."""
+
+    engine_id: str
+    host: str
+    #: Side-channel base port; TP rank r listens on ``port + r``.
+    port: int
+    tp_size: int
+
+
+class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Consumer: fill ``local_block_ids`` with tokens ``[token_start, token_end)`` of a request
+    the producer computed (its blocks ``remote_block_ids``)."""
+
+    request_id: str
+    remote_request_id: str
+    remote: Remote
+    local_block_ids: Groups
+    remote_block_ids: Groups
+    token_start: int
+    token_end: int
+    #: ``pull`` (we READ) or ``push`` (the producer WRITEs into us).
+    mode: str = "pull"
+
+
+class LeaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Producer: hold ``block_ids`` of a finished request for a consumer."""
+
+    request_id: str
+    block_ids: Groups
+
+
+class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Consumer: the request will not read its remote blocks; tell the producer to free them."""
+
+    request_id: str
+    remote_request_id: str
+    remote: Remote
+
+
+class PDStepMetadata(msgspec.Struct, frozen=True, kw_only=True):
+    loads: tuple[LoadSpec, ...] = ()
+    leases: tuple[LeaseSpec, ...] = ()
+    releases: tuple[ReleaseSpec, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not (self.loads or self.leases or self.releases)
+
+
+# -- worker to worker ---------------------------------------------------------------------------
+#: Consumer -> producer: this consumer rank is done with the producer's blocks (read, failed, or
+#: never going to read). The producer frees once every expected consumer rank said so.
+DONE = "done"
+#: Producer -> consumer (push): the blocks of ``request_id`` were written.
+WRITTEN = "written"
+#: Producer -> consumer (push): writing failed; do not wait for the deadline.
+FAILED = "failed"
+NOTICE_KINDS = frozenset({DONE, WRITTEN, FAILED})
+
+
+class Notice(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A transport notification. ``request_id`` is the *receiver's* request id."""
+
+    kind: str
+    request_id: str
+    #: The sender's TP size and rank.
+    tp_size: int
+    rank: int
+
+
+_MAGIC = b"kvc1"
+
+
+def encode_notice(n: Notice) -> bytes:
+    return _MAGIC + encode(n)
+
+
+def decode_notice(data: bytes) -> Notice:
+    if not isinstance(data, (bytes, bytearray)) or not data.startswith(_MAGIC):
+        raise WireError("notification: not a kvconnect notice")
+    n = decode(bytes(data[len(_MAGIC):]), Notice, what="notification", max_bytes=4096)
+    if n.kind not in NOTICE_KINDS or n.tp_size <= 0 or not 0 <= n.rank < n.tp_size:
+        raise WireError(f"notification: bad notice {n!r}")
+    return n
+
+
+class WriteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Push mode, consumer -> producer over the side channel: write your blocks of
+    ``producer_request_id`` into mine."""
+
+    producer_request_id: str
+    consumer_request_id: str
+    consumer_engine_id: str
+    consumer_host: str
+    consumer_port: int
+    consumer_tp_size: int
+    consumer_rank: int
+    block_ids: Groups
+    token_start: int
+    token_end: int

@@ -1,0 +1,227 @@
+"""P/D over real NIXL (UCX over loopback, host memory) between two processes: a producer engine
+and a consumer engine, each with its scheduler half, TP workers and real side channels.
+
+Both engines run in spawned child processes (a UCX assertion may fire at exit of a process whose
+peer was killed; it must not take pytest with it); this process only orchestrates and checks.
+Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from types import SimpleNamespace
+
+import pytest
+
+from kvconnect.layout import KVLayout
+
+pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+pytestmark = pytest.mark.integration
+DEADLINE_S = 30.0
+
+
+def _serve(role: str, specs: dict, inq, outq) -> None:
+    """Child process: one engine per named spec, all stepped continuously, driven by commands
+    ``(command, engine name, ...)``; events come back as ``(event, request id, ...)``."""
+    try:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+        from tests.unit.pd_harness import Engine, assert_transferred, decode_start, prefill
+
+        engines = {name: Engine(f"{role}-{name}", agent_factory=nixl_agent, config_factory=nixl_agent_config, **spec)
+                   for name, spec in specs.items()}
+        outq.put(("ready", os.getpid()))
+        seen_s, seen_r = set(), set()
+        while True:
+            try:
+                cmd = inq.get(timeout=0.002)
+            except queue.Empty:
+                cmd = None
+            for eng in engines.values():
+                eng.step()
+                for rid in eng.sending - seen_s:
+                    seen_s.add(rid)
+                    outq.put(("sent", rid))
+                for rid in eng.recving - seen_r:
+                    seen_r.add(rid)
+                    outq.put(("recv", rid, rid in eng.failed, sorted(eng.invalid)))
+            if cmd is None:
+                continue
+            if cmd[0] == "stop":
+                break
+            eng = engines[cmd[1]]
+            if cmd[0] == "prefill":
+                _, _, rid, n, ids = cmd
+                eng.fill(seed=11)
+                _, params = prefill(eng, rid, n, ids)
+                dump = [{k: t.clone() for k, (t, _) in c.items()} for c in eng.caches]
+                outq.put(("params", rid, params, dump))
+            elif cmd[0] == "decode":
+                _, _, rid, n, params, ids = cmd
+                decode_start(eng, rid, n, params, ids)
+            elif cmd[0] == "check":
+                _, _, dump, p_spec, p_ids, d_ids, t0, t1 = cmd
+                prod = SimpleNamespace(
+                    tp=p_spec.get("tp", 1), num_heads=p_spec.get("num_heads", 4),
+                    block_size=p_spec.get("block_size", 16), kind=p_spec.get("kind", "flash"),
+                    caches=[{k: (t, KVLayout.of_tensor(t, eng.caches[0][k][1].dims)) for k, t in c.items()}
+                            for c in dump],
+                )
+                try:
+                    assert_transferred(prod, eng, p_ids, d_ids, t0, t1)
+                    outq.put(("checked", cmd[1], "ok"))
+                except AssertionError as e:
+                    outq.put(("checked", cmd[1], str(e)))
+        for eng in engines.values():
+            eng.shutdown()
+        outq.put(("stopped",))
+    except Exception:
+        outq.put(("error", traceback.format_exc()))
+
+
+class Child:
+    def __init__(self, ctx, role: str, specs: dict[str, dict]) -> None:
+        self.inq, self.outq = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_serve, args=(role, specs, self.inq, self.outq), daemon=True)
+        self.proc.start()
+        self.events: list[tuple] = []
+        self._pid: int | None = None
+
+    @property
+    def pid(self) -> int:
+        """Waits for the child to be ready (children start in parallel: ask after spawning all)."""
+        if self._pid is None:
+            self._pid = self.expect("ready")[1]
+        return self._pid
+
+    def send(self, *cmd) -> None:
+        self.inq.put(cmd)
+
+    def expect(self, kind: str, rid: str | None = None, timeout: float = DEADLINE_S) -> tuple:
+        end = time.monotonic() + timeout
+        for ev in self.events:
+            if ev[0] == kind and (rid is None or ev[1] == rid):
+                self.events.remove(ev)
+                return ev
+        while time.monotonic() < end:
+            try:
+                ev = self.outq.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if ev[0] == "error":
+                raise AssertionError(f"child failed:\n{ev[1]}")
+            if ev[0] == kind and (rid is None or ev[1] == rid):
+                return ev
+            self.events.append(ev)
+        raise AssertionError(f"no {kind!r} event for {rid!r} within {timeout}s (got {self.events})")
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.send("stop")
+            self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+
+
+def _spawn(ctx, *specs: tuple[str, dict]) -> list[Child]:
+    made = [Child(ctx, role, spec) for role, spec in specs]
+    for c in made:
+        c.pid  # noqa: B018 - wait until ready (they start in parallel)
+    return made
+
+
+@pytest.fixture
+def spawn():
+    ctx = mp.get_context("spawn")
+    children: list[Child] = []
+
+    def make(*specs: tuple[str, dict]) -> list[Child]:
+        made = _spawn(ctx, *specs)
+        children.extend(made)
+        return made
+
+    yield make
+    for c in children:
+        c.close()
+
+
+CASES = {
+    "mha-flash-pull": ({"kind": "flash", "tp": 1}, {"kind": "flash", "tp": 1}),
+    "mla-push": ({"kind": "mla", "tp": 1, "mode": "push"}, {"kind": "mla", "tp": 2, "mode": "push"}),
+    "vllm-cpu-tp2-to-tp1-bs32-to-16": ({"kind": "cpu", "tp": 2, "block_size": 32}, {"kind": "cpu", "tp": 1}),
+    "hnd-tp1-to-tp2-bs16-to-32-push": ({"kind": "hnd", "tp": 1, "mode": "push"},
+                                       {"kind": "hnd", "tp": 2, "block_size": 32, "mode": "push"}),
+}
+
+
+@pytest.fixture(scope="module")
+def case_pair():
+    """One producer process and one consumer process hosting an engine per case."""
+    ctx = mp.get_context("spawn")
+    P, D = _spawn(ctx, ("prefill", {k: v[0] for k, v in CASES.items()}), ("decode", {k: v[1] for k, v in CASES.items()}))
+    yield P, D
+    P.close()
+    D.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kv_moves_between_processes_byte_for_byte(case_pair, case):
+    P, D = case_pair
+    p_spec, d_spec = CASES[case]
+    n = 70
+    p_bs, d_bs = p_spec.get("block_size", 16), d_spec.get("block_size", 16)
+    p_ids = [[3, 9, 4, 10, 12][: -(-n // p_bs)]]
+    d_ids = [[7, 2, 15, 16, 5][: -(-n // d_bs)]]
+    P.send("prefill", case, f"p-{case}", n, p_ids)
+    _, _, params, dump = P.expect("params", f"p-{case}")
+    D.send("decode", case, f"d-{case}", n, params, d_ids)
+    ev = D.expect("recv", f"d-{case}")
+    assert ev[2] is False, f"load failed: {ev}"
+    P.expect("sent", f"p-{case}")
+    D.send("check", case, dump, p_spec, p_ids, d_ids, 0, n)
+    assert D.expect("checked", case)[2] == "ok"
+
+
+FAULT = {"handshake_timeout_s": 1.0, "transfer_timeout_s": 2.0}
+
+
+def test_producer_killed_before_the_transfer_fails_the_load_in_time(spawn):
+    P, D = spawn(("prefill", {"e": {}}), ("decode", {"e": {"options": FAULT}}))
+    P.send("prefill", "e", "p1", 40, [[1, 2, 3]])
+    _, _, params, _ = P.expect("params")
+    os.kill(P.pid, signal.SIGKILL)
+    P.proc.join(timeout=5)
+    t0 = time.monotonic()
+    D.send("decode", "e", "d1", 40, params, [[4, 5, 6]])
+    ev = D.expect("recv", "d1", timeout=10)
+    assert ev[2] is True and {4, 5, 6} <= set(ev[3])
+    assert time.monotonic() - t0 < FAULT["handshake_timeout_s"] + FAULT["transfer_timeout_s"] + 2
+
+
+def test_producer_killed_during_the_transfer_fails_the_load_in_time(spawn):
+    P, D = spawn(("prefill", {"e": {}}), ("decode", {"e": {"options": FAULT}}))
+    # a first request completes: the peers are handshaken and connected
+    P.send("prefill", "e", "p0", 40, [[1, 2, 3]])
+    _, _, params, _ = P.expect("params")
+    D.send("decode", "e", "d0", 40, params, [[4, 5, 6]])
+    assert D.expect("recv", "d0")[2] is False
+    P.send("prefill", "e", "p1", 40, [[7, 8, 9]])
+    _, _, params, _ = P.expect("params")
+    os.kill(P.pid, signal.SIGSTOP)  # the read is posted but cannot complete ...
+    try:
+        t0 = time.monotonic()
+        D.send("decode", "e", "d1", 40, params, [[10, 11, 12]])
+        time.sleep(0.3)
+    finally:
+        os.kill(P.pid, signal.SIGKILL)  # ... and the producer dies while it is in flight
+    ev = D.expect("recv", "d1", timeout=10)
+    assert ev[2] is True and {10, 11, 12} <= set(ev[3])
+    assert time.monotonic() - t0 < FAULT["handshake_timeout_s"] + FAULT["transfer_timeout_s"] + 2

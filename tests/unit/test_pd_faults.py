@@ -1,0 +1,208 @@
+"""P/D failure handling on the fake NIXL agent: every failure ends in a failed load with its blocks
+reported invalid (never a hang, never unverified KV), and producer blocks are always freed."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from kvconnect.api import StepView
+from kvconnect.handshake import SideChannelServer
+from tests.fakes import fake_nixl
+from tests.unit.pd_harness import Engine, decode_start, prefill, run_until
+
+
+@pytest.fixture
+def engines():
+    made: list[Engine] = []
+
+    def make(*args, **kw) -> Engine:
+        e = Engine(*args, **kw)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.shutdown()
+    fake_nixl.registry.reset()
+
+
+FAST = {"handshake_timeout_s": 0.5, "transfer_timeout_s": 0.5}
+P_IDS, D_IDS = [[1, 2, 3]], [[4, 5, 6]]
+
+
+def _start(P, D, prompt_len=40, p_ids=P_IDS, d_ids=D_IDS):
+    P.fill(1)
+    _, params = prefill(P, "p", prompt_len, p_ids)
+    decode_start(D, "d", prompt_len, params, d_ids)
+    return params
+
+
+def _assert_failed(D, d_ids=D_IDS, timeout=5.0, others=()):
+    t0 = time.monotonic()
+    assert run_until([D, *others], lambda: "d" in D.recving, timeout), "load neither finished nor failed"
+    assert "d" in D.failed
+    assert set(d_ids[0]) <= D.invalid
+    return time.monotonic() - t0
+
+
+def test_incompatible_model_fails_the_load_with_a_clear_error(engines, caplog):
+    P = engines("prefill", tp=1, options={"lease_timeout_s": 0.3})
+    D = engines("decode", tp=1, options=FAST)
+    D.workers[0]._loop._peers._local.compat_hash = "0" * 32  # a different model on the consumer
+    with caplog.at_level(logging.WARNING):
+        _start(P, D)
+        _assert_failed(D)
+    assert "compatibility hash" in caplog.text
+    assert run_until([P], lambda: "p" in P.sending), "the lease must still free the producer blocks"
+
+
+def test_garbage_handshake_reply_fails_the_load(engines, caplog):
+    D = engines("decode", tp=1, options=FAST)
+    with SideChannelServer("127.0.0.1", 0, {"metadata": lambda b: b"\xff\x00garbage"}) as bogus:
+        params = {"do_remote_prefill": True, "remote_engine_id": "x", "remote_block_ids": [1, 2, 3],
+                  "remote_host": "127.0.0.1", "remote_port": bogus.port, "remote_request_id": "p", "tp_size": 1}
+        with caplog.at_level(logging.WARNING):
+            decode_start(D, "d", 40, params, D_IDS)
+            _assert_failed(D)
+    assert "handshake metadata" in caplog.text
+
+
+def test_unreachable_producer_fails_within_the_handshake_deadline(engines):
+    D = engines("decode", tp=1, options=FAST)
+    params = {"do_remote_prefill": True, "remote_engine_id": "x", "remote_block_ids": [1, 2, 3],
+              "remote_host": "127.0.0.1", "remote_port": D.port + 50, "remote_request_id": "p", "tp_size": 1}
+    t0 = time.monotonic()
+    decode_start(D, "d", 40, params, D_IDS)
+    D.step()
+    assert time.monotonic() - t0 < 0.2, "the engine thread must not wait for the handshake"
+    assert _assert_failed(D) < 3.0
+
+
+def test_one_failed_status_among_many_fails_the_load_and_frees_every_producer_rank(engines):
+    P = engines("prefill", tp=2, kind="hnd")
+    D = engines("decode", tp=1, kind="hnd", options=FAST)
+    rank1 = P.workers[1]._transport.agent_name
+    D.agent(0).knobs.fail_transfers = lambda h: h.remote == rank1
+    _start(P, D)
+    _assert_failed(D)
+    assert D.stats.get("loads_failed") == 1
+    # rank 0 was read (its notice rode on the read); rank 1 was told after the failure
+    assert run_until([P], lambda: "p" in P.sending, 2.0), "producer blocks must be freed before the lease ends"
+
+
+def test_dead_producer_fails_the_load_fast(engines):
+    P = engines("prefill", tp=1)
+    D = engines("decode", tp=1, options={"transfer_timeout_s": 5.0})
+    _start(P, D)
+    P.agent(0).kill()
+    assert _assert_failed(D) < 2.0
+
+
+def test_stopped_producer_fails_at_the_transfer_deadline(engines):
+    P = engines("prefill", tp=1)
+    D = engines("decode", tp=1, options=FAST)
+    D.agent(0).knobs.peer_stopped = True
+    _start(P, D)
+    elapsed = _assert_failed(D)
+    assert 0.4 < elapsed < 3.0
+
+
+def test_lost_write_notification_times_out_the_push_load(engines):
+    P = engines("prefill", tp=1, mode="push")
+    D = engines("decode", tp=1, mode="push", options=FAST)
+    P.agent(0).knobs.lose_notifs = True
+    _start(P, D)
+    _assert_failed(D, others=[P])
+    assert run_until([P], lambda: "p" in P.sending), "the producer frees once its write completed"
+
+
+def test_failed_push_write_fails_the_load_before_the_deadline(engines):
+    P = engines("prefill", tp=1, mode="push")
+    D = engines("decode", tp=1, mode="push", options={"transfer_timeout_s": 10.0})
+    P.agent(0).knobs.fail_transfers = True
+    _start(P, D)
+    assert _assert_failed(D, others=[P]) < 3.0
+    assert run_until([P], lambda: "p" in P.sending)
+
+
+def test_lost_done_notice_is_covered_by_the_lease(engines):
+    P = engines("prefill", tp=1, options={"lease_timeout_s": 0.5})
+    D = engines("decode", tp=1)
+    D.agent(0).knobs.lose_notifs = True
+    _start(P, D)
+    assert run_until([P, D], lambda: "d" in D.recving and "p" in P.sending)
+    assert "d" not in D.failed
+    assert P.stats.get("leases_expired") == 1
+
+
+def test_lease_expiry_frees_blocks_nobody_reads(engines):
+    P = engines("prefill", tp=2, options={"lease_timeout_s": 0.3})
+    t0 = time.monotonic()
+    P.fill(0)
+    delay, _ = prefill(P, "p", 40, P_IDS)
+    assert delay
+    assert run_until([P], lambda: "p" in P.sending, 3.0)
+    assert time.monotonic() - t0 >= 0.3
+    assert P.stats.get("leases_expired") == 2  # one per TP rank
+    assert not P.sched.has_pending_work()
+
+
+def test_consumer_that_will_not_read_releases_the_producer_at_once(engines):
+    P = engines("prefill", tp=2)
+    D = engines("decode", tp=1)
+    P.fill(0)
+    _, params = prefill(P, "p", 40, P_IDS)
+    decode_start(D, "d", 40, params, D_IDS, computed=40)  # fully cached on the consumer
+    assert run_until([P, D], lambda: "p" in P.sending, 2.0)
+    assert not P.stats.get("leases_expired")
+
+
+def test_early_done_notice_before_the_lease_is_kept(engines):
+    P = engines("prefill", tp=1)
+    D = engines("decode", tp=1)
+    P.fill(0)
+    _, params = prefill(P, "p", 40, P_IDS)
+    meta = P.sched.build_step_metadata(StepView())
+    decode_start(D, "d", 40, params, D_IDS)  # the consumer reads before the producer binds the lease
+    assert run_until([D], lambda: "d" in D.recving)
+    time.sleep(0.05)
+    for w in P.workers:
+        w.bind_step_metadata(meta)
+    assert run_until([P], lambda: "p" in P.sending, 2.0)
+    assert not P.stats.get("leases_expired")
+
+
+def test_push_write_request_for_an_unknown_request_fails_fast(engines):
+    P = engines("prefill", tp=1, mode="push", options={"handshake_timeout_s": 0.3})
+    D = engines("decode", tp=1, mode="push", options={"transfer_timeout_s": 10.0})
+    _start(P, D)  # the producer engine never steps again: its workers never learn of the lease
+    assert _assert_failed(D, others=[]) < 3.0
+
+
+def test_secret_mismatch_refuses_the_handshake(engines):
+    P = engines("prefill", tp=1, options={"secret": "s3cret"})
+    D = engines("decode", tp=1, options={**FAST, "secret": "other"})
+    _start(P, D)
+    _assert_failed(D)
+
+
+def test_idle_worker_sleeps_between_rounds(engines):
+    D = engines("decode", tp=1, options={"idle_poll_interval_s": 0.05})
+    loop = D.workers[0]._loop
+    before = loop.rounds
+    time.sleep(0.5)
+    assert loop.rounds - before <= 15
+
+
+def test_busy_worker_polls_at_the_busy_interval_not_a_spin(engines):
+    P = engines("prefill", tp=1, options={"poll_interval_s": 0.01})
+    P.fill(0)
+    prefill(P, "p", 40, P_IDS)
+    P.step()
+    loop = P.workers[0]._loop
+    before = loop.rounds
+    time.sleep(0.3)
+    assert 3 <= loop.rounds - before <= 40
