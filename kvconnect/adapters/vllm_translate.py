@@ -13,6 +13,9 @@ from kvconnect.api import EngineInfo, RequestView, ScheduledRequest, StepView
 from kvconnect.errors import LayoutError
 from kvconnect.layout import FLASH_HND_DIMS, FLASH_NHD_DIMS, MLA_DIMS, VLLM_CPU_DIMS, KVLayout
 
+#: vLLM's CPU cache seen as ``[blocks, heads, 2 (K then V), block_size, head_dim]``.
+VLLM_CPU_SPLIT_DIMS = ("block", "head", "kv", "token", "feature")
+
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
 
 
@@ -118,6 +121,11 @@ def layer_layout(tensor: Any, spec: Any, group: int, kv_layout_hint: str | None 
         candidates += flash
     for dims, want in candidates:
         if len(want) == len(shape) and all(w in (-1, s) for w, s in zip(want, shape)):
+            if dims == VLLM_CPU_DIMS and head == head_v and tensor.device.type == "cpu":
+                # vLLM's CPU attention keeps, per (block, head), all K rows then all V rows (it views
+                # the cache as [B, H, 2*bs, hd]): name that K/V plane so token ranges are right.
+                tensor = tensor.view(shape[0], heads, 2, bs, head)
+                return tensor, KVLayout.of_tensor(tensor, VLLM_CPU_SPLIT_DIMS, group)
             return tensor, KVLayout.of_tensor(tensor, dims, group)
     # A kernel block size smaller than the manager's shows up as more, smaller blocks.
     raise LayoutError(

@@ -90,10 +90,24 @@ def _spec(cls=FullAttentionSpec, **kw):
     return cls(**base)
 
 
-def test_cpu_worker_layout_is_recognised():
-    t = torch.zeros(10, 2, 32, 128)
-    _, layout = layer_layout(t, _spec(), group=0)
-    assert layout.dims == VLLM_CPU_DIMS and layout.num_blocks == 10 and layout.group == 0
+def test_cpu_worker_layout_is_recognised_with_k_then_v_per_block_and_head():
+    t = torch.arange(10 * 2 * 32 * 128, dtype=torch.float32).reshape(10, 2, 32, 128)
+    view, layout = layer_layout(t, _spec(), group=0)
+    assert layout.dims == ("block", "head", "kv", "token", "feature") and layout.num_blocks == 10
+    assert view.data_ptr() == t.data_ptr() and layout.block_bytes == 2 * 32 * 128 * 4
+    # token 0 of head 1 in block 3: its K is the first 64 values of that (block, head), its V the
+    # first 64 values of the second half — not the 128 values of the first row of the 2-D view.
+    (off_k, n_k), (off_v, n_v) = layout.block_ranges(3, tokens=(0, 1), heads=(1, 2))
+    flat = t.reshape(-1)
+    base = (3 * 2 + 1) * 32 * 128
+    assert n_k == n_v == 64 * 4
+    assert torch.equal(flat[off_k // 4 : off_k // 4 + 64], flat[base : base + 64])
+    assert torch.equal(flat[off_v // 4 : off_v // 4 + 64], flat[base + 32 * 64 : base + 32 * 64 + 64])
+
+
+def test_meta_device_layout_keeps_the_plain_dims():
+    t = torch.zeros(10, 2, 32, 128, device="meta")
+    assert layer_layout(t, _spec(), group=0)[1].dims == VLLM_CPU_DIMS
 
 
 def test_flash_layouts_follow_the_hint_when_ambiguous():
