@@ -1,0 +1,163 @@
+"""kvconnect as SGLang's P/D transfer backend, over real NIXL (UCX on loopback, host memory)
+between two spawned processes: a prefill rank (with SGLang's bootstrap server) and a decode rank,
+each built from SGLang's real runtime context, KVArgs and the classes ``get_kv_class`` returns for
+``kvconnect``, driven through SGLang's ``KVPoll`` state machine (tests/sglang_stubs/pd_harness.py).
+
+NIXL agents run without a progress thread; both ranks are progressed by kvconnect's push loops.
+Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+
+import pytest
+
+pytest.importorskip("sglang", reason="SGLang is not installed")
+pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
+
+from tests.sglang_stubs import pd_harness as H  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+FAILED, BOOTSTRAPPING, WAITING, TRANSFERRING, SUCCESS = 0, 1, 2, 3, 4
+START_S = 180.0  # a cold SGLang import on this machine can take a minute
+STEP_S = 30.0
+BASE_ENV = {
+    "UCX_NET_DEVICES": "lo",
+    "UCX_LOG_LEVEL": "error",
+    "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "15",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "2",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pair:
+    """A prefill and a decode rank in two spawned processes."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        ctx = mp.get_context("spawn")
+        self.port = _free_port()
+        e = {**BASE_ENV, **(env or {})}
+        self.q = {r: (ctx.Queue(), ctx.Queue()) for r in ("prefill", "decode")}
+        self.p = {r: ctx.Process(target=H.serve, args=(r, self.port, e, *self.q[r]), daemon=True) for r in self.q}
+        # Both import SGLang at once; the decode rank asks the bootstrap server only when driven.
+        for proc in self.p.values():
+            proc.start()
+        self.ready_prefill = self.expect("prefill", "ready", START_S)
+        self.ready_decode = self.expect("decode", "ready", START_S)
+
+    def send(self, role: str, *cmd) -> None:
+        self.q[role][0].put(cmd)
+
+    def expect(self, role: str, kind: str, timeout: float = STEP_S):
+        return H.expect(self.q[role][1], kind, timeout)
+
+    def kill(self, role: str, sig=signal.SIGKILL) -> None:
+        os.kill(self.p[role].pid, sig)
+
+    def close(self) -> None:
+        for role, proc in self.p.items():
+            if proc.is_alive():
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                except OSError:
+                    pass
+                self.send(role, "stop")
+        for proc in self.p.values():
+            proc.join(15)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def test_get_kv_class_gives_kvconnect_classes_in_a_fresh_process(pair):
+    assert pair.ready_prefill[3] == ["KVConnectKVManager", "KVConnectKVBootstrapServer"]
+    assert pair.ready_decode[3][0] == "KVConnectKVManager"
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_pages_arrive_byte_for_byte_through_the_kvpoll_states(pair, chunks):
+    room = 1000 + chunks
+    src = [3, 4, 5, 6, 10, 11, 40, 41]
+    dst = [7, 8, 9, 20, 21, 22, 50, 63]
+    pair.send("decode", "decode", room, src, dst, 2, STEP_S)
+    pair.send("prefill", "prefill", room, src, 2, chunks, STEP_S)
+    _, _, p_seen, p_final, p_reason = pair.expect("prefill", "prefill-done")
+    _, _, d_seen, d_final, d_reason, same = pair.expect("decode", "decode-done")
+    assert p_final == SUCCESS, p_reason
+    assert d_final == SUCCESS, d_reason
+    assert same, "decode's pages or metadata row differ from what prefill holds"
+    assert p_seen[0] == BOOTSTRAPPING and p_seen[-1] == SUCCESS and WAITING in p_seen
+    assert p_seen == sorted(p_seen)  # never goes back
+    assert d_seen[-1] == SUCCESS and d_seen == sorted(d_seen)
+
+
+def test_prefill_fails_clearly_when_the_decode_process_is_gone():
+    pair = Pair()
+    try:
+        room = 2001
+        pair.send("decode", "decode", room, [1, 2], [5, 6], 1, STEP_S)
+        pair.send("prefill", "prefill", room, [1, 2], 1, 1, STEP_S, True)
+        pair.expect("decode", "decode-metadata-sent")
+        pair.expect("prefill", "prefill-waiting")
+        pair.kill("decode")
+        pair.p["decode"].join(10)
+        pair.send("prefill", "go")
+        _, _, seen, final, reason = pair.expect("prefill", "prefill-done")
+        assert final == FAILED and seen[-1] == FAILED
+        print("prefill failure_exception:", reason)
+        assert "KVTransferError" in reason and "kvconnect" in reason, reason
+    finally:
+        pair.close()
+
+
+def test_prefill_write_times_out_when_the_decode_stops_progressing():
+    pair = Pair(env={"KVCONNECT_SGLANG_CONFIG": '{"backend": "nixl", "transfer_timeout_s": 2}'})
+    try:
+        room = 3001
+        pair.send("decode", "decode", room, [1, 2, 3], [5, 6, 7], 1, STEP_S)
+        pair.send("prefill", "prefill", room, [1, 2, 3], 1, 1, STEP_S, True)
+        pair.expect("decode", "decode-metadata-sent")
+        pair.expect("prefill", "prefill-waiting")
+        pair.kill("decode", signal.SIGSTOP)
+        pair.send("prefill", "go")
+        _, _, seen, final, reason = pair.expect("prefill", "prefill-done")
+        print("prefill failure_exception:", reason)
+        assert final == FAILED, (seen, reason)
+        assert "did not finish within 2s" in reason or "failed" in reason, reason
+    finally:
+        pair.close()
+
+
+def test_decode_fails_clearly_when_the_prefill_process_is_gone():
+    pair = Pair()
+    try:
+        room = 4001
+        pair.send("decode", "decode", room, [1, 2], [5, 6], 1, STEP_S)
+        pair.send("prefill", "prefill", room, [1, 2], 1, 1, STEP_S, True)
+        pair.expect("decode", "decode-metadata-sent")
+        pair.expect("prefill", "prefill-waiting")
+        pair.kill("prefill")
+        _, _, seen, final, reason, _ = pair.expect("decode", "decode-done")
+        assert final == FAILED and seen[-1] == FAILED
+        print("decode failure_exception:", reason)
+        assert "KVTransferError" in reason and ("prefill" in reason or "timed out" in reason), reason
+    finally:
+        pair.close()
