@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from kvconnect.config import PD_BACKENDS
 from kvconnect.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,37 @@ def build_children(create: Callable[[Any, Any], T], configs: Sequence[Any], engi
                     logger.exception("shutting down a child after a failed start")
             raise
     return built
+
+
+def check_composition(names: Sequence[str]) -> None:
+    """Refuse compositions that cannot work, whichever way they were built."""
+    if not names:
+        raise ConfigError("MultiConnector needs at least one child backend; got none")
+    pd = [n for n in names if base_name(n) in PD_BACKENDS]
+    if len(pd) > 1:
+        raise ConfigError(
+            f"children {pd} are both P/D transfer backends: one engine has one P/D peer protocol; "
+            "keep one of them"
+        )
+
+
+def resolve_children(config: Any, engine: Any, names: Sequence[str] | None,
+                     create: Callable[[Any, Any], T]) -> tuple[list[T], list[str]]:
+    """The children and their names: built from a KVConnectConfig through ``create`` (names
+    derived from the backends), or given already built (named ``names``, else by class)."""
+    from kvconnect.config import KVConnectConfig, backend_name
+
+    if isinstance(config, KVConnectConfig):
+        if names is not None:
+            raise ConfigError("names are derived from the config; pass names only with built children")
+        names = child_names([backend_name(b) for b in config.backends])
+        check_composition(names)
+        return build_children(create, config.backends, engine, names), names
+    children = list(config)
+    names = check_names(names if names is not None else child_names([type(c).__name__ for c in children]),
+                        len(children))
+    check_composition(names)
+    return children, names
 
 
 def base_name(child_name: str) -> str:

@@ -60,30 +60,11 @@ from kvconnect.api import (
     StepView,
     TransferResults,
 )
-from kvconnect.config import PD_BACKENDS, KVConnectConfig, backend_name
+from kvconnect.config import KVConnectConfig
 from kvconnect.errors import ConfigError, KVConnectError, WireError
-from kvconnect.multi.metadata import (
-    LoadNote,
-    MultiStepMetadata,
-    base_name,
-    build_children,
-    check_names,
-    child_names,
-)
+from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, resolve_children
 
 logger = logging.getLogger(__name__)
-
-
-def check_composition(names: Sequence[str]) -> None:
-    """Refuse compositions that cannot work, whichever way they were built."""
-    if not names:
-        raise ConfigError("MultiConnector needs at least one child backend; got none")
-    pd = [n for n in names if base_name(n) in PD_BACKENDS]
-    if len(pd) > 1:
-        raise ConfigError(
-            f"children {pd} are both P/D transfer backends: one engine has one P/D peer protocol; "
-            "keep one of them"
-        )
 
 
 def external_blocks(block_ids: BlockIds, block_sizes: Sequence[int], num_computed: int,
@@ -108,21 +89,10 @@ class MultiScheduler(SchedulerConnector):
                  names: Sequence[str] | None = None) -> None:
         """Build the children from ``config`` through the registry, in order; or compose a list of
         already-built children (named ``names``, by default after their classes)."""
-        if isinstance(config, KVConnectConfig):
-            from kvconnect.registry import create_backend_scheduler
+        from kvconnect.registry import create_backend_scheduler
 
-            if names is not None:
-                raise ConfigError("names are derived from the config; pass names only with built children")
-            names = child_names([backend_name(b) for b in config.backends])
-            check_composition(names)
-            children = build_children(create_backend_scheduler, config.backends, engine, names)
-        else:
-            children = list(config)
-            if names is None:
-                names = child_names([type(c).__name__ for c in children])
-            names = check_names(names, len(children))
-            check_composition(names)
-        self._setup(children, list(names), engine)
+        children, names = resolve_children(config, engine, names, create_backend_scheduler)
+        self._setup(children, names, engine)
 
     @classmethod
     def from_children(cls, children: Sequence[SchedulerConnector], engine: EngineInfo,

@@ -26,11 +26,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
-from kvconnect.config import KVConnectConfig, backend_name
-from kvconnect.errors import ConfigError, WireError
+from kvconnect.config import KVConnectConfig
+from kvconnect.errors import WireError
 from kvconnect.multi.completion import CompletionTracker
-from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, build_children, check_names, child_names
-from kvconnect.multi.scheduler import check_composition
+from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, resolve_children
 
 if TYPE_CHECKING:
     import torch
@@ -47,21 +46,10 @@ class MultiWorker(WorkerConnector):
                  names: Sequence[str] | None = None) -> None:
         """Build the children from ``config`` through the registry, in order; or compose a list of
         already-built children (named ``names``, by default after their classes)."""
-        if isinstance(config, KVConnectConfig):
-            from kvconnect.registry import create_backend_worker
+        from kvconnect.registry import create_backend_worker
 
-            if names is not None:
-                raise ConfigError("names are derived from the config; pass names only with built children")
-            names = child_names([backend_name(b) for b in config.backends])
-            check_composition(names)
-            children = build_children(create_backend_worker, config.backends, engine, names)
-        else:
-            children = list(config)
-            if names is None:
-                names = child_names([type(c).__name__ for c in children])
-            names = check_names(names, len(children))
-            check_composition(names)
-        self._setup(children, list(names), engine)
+        children, names = resolve_children(config, engine, names, create_backend_worker)
+        self._setup(children, names, engine)
 
     @classmethod
     def from_children(cls, children: Sequence[WorkerConnector], engine: EngineInfo,
