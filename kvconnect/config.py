@@ -74,10 +74,18 @@ class NixlConfig(PDConfig, frozen=True, tag="nixl", tag_field="backend"):
 class MoriConfig(PDConfig, frozen=True, tag="mori", tag_field="backend"):
     """P/D transfer over MoRI-IO RDMA."""
 
-    #: Queue pairs per transfer and RDMA batching knobs handed to ``RdmaBackendConfig``.
+    #: Queue pairs per transfer and RDMA batching knobs handed to ``RdmaBackendConfig``
+    #: (``post_batch_size`` -1: MoRI's default).
     qp_per_transfer: int = 1
     post_batch_size: int = -1
     num_worker_threads: int = 1
+    #: How MoRI's completion-queue threads wait: ``polling`` (lowest latency) or ``event``.
+    poll_cq_mode: Literal["polling", "event"] = "polling"
+    #: Host the MoRI-IO engine and its notification socket bind and advertise (default: the
+    #: side channel's advertised host).
+    mori_host: str | None = None
+    #: MoRI-IO engine port of TP rank 0 (rank r uses ``mori_port + r``); 0 picks a free port.
+    mori_port: int = 0
 
 
 class CpuOffloadConfig(_Base, frozen=True, tag="cpu_offload", tag_field="backend"):
@@ -218,6 +226,14 @@ def _validate(cfg: KVConnectConfig) -> None:
                     raise ConfigError(f"{where}.{key} must be > 0, got {getattr(b, key)}")
             if not 0 <= b.side_channel_port < 65536:
                 raise ConfigError(f"{where}.side_channel_port {b.side_channel_port} is not a TCP port")
+        if isinstance(b, MoriConfig):
+            for key in ("qp_per_transfer", "num_worker_threads"):
+                if getattr(b, key) < 1 and not (key == "num_worker_threads" and getattr(b, key) == -1):
+                    raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(b, key)}")
+            if b.post_batch_size == 0 or b.post_batch_size < -1:
+                raise ConfigError(f"{where}.post_batch_size must be >= 1 or -1, got {b.post_batch_size}")
+            if not 0 <= b.mori_port < 65536:
+                raise ConfigError(f"{where}.mori_port {b.mori_port} is not a TCP port")
         if isinstance(b, CpuOffloadConfig):
             if b.cpu_bytes_to_use <= 0:
                 raise ConfigError(f"{where}.cpu_bytes_to_use must be > 0, got {b.cpu_bytes_to_use}")
