@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="P/D on this CPU with a tiny model, side by side with one instance")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_cmd_demo)
-    args = p.parse_args(argv)
+    # Flags after `bench NAME` / `demo` belong to that command, not to this parser.
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if getattr(args, "cmd", None) not in ("bench", "demo"):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = list(args.rest or []) + extra
     if args.version:
         from kvconnect import __version__
 
