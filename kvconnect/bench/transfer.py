@@ -62,7 +62,8 @@ def _config(args, port: int, merge: bool):
     from kvconnect.config import NixlConfig
 
     return NixlConfig(side_channel_port=port, merge_runs=merge, poll_interval_s=args.poll_interval,
-                      transfer_timeout_s=120, lease_timeout_s=600)
+                      transfer_timeout_s=120, lease_timeout_s=600,
+                      verify_checksums=getattr(args, "checksums", False))
 
 
 def _worker(args, role: str, port: int, merge: bool, nixl_agent, nixl_agent_config):
@@ -270,6 +271,7 @@ def run(args) -> dict[str, Any]:
     return {
         "benchmark": "transfer", "backend": "nixl", "iterations": args.iters, "layers": args.layers,
         "request_blocks": n, "batch": k, "block_bytes_per_layer": block_bytes, "bytes": nbytes,
+        "checksums": bool(getattr(args, "checksums", False)),
         "kvconnect_gbps": head["kvconnect_gbps"], "raw_nixl_gbps": head["raw_nixl_gbps"], "ratio": head["ratio"],
         "rows": rows,
     }
@@ -298,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--poll-interval", type=float, default=0.0005, help="poll_interval_s of the workers")
+    p.add_argument("--checksums", action="store_true",
+                   help="verify_checksums on (compare with a run without it for the integrity cost)")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.blocks, args.request_blocks, args.batch, args.iters = 4, 40, 8, 4, 9

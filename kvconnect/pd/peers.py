@@ -41,6 +41,8 @@ class LocalSide:
     port: int
     #: Side-channel base port (rank 0) of this engine.
     base_port: int
+    #: ``(tensor, layout)`` of every layer in model order (for ``verify_checksums``; may be empty).
+    layers: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

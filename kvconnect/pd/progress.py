@@ -17,6 +17,14 @@ Consumer (loads)
 Producer (leases)
     blocks of a finished request are held until every expected consumer rank said ``done``
     (pull) or was written (push), or until the lease expires; then ``finished_sending``.
+Integrity (``verify_checksums``)
+    the producer takes :func:`kvconnect.integrity.token_head_sums` of a request's blocks when it
+    leases them and serves them on the side channel (``checksums``); the consumer asks every source
+    rank for them when the load starts (alongside the handshake and the read), and once the bytes
+    arrived computes its own and compares, before reporting the load. A mismatch fails the load.
+Aborts
+    a load whose request the engine aborted runs to its end (a READ in flight may still write into
+    the blocks); it is then reported in ``finished_sending`` so the engine frees the blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from kvconnect import integrity
 from kvconnect.api import TransferResults
 from kvconnect.config import PDConfig
 from kvconnect.errors import KVConnectError, LayoutError, WireError
@@ -57,6 +68,11 @@ class _Load:
     done_ranks: set[int] = field(default_factory=set)
     nbytes: int = 0
     ndescs: int = 0
+    #: verify_checksums: producer ranks whose checksums are still awaited, and those received
+    sums_wanted: set[int] = field(default_factory=set)
+    sums: dict[int, W.ChecksumReply] = field(default_factory=dict)
+    #: every byte arrived; only the checksums are awaited
+    arrived: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +102,13 @@ class ProgressLoop:
         self._lock = threading.Lock()
         self._results = TransferResults()
         self._stats: dict[str, float] = {}
+        #: producer (verify_checksums): encoded ChecksumReply per leased request, and of leases
+        #: that ended recently (a push consumer may ask after its blocks were written and freed)
+        self._sums: dict[str, bytes] = {}
+        self._old_sums: dict[str, bytes] = {}
+        #: consumer requests the engine aborted while loading (guarded by ``_lock``): their load
+        #: is reported in ``finished_sending`` when it ends, never in ``finished_recving``
+        self._aborting: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Rounds run so far (the loop sleeps between rounds; tests check it does not spin).
@@ -94,6 +117,19 @@ class ProgressLoop:
     # -- other threads ----------------------------------------------------------------------
     def post(self, item: tuple) -> None:
         self._inbox.put(item)
+
+    def abort_loads(self, request_ids: tuple[str, ...]) -> None:
+        """Engine thread, at bind time (before this step's results are taken): a load that ended
+        but was not yet reported is turned into ``finished_sending`` at once; the others are
+        noted, and the progress thread reports them when their transfer ended."""
+        with self._lock:
+            for rid in request_ids:
+                if rid in self._results.finished_recving:
+                    self._results.finished_recving.discard(rid)
+                    self._results.failed_recving.discard(rid)
+                    self._results.finished_sending.add(rid)
+                else:
+                    self._aborting.add(rid)
 
     def take_results(self) -> TransferResults:
         with self._lock:
@@ -143,7 +179,7 @@ class ProgressLoop:
         now = time.monotonic()
         for sender, msg in self._t.notifications():
             self._on_notice(sender, msg, now)
-        for rid in [r for r, ld in self._loads.items() if ld.handles]:
+        for rid in [r for r, ld in self._loads.items() if ld.handles and not ld.arrived]:
             self._poll_load(rid, now)
         for rid in [r for r, ls in self._leases.items() if ls.writes]:
             self._poll_writes(rid)
@@ -164,12 +200,16 @@ class ProgressLoop:
                 self._on_load(load)
             for rel in meta.releases:
                 self._on_release(rel)
+            for rid in meta.aborts:
+                self._on_abort(rid)
         elif kind == "peer":
             self._peers.on_metadata(item[1], item[2], item[3])
         elif kind == "write":
             self._on_write_request(item[1])
         elif kind == "write_sent":
             self._on_write_sent(item[1], item[2], item[3], item[4])
+        elif kind == "sums":
+            self._on_sums(item[1], item[2], item[3], item[4])
 
     def _fetch(self, key: PeerKey, host: str, port: int) -> None:
         self._control.fetch_metadata(host, port, lambda md, err: self.post(("peer", key, md, err)))
@@ -210,6 +250,10 @@ class ProgressLoop:
             self._fail_load(spec.request_id, f"producer TP {r.tp_size} cannot serve this rank: {e}")
             return
         ld.waiting = set(notify)
+        if self._cfg.verify_checksums:
+            ld.sums_wanted = set(sources)
+            for p in sources:
+                self._request_sums(ld, p)
         if spec.mode == "push":
             ld.awaiting = set(sources)
             body = W.WriteRequest(
@@ -276,7 +320,7 @@ class ProgressLoop:
             ld.ndescs += int(lidx.size)
         ld.started = time.monotonic()
         if not ld.handles:
-            self._succeed_load(rid)
+            self._arrived(rid)
         else:
             self._poll_load(rid, ld.started)  # small reads are often done already
 
@@ -293,11 +337,131 @@ class ProgressLoop:
                 self._peers.forget(peer.key)
                 return
         if len(ld.done_ranks) == len(ld.handles):
-            self._succeed_load(rid)
+            self._arrived(rid)
 
     def _maybe_finish_push(self, rid: str, ld: _Load) -> None:
         if not ld.waiting and not ld.awaiting:
-            self._succeed_load(rid)
+            self._arrived(rid)
+
+    def _arrived(self, rid: str) -> None:
+        """Every byte of the load is in place: verify it (when asked to), then report it."""
+        ld = self._loads[rid]
+        ld.arrived = True
+        if ld.sums_wanted:
+            return  # _on_sums finishes it
+        if self._cfg.verify_checksums:
+            bad = self._verify(ld)
+            if bad is not None:
+                self._stat("checksum_failures")
+                self._fail_load(rid, bad)
+                return
+            self._stat("checksums_verified")
+        self._succeed_load(rid)
+
+    # -- integrity ------------------------------------------------------------------------------
+    def _request_sums(self, ld: _Load, rank: int) -> None:
+        r = ld.spec.remote
+        body = encode(W.ChecksumRequest(request_id=ld.spec.remote_request_id))
+        self._control.request(r.host, r.port + rank, "checksums", body,
+                              lambda res, err: self.post(("sums", ld, rank, res, err)))
+
+    def _on_sums(self, ld: _Load, rank: int, body: bytes | None, err: KVConnectError | None) -> None:
+        rid = ld.spec.request_id
+        if self._loads.get(rid) is not ld:
+            return
+        if err is not None:
+            if _NOT_READY in str(err):  # the producer has not bound the lease yet: ask again
+                self._timer(time.monotonic() + _SUMS_RETRY_S, "sums", rid, (ld, rank))
+                return
+            self._fail_load(rid, f"cannot get the KV checksums from producer rank {rank}: {err}")
+            return
+        try:
+            ld.sums[rank] = W.decode_checksum_reply(body or b"")
+        except WireError as e:
+            self._fail_load(rid, f"producer rank {rank}: {e}")
+            return
+        ld.sums_wanted.discard(rank)
+        if ld.arrived and not ld.sums_wanted:
+            self._arrived(rid)
+
+    def _verify(self, ld: _Load) -> str | None:
+        """None when what arrived matches every source rank's checksums, else what differs."""
+        spec, me = ld.spec, self._me
+        ts, te = spec.token_start, spec.token_end
+        groups = sorted({lay.group for _, lay in me.layers})
+        bad_blocks: set[int] = set()
+        try:
+            for g in groups:
+                layers = [(t, lay) for t, lay in me.layers if lay.group == g]
+                bs = me.block_sizes[g]
+                local_ids = spec.local_block_ids[g]
+                mine = integrity.token_head_sums(layers, local_ids, bs, ts, te)
+                tok = np.arange(ts, te)
+                keep = np.ones(te - ts, bool)
+                if len(spec.local_block_ids) > 1:  # null blocks (id 0) are not transferred; the
+                    keep &= np.asarray(local_ids)[tok // bs] != 0  # producer marks its own
+                for p, reply in ld.sums.items():
+                    if g >= len(reply.tables):
+                        return f"producer rank {p} sent checksums for {len(reply.tables)} KV-cache groups"
+                    theirs = np.frombuffer(reply.tables[g], dtype="<i8").reshape(-1, reply.heads)
+                    if len(theirs) < te:
+                        return f"producer rank {p} has checksums for {len(theirs)} tokens, the load needs {te}"
+                    theirs = theirs[ts:te]
+                    pairs = P.consumer_head_pairs(me.num_heads, me.tp_size, me.tp_rank, spec.remote.tp_size, p, me.mla)
+                    for mine_h, peer_h, n in pairs:
+                        if mine_h + n > mine.shape[1] or peer_h + n > theirs.shape[1]:
+                            return f"producer rank {p}: checksum tables do not cover the heads read"
+                        diff = (mine[:, mine_h:mine_h + n] != theirs[:, peer_h:peer_h + n]).any(axis=1) & keep
+                        if len(spec.local_block_ids) > 1:
+                            diff &= theirs[:, peer_h] != _NULL_SUM
+                        for t in np.flatnonzero(diff):
+                            bad_blocks.add(int(local_ids[(ts + int(t)) // bs]))
+        except (IndexError, LayoutError, RuntimeError, ValueError) as e:
+            return f"checksums could not be computed: {e}"
+        if bad_blocks:
+            logger.error("request %s: KV checksum mismatch in block(s) %s (from %s request %s)",
+                         spec.request_id, sorted(bad_blocks), spec.remote.engine_id, spec.remote_request_id)
+            return f"KV checksum mismatch in block(s) {sorted(bad_blocks)}"
+        return None
+
+    def _take_sums(self, spec: W.LeaseSpec) -> None:
+        """Producer: checksums of a leased request's blocks, served until the lease ends."""
+        me = self._me
+        tables = []
+        try:
+            for g, ids in enumerate(spec.block_ids):
+                layers = [(t, lay) for t, lay in me.layers if lay.group == g]
+                bs = me.block_sizes[g] if g < len(me.block_sizes) else me.block_sizes[0]
+                tab = integrity.token_head_sums(layers, ids, bs, 0, len(ids) * bs)
+                if len(spec.block_ids) > 1:  # mark tokens of null blocks: consumers skip them
+                    null = np.repeat(np.asarray(ids) == 0, bs)
+                    tab[null] = _NULL_SUM
+                tables.append(np.ascontiguousarray(tab, dtype="<i8").tobytes())
+            heads = max(1, max((lay.num_heads if not lay.is_mla else 1) for _, lay in me.layers))
+        except (IndexError, RuntimeError, ValueError) as e:
+            logger.warning("request %s: cannot take KV checksums: %s", spec.request_id, e)
+            return
+        data = encode(W.ChecksumReply(heads=heads, tables=tuple(tables)))
+        with self._lock:
+            self._sums[spec.request_id] = data
+
+    def _drop_sums(self, rid: str) -> None:
+        if self._sums:
+            with self._lock:
+                data = self._sums.pop(rid, None)
+                if data is not None:
+                    self._old_sums[rid] = data
+            if data is not None:
+                keep = self._cfg.handshake_timeout_s + self._cfg.transfer_timeout_s
+                self._timer(time.monotonic() + keep, "old_sums", rid, data)
+
+    def checksums_of(self, request_id: str) -> bytes:
+        """The encoded checksums of a leased request (side-channel listener thread)."""
+        with self._lock:
+            data = self._sums.get(request_id) or self._old_sums.get(request_id)
+        if data is None:
+            raise WireError(f"request {request_id}: {_NOT_READY} (or its lease ended)")
+        return data
 
     def _succeed_load(self, rid: str) -> None:
         ld = self._loads.pop(rid)
@@ -305,7 +469,11 @@ class ProgressLoop:
             self._release(h)
             self._notify(peer, self._mine(W.DONE, ld.spec.remote_request_id))
         with self._lock:
-            self._results.finished_recving.add(rid)
+            if rid in self._aborting:
+                self._aborting.discard(rid)
+                self._results.finished_sending.add(rid)
+            else:
+                self._results.finished_recving.add(rid)
             s = self._stats
             s["loads_done"] = s.get("loads_done", 0) + 1
             s["bytes_received"] = s.get("bytes_received", 0) + ld.nbytes
@@ -329,10 +497,23 @@ class ProgressLoop:
         if len(spec.local_block_ids) > 1:
             invalid.discard(0)
         with self._lock:
-            self._results.finished_recving.add(rid)
-            self._results.failed_recving.add(rid)
-            self._results.invalid_block_ids |= invalid
+            if rid in self._aborting:  # nobody will use these blocks: let the engine free them
+                self._aborting.discard(rid)
+                self._results.finished_sending.add(rid)
+            else:
+                self._results.finished_recving.add(rid)
+                self._results.failed_recving.add(rid)
+                self._results.invalid_block_ids |= invalid
             self._stats["loads_failed"] = self._stats.get("loads_failed", 0) + 1
+
+    def _on_abort(self, rid: str) -> None:
+        """The abort of a consumer request reached the progress thread (after its load did)."""
+        if rid in self._loads:
+            return  # reported in finished_sending once the transfer ended
+        with self._lock:  # no load in flight here: free at once (unless done at bind time)
+            if rid in self._aborting:
+                self._aborting.discard(rid)
+                self._results.finished_sending.add(rid)
 
     def _on_release(self, rel: W.ReleaseSpec) -> None:
         me, r = self._me, rel.remote
@@ -353,6 +534,8 @@ class ProgressLoop:
         ls = _Lease(spec, now + self._cfg.lease_timeout_s)
         self._leases[spec.request_id] = ls
         self._timer(ls.deadline, "lease", spec.request_id, ls)
+        if self._cfg.verify_checksums and self._me.layers:
+            self._take_sums(spec)
         for notice, _ in self._early.pop(spec.request_id, []):
             self._lease_notice(ls, notice)
         for wr, _ in self._pending_writes.pop(spec.request_id, []):
@@ -374,6 +557,7 @@ class ProgressLoop:
         if ls is None or ls.expected is None or ls.writes or not ls.expected <= ls.got:
             return
         del self._leases[rid]
+        self._drop_sums(rid)
         with self._lock:
             self._results.finished_sending.add(rid)
             self._stats["leases_done"] = self._stats.get("leases_done", 0) + 1
@@ -471,10 +655,19 @@ class ProgressLoop:
             ls = self._leases.pop(rid)
             for h, *_ in ls.writes:
                 self._release(h)
+            self._drop_sums(rid)
             logger.warning("request %s: lease expired, freeing its blocks unread", rid)
             with self._lock:
                 self._results.finished_sending.add(rid)
                 self._stats["leases_expired"] = self._stats.get("leases_expired", 0) + 1
+        elif kind == "sums":
+            ld, rank = obj  # type: ignore[misc]
+            if self._loads.get(rid) is ld:
+                self._request_sums(ld, rank)
+        elif kind == "old_sums":
+            with self._lock:
+                if self._old_sums.get(rid) is obj:
+                    del self._old_sums[rid]
         elif kind == "early":
             kept = [(n, t) for n, t in self._early.get(rid, []) if t + self._cfg.lease_timeout_s > now]
             if kept:
@@ -494,6 +687,13 @@ class ProgressLoop:
                     (wr.consumer_engine_id, wr.consumer_rank), wr.consumer_host, wr.consumer_port,
                     lambda peer, err: peer and self._notify(peer, self._mine(W.FAILED, wr.consumer_request_id)),
                 )
+
+
+#: How a producer refuses checksums it does not hold (yet); consumers ask again after a pause.
+_NOT_READY = "no KV checksums leased yet"
+_SUMS_RETRY_S = 0.005
+#: Checksum-table entry of a token in a null block (hybrid models): never compared.
+_NULL_SUM = np.int64(-0x5A5A5A5A5A5A5A5B)
 
 
 def decode_write_request(body: bytes) -> W.WriteRequest:

@@ -11,7 +11,9 @@ Consumer (decode instance): a request arrives with the producer's params
 asynchronous external load; once the engine allocated blocks, the load is handed to the workers.
 Malformed params are logged with the offending field and the request is computed locally.
 A consumer request that never loads (aborted early, or fully cached here) still tells the
-producer to free its blocks.
+producer to free its blocks. A consumer request aborted while its load is in flight keeps its
+blocks (``delay_free``) until every worker reports the transfer ended (in ``finished_sending``):
+a READ still in flight must never write into blocks the engine gave to another request.
 
 Every call is O(1) per request (plus copying the request's own block ids once).
 """
@@ -73,8 +75,11 @@ class PDScheduler(SchedulerConnector):
         self._loads: list[W.LoadSpec] = []
         self._leases: list[W.LeaseSpec] = []
         self._releases: list[W.ReleaseSpec] = []
+        self._aborts: list[str] = []
         self._leased: set[str] = set()
         self._loading: set[str] = set()
+        #: consumer requests finished while loading: blocks held until the workers say so
+        self._aborted: set[str] = set()
 
     # -- consumer ---------------------------------------------------------------------------------
     def _consumer_params(self, request: RequestView) -> KVTransferParams | None:
@@ -157,10 +162,11 @@ class PDScheduler(SchedulerConnector):
 
     # -- both ------------------------------------------------------------------------------------
     def build_step_metadata(self, step: StepView) -> W.PDStepMetadata:
-        if not (self._loads or self._leases or self._releases):
+        if not (self._loads or self._leases or self._releases or self._aborts):
             return _EMPTY
-        meta = W.PDStepMetadata(loads=tuple(self._loads), leases=tuple(self._leases), releases=tuple(self._releases))
-        self._loads, self._leases, self._releases = [], [], []
+        meta = W.PDStepMetadata(loads=tuple(self._loads), leases=tuple(self._leases),
+                                releases=tuple(self._releases), aborts=tuple(self._aborts))
+        self._loads, self._leases, self._releases, self._aborts = [], [], [], []
         return meta
 
     def request_finished(self, request: RequestView, block_ids: BlockIds) -> tuple[bool, dict[str, Any] | None]:
@@ -178,6 +184,8 @@ class PDScheduler(SchedulerConnector):
                     W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=_remote(p))
                 )
             self._handed.discard(rid)
+            if rid in self._loading:
+                return self._abort_load(rid), None
             return False, None
         self._handed.discard(rid)
         if not params.get("do_remote_decode"):
@@ -201,14 +209,33 @@ class PDScheduler(SchedulerConnector):
             "kvconnect_mode": self._mode,
         }
 
+    def _abort_load(self, rid: str) -> bool:
+        """The engine finished a consumer request whose load was handed off: hold its blocks
+        until the workers report the load ended, unless the load never left this scheduler."""
+        for i, spec in enumerate(self._loads):
+            if spec.request_id == rid:  # not yet sent to the workers: nothing is in flight
+                del self._loads[i]
+                self._loading.discard(rid)
+                self._releases.append(W.ReleaseSpec(request_id=rid, remote_request_id=spec.remote_request_id,
+                                                    remote=spec.remote))
+                return False
+        self._aborted.add(rid)
+        self._aborts.append(rid)
+        return True
+
     def update_worker_output(self, results: TransferResults) -> None:
         if results.finished_sending:
             self._leased -= results.finished_sending
+            if self._aborted:
+                ended = self._aborted & results.finished_sending
+                self._aborted -= ended
+                self._loading -= ended
         if results.finished_recving or results.failed_recving:
             self._loading -= results.finished_recving | results.failed_recving
 
     def has_pending_work(self) -> bool:
-        return bool(self._leased or self._loading or self._loads or self._leases or self._releases)
+        return bool(self._leased or self._loading or self._loads or self._leases or self._releases
+                    or self._aborts)
 
     def get_stats(self) -> dict[str, Any]:
         return {"leased": len(self._leased), "loading": len(self._loading)}

@@ -56,9 +56,13 @@ class PDStepMetadata(msgspec.Struct, frozen=True, kw_only=True):
     loads: tuple[LoadSpec, ...] = ()
     leases: tuple[LeaseSpec, ...] = ()
     releases: tuple[ReleaseSpec, ...] = ()
+    #: Consumer: requests the engine finished (aborted) while their load was in flight. Their
+    #: blocks stay allocated (``delay_free``) until the transfer has ended; the worker then
+    #: reports them in ``finished_sending`` (and never in ``finished_recving``).
+    aborts: tuple[str, ...] = ()
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.leases or self.releases)
+        return not (self.loads or self.leases or self.releases or self.aborts)
 
 
 # -- worker to worker ---------------------------------------------------------------------------
@@ -112,3 +116,25 @@ class WriteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     block_ids: Groups
     token_start: int
     token_end: int
+
+
+# -- integrity (verify_checksums) -----------------------------------------------------------------
+class ChecksumRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Consumer -> producer over the side channel: the checksums of ``request_id``'s KV."""
+
+    request_id: str
+
+
+class ChecksumReply(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per KV-cache group, the producer's :func:`kvconnect.integrity.token_head_sums` table of its
+    leased blocks (every token they hold), as little-endian int64 ``[tokens, heads]`` bytes."""
+
+    heads: int
+    tables: tuple[bytes, ...]
+
+
+def decode_checksum_reply(data: bytes) -> ChecksumReply:
+    r = decode(data, ChecksumReply, what="checksum reply")
+    if r.heads <= 0 or any(len(t) % (8 * r.heads) for t in r.tables):
+        raise WireError(f"checksum reply: tables do not hold int64 [tokens, {r.heads}] rows")
+    return r

@@ -21,7 +21,7 @@ from kvconnect.config import PDConfig
 from kvconnect.errors import LayoutError
 from kvconnect.handshake import SideChannelServer
 from kvconnect.layout import KVLayout
-from kvconnect.metadata import HandshakeMetadata, LayerRegion, compat_hash, encode
+from kvconnect.metadata import HandshakeMetadata, LayerRegion, compat_hash, decode, encode
 from kvconnect.pd import plan as P
 from kvconnect.pd import wire as W
 from kvconnect.pd.control import ControlThread
@@ -67,6 +67,12 @@ class PDWorker(WorkerConnector):
         self._base_port = base_port(config, engine)
         self._port = self._base_port + engine.tp_rank
         self._md_bytes = b""
+        if config.handshake_timeout_s + config.transfer_timeout_s >= config.lease_timeout_s:
+            logger.warning(
+                "lease_timeout_s (%g) is not above handshake_timeout_s + transfer_timeout_s (%g): a "
+                "producer may free blocks a consumer is still reading%s", config.lease_timeout_s,
+                config.handshake_timeout_s + config.transfer_timeout_s,
+                "" if config.verify_checksums else " (verify_checksums would catch it)")
 
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
         if self._loop is not None:
@@ -110,13 +116,15 @@ class PDWorker(WorkerConnector):
             engine_id=e.engine_id, tp_size=e.tp_size, tp_rank=e.tp_rank, num_heads=num_heads, mla=mla,
             block_sizes=tuple(e.block_sizes), placed=placed, compat_hash=chash,
             host=self._host, port=self._port, base_port=self._base_port,
+            layers=[(t, lay) for t, lay in caches.values()],
         )
         self._control = ControlThread(self._cfg.secret, self._cfg.handshake_timeout_s)
         self._loop = ProgressLoop(transport, local, self._cfg, self._control)
         self._loop.start()
         self._server = SideChannelServer(
             self._cfg.side_channel_host, self._port,
-            {"metadata": self._serve_metadata, "write": self._serve_write}, secret=self._cfg.secret,
+            {"metadata": self._serve_metadata, "write": self._serve_write, "checksums": self._serve_checksums},
+            secret=self._cfg.secret,
         )
         logger.info("kvconnect P/D worker %s rank %d/%d: %d layers, %d regions, side channel %s:%d",
                     e.engine_id, e.tp_rank, e.tp_size, len(placed), len(regions), self._host, self._port)
@@ -131,6 +139,16 @@ class PDWorker(WorkerConnector):
         self._loop.post(("write", wr))
         return b"ok"
 
+    def _serve_checksums(self, body: bytes) -> bytes:
+        req = decode(body, W.ChecksumRequest, what="checksum request")
+        assert self._loop is not None
+        return self._loop.checksums_of(req.request_id)  # WireError -> a clear refusal
+
+    @property
+    def side_channel_stats(self) -> dict[str, int]:
+        """The listener's counters (``requests``, ``rejected_auth``, ``rejected_garbage``, ...)."""
+        return dict(self._server.stats) if self._server is not None else {}
+
     # -- engine thread ------------------------------------------------------------------------------
     def bind_step_metadata(self, metadata: Any) -> None:
         if metadata is None:
@@ -141,6 +159,8 @@ class PDWorker(WorkerConnector):
             return
         if self._loop is None:
             raise RuntimeError("step metadata arrived before register_kv_caches")
+        if metadata.aborts:
+            self._loop.abort_loads(metadata.aborts)
         self._loop.post(("meta", metadata))
 
     def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:

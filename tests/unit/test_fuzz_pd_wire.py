@@ -1,0 +1,192 @@
+"""Fuzzing (hypothesis) of everything the P/D core decodes from outside: notifications, push
+write requests, checksum messages, handshake metadata, side-channel frames sent to a worker's real
+listener, and router transfer params through the P/D scheduler. Only the documented errors come
+out (WireError / HandshakeError / ConfigError), never another exception, and nothing hangs."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvconnect.api import EngineInfo, RequestView, StepView
+from kvconnect.config import NixlConfig
+from kvconnect.errors import ConfigError, HandshakeError, WireError
+from kvconnect.handshake import Request, SideChannelClient, Signed, zmq_endpoint
+from kvconnect.metadata import HandshakeMetadata, decode, encode
+from kvconnect.pd import wire as W
+from kvconnect.pd.progress import decode_write_request
+from kvconnect.pd.scheduler import PDScheduler
+from tests.fakes import fake_nixl
+from tests.unit.pd_harness import Engine, decode_start, prefill, run_until
+
+pytestmark = pytest.mark.unit
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=20), st.binary(max_size=20))
+values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=5),
+                                                   st.dictionaries(st.text(max_size=10), c, max_size=5)),
+                      max_leaves=20)
+_mp_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
+                        st.text(max_size=20), st.binary(max_size=20))
+#: msgpack-encodable values
+mp_values = st.recursive(_mp_scalars, lambda c: st.one_of(st.lists(c, max_size=5),
+                                                          st.dictionaries(st.text(max_size=10), c, max_size=5)),
+                         max_leaves=20)
+
+
+def _valid_notice_bytes() -> st.SearchStrategy[bytes]:
+    return st.builds(lambda k, r, t, n: W.encode_notice(W.Notice(k, r, t, n)),
+                     st.sampled_from(sorted(W.NOTICE_KINDS) + ["x"]), st.text(max_size=8),
+                     st.integers(-3, 9), st.integers(-3, 9))
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=200), _valid_notice_bytes(),
+                 st.builds(lambda v: b"kvc1" + msgspec.msgpack.encode(v), mp_values)))
+def test_notices_only_raise_wire_error(data):
+    try:
+        n = W.decode_notice(data)
+    except WireError:
+        return
+    assert n.kind in W.NOTICE_KINDS and 0 <= n.rank < n.tp_size
+
+
+def _mutations(valid: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.integers(0, len(valid)).map(lambda i: valid[:i]),  # truncated
+        st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)).map(
+            lambda t: valid[: t[0]] + bytes([t[1]]) + valid[t[0] + 1:]),  # one byte changed
+        st.binary(max_size=300),
+        mp_values.map(msgspec.msgpack.encode),
+    )
+
+
+_WRITE = encode(W.WriteRequest(producer_request_id="p", consumer_request_id="d", consumer_engine_id="e",
+                               consumer_host="127.0.0.1", consumer_port=5600, consumer_tp_size=2,
+                               consumer_rank=1, block_ids=((1, 2), ), token_start=0, token_end=32))
+_SUMS = encode(W.ChecksumReply(heads=2, tables=(b"\x01" * 32,)))
+
+
+@FAST
+@given(_mutations(_WRITE))
+def test_write_requests_only_raise_wire_error(data):
+    try:
+        decode_write_request(data)
+    except WireError:
+        pass
+
+
+@FAST
+@given(_mutations(_SUMS))
+def test_checksum_replies_only_raise_wire_error(data):
+    try:
+        r = W.decode_checksum_reply(data)
+    except WireError:
+        return
+    assert all(len(t) % (8 * r.heads) == 0 for t in r.tables)
+
+
+@FAST
+@given(mp_values)
+def test_handshake_metadata_from_any_msgpack_only_raises_wire_error(v):
+    try:
+        decode(msgspec.msgpack.encode(v), HandshakeMetadata, what="handshake metadata")
+    except WireError:
+        pass
+
+
+# -- router transfer params through the P/D scheduler ---------------------------------------------
+_ENGINE = EngineInfo(engine_id="d", block_sizes=(16,))
+_KEYS = ["do_remote_prefill", "do_remote_decode", "remote_engine_id", "remote_block_ids", "remote_host",
+         "remote_port", "remote_request_id", "tp_size", "remote_block_size", "kvconnect_mode"]
+_GOOD = {"do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": [1, 2, 3],
+         "remote_host": "127.0.0.1", "remote_port": 5600, "remote_request_id": "p1", "tp_size": 1}
+params = st.one_of(
+    st.dictionaries(st.sampled_from(_KEYS + ["other"]), values, max_size=8),
+    st.builds(lambda k, v: {**_GOOD, k: v}, st.sampled_from(_KEYS), values),
+    values,
+)
+
+
+@FAST
+@given(params, st.integers(0, 50), st.sampled_from(["length", "stop", "abort", None]))
+def test_p_d_scheduler_never_raises_on_router_params(p, prompt_len, reason):
+    s = PDScheduler(NixlConfig(), _ENGINE)
+    req = RequestView("r", list(range(prompt_len)), transfer_params=p if isinstance(p, dict) else None)
+    n, _ = s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, [[5, 6, 7, 8]], n or 0)
+    meta = s.build_step_metadata(StepView())
+    assert isinstance(meta, W.PDStepMetadata)
+    for spec in meta.loads:  # what reaches the workers is well formed
+        assert spec.token_end <= len(spec.remote_block_ids[0]) * 16 and spec.remote.tp_size > 0
+    req.finish_reason = reason
+    s.request_finished(req, [[5, 6, 7, 8]])
+    s.build_step_metadata(StepView())
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(list(NixlConfig.__struct_fields__) + ["backend", "nope"]), values,
+                       max_size=6))
+def test_p_d_config_dicts_only_raise_config_error(raw):
+    from kvconnect.config import parse_config
+    try:
+        parse_config({"backend": "nixl", **{k: v for k, v in raw.items() if k != "backend"}})
+    except ConfigError:
+        pass
+
+
+# -- a worker's real listener ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def worker_pair():
+    P = Engine("fuzz-prefill", options={"verify_checksums": True})
+    D = Engine("fuzz-decode", options={"verify_checksums": True})
+    yield P, D
+    P.shutdown()
+    D.shutdown()
+    fake_nixl.registry.reset()
+
+
+frames = st.one_of(
+    st.binary(max_size=300),
+    mp_values.map(msgspec.msgpack.encode),
+    st.builds(lambda k, b: encode(Signed(encode(Request(k, b"n" * 12, b)))),
+              st.sampled_from(["metadata", "write", "checksums", "x"]),
+              st.one_of(st.binary(max_size=100), _mutations(_WRITE), mp_values.map(msgspec.msgpack.encode))),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(frames, min_size=1, max_size=5))
+def test_worker_listener_survives_any_frames_and_keeps_serving(worker_pair, batch):
+    P, _ = worker_pair
+    port = P.workers[0].port
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(zmq_endpoint("127.0.0.1", port))
+    for f in batch:
+        raw.send(f)
+    raw.close()
+    c = SideChannelClient()
+    try:  # still answers, within its deadline
+        assert c.request("127.0.0.1", port, "metadata", timeout_s=5) == P.workers[0]._md_bytes
+        with pytest.raises(HandshakeError):
+            c.request("127.0.0.1", port, "checksums", encode(W.ChecksumRequest(request_id="none")), timeout_s=5)
+    finally:
+        c.close()
+
+
+def test_after_the_fuzzing_the_worker_pair_still_moves_kv(worker_pair):
+    P, D = worker_pair
+    P.fill(3)
+    t0 = time.monotonic()
+    _, p = prefill(P, "p-after", 40, [[1, 2, 3]])
+    decode_start(D, "d-after", 40, p, [[4, 5, 6]])
+    assert run_until([P, D], lambda: "d-after" in D.recving and "p-after" in P.sending, 5.0)
+    assert "d-after" not in D.failed
+    assert time.monotonic() - t0 < 5.0
