@@ -131,10 +131,16 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
         if missing:
             raise WireError(f"kv_transfer_params: do_remote_prefill needs {', '.join(missing)}")
         ids = p.remote_block_ids or []
-        nested = [isinstance(g, list) for g in ids]
-        if any(nested) and not all(nested):
-            raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists")
-        if any(i < 0 for g in ids for i in (g if isinstance(g, list) else [g])):
+        # min() runs in C and raises TypeError when ints and lists are mixed: no per-id Python loop
+        # on the engine's hot path.
+        try:
+            if ids and isinstance(ids[0], list):
+                low = min((min(g) for g in ids if g != []), default=0)
+            else:
+                low = min(ids, default=0)
+        except TypeError:
+            raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists") from None
+        if low < 0:
             raise WireError("kv_transfer_params: remote_block_ids has a negative block id")
         if p.remote_port is not None and not 0 < p.remote_port < 65536:
             raise WireError(f"kv_transfer_params: remote_port {p.remote_port} is not a TCP port")

@@ -68,8 +68,9 @@ class PDScheduler(SchedulerConnector):
         self._host = advertised_host(config)
         self._port = base_port(config, engine)
         self._num_groups = max(1, len(engine.layer_groups) or len(engine.block_sizes))
-        #: consumer requests: parsed params (None when rejected), until the load is handed off
-        self._params: dict[str, KVTransferParams | None] = {}
+        #: consumer requests: parsed params and remote block ids per group (None when rejected),
+        #: until the load is handed off; parsed once however often the engine asks
+        self._params: dict[str, tuple[KVTransferParams, tuple[tuple[int, ...], ...]] | None] = {}
         self._computed: dict[str, int] = {}
         self._handed: set[str] = set()
         self._loads: list[W.LoadSpec] = []
@@ -82,28 +83,29 @@ class PDScheduler(SchedulerConnector):
         self._aborted: set[str] = set()
 
     # -- consumer ---------------------------------------------------------------------------------
-    def _consumer_params(self, request: RequestView) -> KVTransferParams | None:
+    def _consumer_params(self, request: RequestView) -> tuple[KVTransferParams, tuple[tuple[int, ...], ...]] | None:
         rid = request.request_id
         if rid in self._params:
             return self._params[rid]
         try:
             p = parse_transfer_params(request.transfer_params)
             assert p is not None
-            self._check(p, request)
+            parsed = (p, self._check(p, request))
         except WireError as e:
             logger.warning("request %s: ignoring its kv_transfer_params (%s); its prompt is computed here", rid, e)
-            p = None
-        self._params[rid] = p
-        return p
+            parsed = None
+        self._params[rid] = parsed
+        return parsed
 
-    def _check(self, p: KVTransferParams, request: RequestView) -> None:
+    def _check(self, p: KVTransferParams, request: RequestView) -> tuple[tuple[int, ...], ...]:
+        """Validate the params against this model; returns the remote block ids per group."""
         if not p.remote_request_id:
             raise WireError("kv_transfer_params: do_remote_prefill needs remote_request_id")
         if p.tp_size is not None and p.tp_size <= 0:
             raise WireError(f"kv_transfer_params: tp_size {p.tp_size} must be positive")
         if p.kvconnect_mode not in (None, "pull", "push", "read", "write"):
             raise WireError(f"kv_transfer_params: kvconnect_mode {p.kvconnect_mode!r} is not pull or push")
-        groups = block_groups(p.remote_block_ids)
+        groups = tuple(map(tuple, block_groups(p.remote_block_ids)))
         if len(groups) != self._num_groups:
             raise WireError(
                 f"kv_transfer_params: remote_block_ids has {len(groups)} KV-cache group(s), "
@@ -115,6 +117,7 @@ class PDScheduler(SchedulerConnector):
                 f"kv_transfer_params: remote_block_ids cover {len(groups[0])} blocks of {bs} tokens, "
                 f"the prompt has {request.num_prompt_tokens} tokens"
             )
+        return groups
 
     def get_num_new_matched_tokens(self, request: RequestView, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.transfer_params
@@ -135,12 +138,13 @@ class PDScheduler(SchedulerConnector):
         rid = request.request_id
         if not params or not params.get("do_remote_prefill") or rid in self._handed:
             return
-        p = self._consumer_params(request)
+        parsed = self._consumer_params(request)
         self._handed.add(rid)
         start = self._computed.pop(rid, 0)
         self._params.pop(rid, None)
-        if p is None:
+        if parsed is None:
             return
+        p, remote_groups = parsed
         remote = _remote(p)
         if num_external_tokens <= 0:
             self._releases.append(W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=remote))
@@ -152,7 +156,7 @@ class PDScheduler(SchedulerConnector):
                 remote_request_id=p.remote_request_id,  # type: ignore[arg-type]
                 remote=remote,
                 local_block_ids=tuple(tuple(g) for g in block_ids),
-                remote_block_ids=tuple(tuple(g) for g in block_groups(p.remote_block_ids)),
+                remote_block_ids=remote_groups,
                 token_start=start,
                 token_end=start + num_external_tokens,
                 mode="pull" if mode in ("pull", "read") else "push",
@@ -176,9 +180,10 @@ class PDScheduler(SchedulerConnector):
         if not params:
             return False, None
         if params.get("do_remote_prefill"):
-            p = self._consumer_params(request) if rid not in self._handed else None
+            parsed = self._consumer_params(request) if rid not in self._handed else None
             self._params.pop(rid, None)
-            if rid not in self._handed and p is not None:
+            if rid not in self._handed and parsed is not None:
+                p = parsed[0]
                 # Never allocated (aborted while waiting): the producer must still free.
                 self._releases.append(
                     W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=_remote(p))
