@@ -14,6 +14,12 @@ Everything is computed from strides, so NHD, HND, K/V-first or block-first layou
 padding all work. A *row* is one ``(kv, head, token)`` feature vector; rows are enumerated in the
 canonical order kv, head, token so that two layouts of the same model can be paired row for row
 even when their memory orders differ.
+
+A *feature-major* layout (``token`` has stride 1 and ``feature`` does not) stores each
+``(kv, head)`` plane transposed, ``[feature, token]``: vLLM's CPU attention keeps its K cache that
+way. Its contiguous pieces are then *runs*: one per ``(kv, head, feature)`` over the requested
+token range. :func:`pair_rows` and :meth:`KVLayout.block_ranges` work on runs, so a token range of
+a feature-major plane (block-size conversion) is correct too.
 """
 
 from __future__ import annotations
@@ -68,8 +74,13 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             raise LayoutError(f"'kv' dimension must have size 2, got shape {self.shape}")
         if self.itemsize <= 0 or any(s <= 0 for s in self.shape):
             raise LayoutError(f"empty or invalid layout: shape {self.shape}, itemsize {self.itemsize}")
-        if self.strides[self.dims.index("feature")] != 1:
-            raise LayoutError("the 'feature' dimension must be contiguous (stride 1)")
+        if self.strides[self.dims.index("feature")] != 1 and (
+            self.strides[self.dims.index("token")] != 1 or self.size("feature") == 1
+        ):
+            raise LayoutError(
+                "the 'feature' dimension must be contiguous (stride 1), or the 'token' dimension "
+                "for a feature-major ([feature, token]) plane"
+            )
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -113,6 +124,19 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
         return self.size("feature") * self.itemsize
 
     @property
+    def feature_major(self) -> bool:
+        """Each (kv, head) plane is stored ``[feature, token]`` (token contiguous)."""
+        return self.strides[self.dims.index("feature")] != 1
+
+    def run_bytes(self, tokens: tuple[int, int] | None = None) -> int:
+        """Bytes of one contiguous piece of :meth:`row_offsets`: a row, or for a feature-major
+        layout one feature's run over ``tokens``."""
+        if not self.feature_major:
+            return self.row_bytes
+        t0, t1 = _check_range("token", tokens, self.block_size)
+        return (t1 - t0) * self.itemsize
+
+    @property
     def block_bytes(self) -> int:
         """Payload bytes of one block (all rows), whatever the padding between them."""
         return self.size("kv") * self.num_heads * self.block_size * self.row_bytes
@@ -125,7 +149,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     def signature(self) -> tuple:
         """What two compatible peers must agree on (per layer), independent of block count,
         block size, TP split and memory order."""
-        return ("mla" if self.is_mla else "mha", "kv" in self.dims, self.size("feature"), self.dtype)
+        sig = ("mla" if self.is_mla else "mha", "kv" in self.dims, self.size("feature"), self.dtype)
+        return sig + ("feature-major",) if self.feature_major else sig
 
     # -- byte ranges ------------------------------------------------------------------------------
     def row_offsets(
@@ -133,7 +158,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     ) -> np.ndarray:
         """Byte offsets, relative to the block's start, of the rows of one block in canonical
         (kv, head, token) order. ``tokens`` and ``heads`` are half-open ranges of this tensor's
-        token slots and (local) heads."""
+        token slots and (local) heads. For a feature-major layout: the starts of the runs, in
+        (kv, head, feature) order (each :meth:`run_bytes` long)."""
         return _row_offsets(self, tokens, heads)
 
     def block_ranges(
@@ -148,7 +174,7 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             raise LayoutError(f"block id {block_id} outside [0, {self.num_blocks})")
         rows = np.sort(self.row_offsets(tokens, heads)) + block_id * self.stride_bytes("block")
         segs = merge_segments(
-            np.stack([rows, rows, np.full_like(rows, self.row_bytes)], axis=1)
+            np.stack([rows, rows, np.full_like(rows, self.run_bytes(tokens))], axis=1)
         )
         return [(int(o), int(n)) for o, _, n in segs]
 
@@ -170,7 +196,11 @@ def _row_offsets(
     h0, h1 = _check_range("head", heads, layout.num_heads)
     kv = np.arange(layout.size("kv"), dtype=np.int64) * layout.stride_bytes("kv")
     hd = np.arange(h0, h1, dtype=np.int64) * layout.stride_bytes("head")
-    tk = np.arange(t0, t1, dtype=np.int64) * layout.stride_bytes("token")
+    if layout.feature_major:  # one run per feature, starting at the first token
+        tk = np.arange(layout.size("feature"), dtype=np.int64) * layout.stride_bytes("feature")
+        tk += t0 * layout.stride_bytes("token")
+    else:
+        tk = np.arange(t0, t1, dtype=np.int64) * layout.stride_bytes("token")
     out = (kv[:, None, None] + hd[None, :, None] + tk[None, None, :]).reshape(-1)
     out.setflags(write=False)  # cached: callers must not mutate it
     return out
@@ -201,17 +231,25 @@ def pair_rows(
     """Pair the rows of a local block region with those of a remote one, row for row in canonical
     order. Returns ``[k, 3]`` ``(local_rel, remote_rel, nbytes)`` relative to each block's start,
     in local memory order, merged where both sides are contiguous."""
-    if local.row_bytes != remote.row_bytes or local.size("kv") != remote.size("kv"):
+    if (
+        local.row_bytes != remote.row_bytes
+        or local.size("kv") != remote.size("kv")
+        or local.feature_major != remote.feature_major
+    ):
         raise LayoutError(
             f"layouts cannot be paired: row bytes {local.row_bytes} vs {remote.row_bytes}, "
-            f"kv planes {local.size('kv')} vs {remote.size('kv')}"
+            f"kv planes {local.size('kv')} vs {remote.size('kv')}, feature-major "
+            f"{local.feature_major} vs {remote.feature_major}"
         )
+    run = local.run_bytes(local_tokens)
+    if run != remote.run_bytes(remote_tokens):
+        raise LayoutError(f"token ranges differ in length: {local_tokens} vs {remote_tokens}")
     lo = local.row_offsets(local_tokens, local_heads)
     ro = remote.row_offsets(remote_tokens, remote_heads)
     if lo.shape != ro.shape:
         raise LayoutError(f"regions differ in size: {lo.size} local rows vs {ro.size} remote rows")
     order = np.argsort(lo, kind="stable")
-    return merge_segments(np.stack([lo[order], ro[order], np.full_like(lo, local.row_bytes)], axis=1))
+    return merge_segments(np.stack([lo[order], ro[order], np.full_like(lo, run)], axis=1))
 
 
 def merge_runs(ids: Iterable[int]) -> list[tuple[int, int]]:

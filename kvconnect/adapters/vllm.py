@@ -26,7 +26,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvconnect.adapters import vllm_translate as tr
-from kvconnect.adapters.vllm_stats import KVConnectStats
+from kvconnect.adapters.vllm_stats import KVConnectPromMetrics, KVConnectStats
+from kvconnect.aggregator import _merge_stats
 from kvconnect.api import TransferResults
 from kvconnect.config import parse_config
 from kvconnect.errors import ConfigError
@@ -105,7 +106,8 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
             group, spec = self._groups.get(name, (0, None))
             if spec is None:
                 raise ConfigError(f"vLLM registered KV layer {name!r} that no KV-cache group names")
-            described[name] = tr.layer_layout(tensor, spec, group, self._kv_layout_hint)
+            for entry, view, lay in tr.layer_entries(name, tensor, spec, group, self._kv_layout_hint):
+                described[entry] = (view, lay)
         self._worker.register_kv_caches(described)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -135,7 +137,12 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         if self._num_groups == 1:
             self._load_errors |= r.invalid_block_ids
         if r.stats:
-            self._stats = r.stats
+            # Keyed by backend name also for one backend (a composition keys them already), and
+            # merged: vLLM may drain results more than once before it asks for the stats.
+            stats = r.stats if len(self._config.names) > 1 else {self._config.names[0]: r.stats}
+            if self._stats is None:
+                self._stats = {}
+            _merge_stats(self._stats, stats)
         self._failed_sending |= r.failed_sending
         return KVConnectorTransferResults(
             finished_sending=set(r.finished_sending),
@@ -165,6 +172,11 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectStats | None:
         return KVConnectStats(data=data) if data is not None else KVConnectStats()
 
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectPromMetrics:
+        return KVConnectPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def get_handshake_metadata(self) -> KVConnectHandshake | None:
         if self._worker is None:
             return None
@@ -173,11 +185,12 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
 
     # -- scheduler half ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._sched.get_num_new_matched_tokens(tr.request_view(request), num_computed_tokens)
+        return self._sched.get_num_new_matched_tokens(tr.request_view(request, False), num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        # Block ids are read from vLLM's block objects only if the backend looks at them.
         self._sched.update_state_after_alloc(
-            tr.request_view(request), tr.block_ids_of(blocks), num_external_tokens
+            tr.request_view(request, False), tr.LazyBlockIds(blocks), num_external_tokens
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -185,23 +198,28 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         o = connector_output
+        failed_recving = getattr(o, "failed_recving", None)
+        failed_sending = getattr(o.kv_connector_worker_meta, "failed_sending", None)
         self._sched.update_worker_output(
             TransferResults(
-                finished_sending=set(o.finished_sending or ()),
-                finished_recving=set(o.finished_recving or ()),
-                failed_recving=set(getattr(o, "failed_recving", None) or ()),
-                invalid_block_ids=set(o.invalid_block_ids or ()),
-                failed_sending=set(getattr(o.kv_connector_worker_meta, "failed_sending", None) or ()),
+                finished_sending=set(o.finished_sending) if o.finished_sending else set(),
+                finished_recving=set(o.finished_recving) if o.finished_recving else set(),
+                failed_recving=set(failed_recving) if failed_recving else set(),
+                invalid_block_ids=set(o.invalid_block_ids) if o.invalid_block_ids else set(),
+                failed_sending=set(failed_sending) if failed_sending else set(),
             )
         )
 
+    # vLLM builds the block-id lists it passes to request_finished* for that call alone, and
+    # backends copy what they keep: they are passed on without another copy.
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self._sched.request_finished(tr.request_view(request), (list(block_ids),))
+        return self._sched.request_finished(tr.request_view(request), (block_ids,))
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return self._sched.request_finished(tr.request_view(request), tr.block_ids_of(block_ids))
+        groups = block_ids if isinstance(block_ids, tuple) else tr.block_ids_of(block_ids)
+        return self._sched.request_finished(tr.request_view(request), groups)
 
     def has_pending_push_work(self) -> bool:
         return self._sched is not None and self._sched.has_pending_work()

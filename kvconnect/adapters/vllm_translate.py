@@ -6,15 +6,19 @@ with the same attribute names works, which is all duck typing asks of vLLM's cla
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from kvconnect.api import EngineInfo, RequestView, ScheduledRequest, StepView
 from kvconnect.errors import LayoutError
 from kvconnect.layout import FLASH_HND_DIMS, FLASH_NHD_DIMS, MLA_DIMS, VLLM_CPU_DIMS, KVLayout
 
-#: vLLM's CPU cache seen as ``[blocks, heads, 2 (K then V), block_size, head_dim]``.
-VLLM_CPU_SPLIT_DIMS = ("block", "head", "kv", "token", "feature")
+#: vLLM's CPU cache, per (block, head): the K plane stored transposed, ``[head_dim, block_size]``
+#: (feature-major), then the V plane ``[block_size, head_dim]`` (measured with the CPU kernels'
+#: ``cpu_attn_reshape_and_cache``). One strided view cannot name both, so each layer is
+#: described as two entries, ``<layer>.k`` and ``<layer>.v``; see :func:`layer_entries`.
+VLLM_CPU_K_DIMS = ("block", "head", "feature", "token")
+VLLM_CPU_V_DIMS = ("block", "head", "token", "feature")
 
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
 
@@ -34,16 +38,19 @@ def finish_reason(request: Any) -> str | None:
     return _FINISH.get(word, word)
 
 
-def request_view(request: Any) -> RequestView:
-    """Build the neutral view of a vLLM ``Request`` (references, no copies)."""
+def request_view(request: Any, with_finish: bool = True) -> RequestView:
+    """Build the neutral view of a vLLM ``Request`` (references, no copies).
+
+    ``with_finish=False`` skips reading the finish reason: the adapter passes it for lookups and
+    allocation notices, where vLLM's request is never finished (the reason would be None)."""
     return RequestView(
-        request_id=request.request_id,
-        prompt_token_ids=request.prompt_token_ids or (),
-        all_token_ids=getattr(request, "all_token_ids", None),
-        block_hashes=getattr(request, "block_hashes", None),
-        transfer_params=getattr(request, "kv_transfer_params", None),
-        cache_salt=getattr(request, "cache_salt", None),
-        finish_reason=finish_reason(request),
+        request.request_id,
+        request.prompt_token_ids or (),
+        getattr(request, "all_token_ids", None),
+        getattr(request, "block_hashes", None),
+        getattr(request, "kv_transfer_params", None),
+        getattr(request, "cache_salt", None),
+        finish_reason(request) if with_finish else None,
     )
 
 
@@ -57,15 +64,49 @@ def block_ids_of(blocks: Any) -> tuple[list[int], ...]:
     return tuple(list(g) for g in blocks)
 
 
-def step_view(scheduler_output: Any) -> StepView:
-    """The part of vLLM's ``SchedulerOutput`` that connectors use."""
-    step = StepView(
-        finished_request_ids=set(scheduler_output.finished_req_ids or ()),
-        preempted_request_ids=set(getattr(scheduler_output, "preempted_req_ids", None) or ()),
-    )
+class LazyBlockIds(Sequence):
+    """The per-group block ids of a vLLM ``KVCacheBlocks``, read from it on first use.
+
+    vLLM hands ``update_state_after_alloc`` the request's whole block table as block objects;
+    turning it into ids is O(blocks), and most allocation notices (every request a P/D producer or
+    a missed lookup sees) never look at them. Reads behave like :func:`block_ids_of`'s tuple."""
+
+    __slots__ = ("_blocks", "_ids")
+
+    def __init__(self, blocks: Any) -> None:
+        self._blocks = blocks
+        self._ids: tuple[list[int], ...] | None = None
+
+    def _get(self) -> tuple[list[int], ...]:
+        ids = self._ids
+        if ids is None:
+            ids = self._ids = block_ids_of(self._blocks)
+        return ids
+
+    def __len__(self) -> int:
+        groups = getattr(self._blocks, "blocks", None)
+        return len(groups) if isinstance(groups, (tuple, list)) else len(self._get())
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._get()[i]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self._get()) == (tuple(other) if isinstance(other, Sequence) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LazyBlockIds({self._get()!r})"
+
+
+def _scheduled(scheduler_output: Any) -> list[ScheduledRequest]:
+    out: list[ScheduledRequest] = []
     ntok: Mapping[str, int] = scheduler_output.num_scheduled_tokens
     for new in scheduler_output.scheduled_new_reqs:
-        step.scheduled.append(
+        out.append(
             ScheduledRequest(
                 request_id=new.req_id,
                 new_block_ids=tuple(new.block_ids),
@@ -78,7 +119,7 @@ def step_view(scheduler_output: Any) -> StepView:
     resumed = getattr(cached, "resumed_req_ids", None) or ()
     for i, rid in enumerate(cached.req_ids):
         new_ids = cached.new_block_ids[i]
-        step.scheduled.append(
+        out.append(
             ScheduledRequest(
                 request_id=rid,
                 new_block_ids=tuple(new_ids) if new_ids is not None else (),
@@ -87,7 +128,40 @@ def step_view(scheduler_output: Any) -> StepView:
                 is_new=rid in resumed,
             )
         )
-    return step
+    return out
+
+
+class _LazyStepView(StepView):
+    """A :class:`StepView` whose ``scheduled`` list is built from vLLM's ``SchedulerOutput`` only
+    when a backend reads it: building it is O(running requests) per step, and P/D backends never
+    read it."""
+
+    __slots__ = ("_output", "_built")
+
+    def __init__(self, scheduler_output: Any, finished: set[str], preempted: set[str]) -> None:
+        self.finished_request_ids = finished
+        self.preempted_request_ids = preempted
+        self._output = scheduler_output
+        self._built: list[ScheduledRequest] | None = None
+
+    @property  # type: ignore[override]
+    def scheduled(self) -> list[ScheduledRequest]:
+        built = self._built
+        if built is None:
+            built = self._built = _scheduled(self._output)
+        return built
+
+    @scheduled.setter
+    def scheduled(self, value: list[ScheduledRequest]) -> None:
+        self._built = value
+
+
+def step_view(scheduler_output: Any) -> StepView:
+    """The part of vLLM's ``SchedulerOutput`` that connectors use (``scheduled`` built on first read)."""
+    finished = scheduler_output.finished_req_ids
+    preempted = getattr(scheduler_output, "preempted_req_ids", None)
+    return _LazyStepView(scheduler_output, set(finished) if finished else set(),
+                         set(preempted) if preempted else set())
 
 
 def _is_mla(spec: Any) -> bool:
@@ -122,10 +196,10 @@ def layer_layout(tensor: Any, spec: Any, group: int, kv_layout_hint: str | None 
     for dims, want in candidates:
         if len(want) == len(shape) and all(w in (-1, s) for w, s in zip(want, shape)):
             if dims == VLLM_CPU_DIMS and head == head_v and tensor.device.type == "cpu":
-                # vLLM's CPU attention keeps, per (block, head), all K rows then all V rows (it views
-                # the cache as [B, H, 2*bs, hd]): name that K/V plane so token ranges are right.
-                tensor = tensor.view(shape[0], heads, 2, bs, head)
-                return tensor, KVLayout.of_tensor(tensor, VLLM_CPU_SPLIT_DIMS, group)
+                raise LayoutError(
+                    "vLLM's CPU KV cache holds a transposed K plane and a V plane per (block, head); "
+                    "describe it with layer_entries(), which names them as two entries"
+                )
             return tensor, KVLayout.of_tensor(tensor, dims, group)
     # A kernel block size smaller than the manager's shows up as more, smaller blocks.
     raise LayoutError(
@@ -133,6 +207,31 @@ def layer_layout(tensor: Any, spec: Any, group: int, kv_layout_hint: str | None 
         f"(block size {bs}, {heads} KV heads, head size {head}); kvconnect knows "
         "[blocks, heads, block_size, K|V], flash NHD/HND and MLA [blocks, block_size, latent]"
     )
+
+
+def layer_entries(name: str, tensor: Any, spec: Any, group: int, kv_layout_hint: str | None = None):
+    """One vLLM layer as ``[(entry name, tensor view, KVLayout), ...]``: usually one entry (see
+    :func:`layer_layout`); vLLM's CPU cache ``[B, H, bs, 2*hd]`` gives two strided views of the
+    same memory, ``<name>.k`` (``[B, H, hd, bs]``, feature-major) and ``<name>.v`` (``[B, H, bs, hd]``)."""
+    shape = tuple(int(s) for s in tensor.shape)
+    heads = int(getattr(spec, "num_kv_heads", 0))
+    head = int(getattr(spec, "head_size", 0))
+    head_v = int(getattr(spec, "head_size_v", None) or head)
+    bs = int(spec.block_size)
+    if (
+        not _is_mla(spec) and head == head_v and tensor.device.type == "cpu"
+        and len(shape) == 4 and shape[1:] == (heads, bs, 2 * head)
+    ):
+        sb, sh = int(tensor.stride(0)), int(tensor.stride(1))
+        if int(tensor.stride(3)) != 1 or int(tensor.stride(2)) != 2 * head or sh < 2 * bs * head:
+            raise LayoutError(f"vLLM CPU KV cache of shape {shape} has unexpected strides {tensor.stride()}")
+        off = int(tensor.storage_offset())
+        k = tensor.as_strided((shape[0], heads, head, bs), (sb, sh, bs, 1), off)
+        v = tensor.as_strided((shape[0], heads, bs, head), (sb, sh, head, 1), off + bs * head)
+        return [(f"{name}.k", k, KVLayout.of_tensor(k, VLLM_CPU_K_DIMS, group)),
+                (f"{name}.v", v, KVLayout.of_tensor(v, VLLM_CPU_V_DIMS, group))]
+    view, lay = layer_layout(tensor, spec, group, kv_layout_hint)
+    return [(name, view, lay)]
 
 
 def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> EngineInfo:

@@ -236,7 +236,16 @@ class PDScheduler(SchedulerConnector):
                 self._aborted -= ended
                 self._loading -= ended
         if results.finished_recving or results.failed_recving:
-            self._loading -= results.finished_recving | results.failed_recving
+            ended = results.finished_recving | results.failed_recving
+            self._loading -= ended
+            if self._aborted & ended:
+                # The engine finished the request (e.g. policy `fail` on this very failure) in the
+                # same update that reports its receive: it frees the blocks through that receive,
+                # so the abort must not reach the workers (a later finished_sending would name a
+                # request the engine has already deleted).
+                gone = self._aborted & ended
+                self._aborted -= gone
+                self._aborts = [rid for rid in self._aborts if rid not in gone]
 
     def has_pending_work(self) -> bool:
         return bool(self._leased or self._loading or self._loads or self._leases or self._releases

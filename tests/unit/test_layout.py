@@ -84,7 +84,7 @@ def test_layout_of_a_padded_view_uses_strides():
         (dict(dims=("block", "toke", "feature"), shape=(2, 4, 8), strides=(32, 8, 1)), "unknown dimension"),
         (dict(dims=("block", "token", "feature"), shape=(2, 4), strides=(8, 1)), "do not match"),
         (dict(dims=("kv", "block", "token", "feature"), shape=(3, 2, 4, 8), strides=(64, 32, 8, 1)), "size 2"),
-        (dict(dims=("block", "token", "feature"), shape=(2, 4, 8), strides=(32, 1, 4)), "contiguous"),
+        (dict(dims=("block", "token", "feature"), shape=(2, 4, 8), strides=(32, 2, 4)), "contiguous"),
         (dict(dims=("block", "block", "feature"), shape=(2, 4, 8), strides=(32, 8, 1)), "repeat"),
     ],
 )
@@ -238,3 +238,17 @@ def test_head_targets_is_the_inverse_of_head_sources():
         for consumer in range(4):
             want = [s for s in head_sources(8, 4, consumer, 2) if s.remote_rank == producer]
             assert targets.get(consumer, []) == want
+
+
+def test_feature_major_planes_pair_by_token_runs_across_block_sizes():
+    # [block, head, feature, token] (K stored transposed, as vLLM's CPU kernel does): tokens
+    # 32..64 of a 64-token block pair with a whole 32-token block, one run per feature.
+    from kvconnect.layout import KVLayout, pair_rows
+
+    big = KVLayout(dims=("block", "head", "feature", "token"), shape=(4, 2, 8, 64), strides=(1024, 512, 64, 1), itemsize=4)
+    small = KVLayout(dims=("block", "head", "feature", "token"), shape=(8, 2, 8, 32), strides=(512, 256, 32, 1), itemsize=4)
+    assert big.feature_major and big.signature() == small.signature()
+    rows = pair_rows(small, big, (0, 32), (32, 64))
+    assert rows.shape == (16, 3)
+    assert (rows[:, 2] == 32 * 4).all()
+    assert rows[1].tolist() == [32 * 4, (64 + 32) * 4, 128]  # feature 1 of head 0

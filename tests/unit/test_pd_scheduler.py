@@ -121,6 +121,36 @@ def test_consumer_load_is_pending_work_until_received():
     assert not s.has_pending_work()
 
 
+def test_failed_load_finished_by_the_engine_in_the_same_update_sends_no_abort():
+    """vLLM with kv_load_failure_policy=fail: the failed receive makes it finish the request
+    (request_finished) before it hands us the same output (update_worker_output), then frees the
+    blocks through that receive. An abort reaching the workers afterwards would make them report
+    finished_sending for a request vLLM already deleted (its assert stops the engine)."""
+    s = sched()
+    r = req(params=good_params())
+    s.get_num_new_matched_tokens(r, 0)
+    s.update_state_after_alloc(r, ([8, 9, 10],), 40)
+    s.build_step_metadata(StepView())  # the load reached the workers
+    delay, _ = s.request_finished(req(params=good_params(), finish="error"), ([8, 9, 10],))
+    assert delay is True  # the READ might still be in flight, as far as the scheduler knows
+    s.update_worker_output(TransferResults(finished_recving={"r1"}, failed_recving={"r1"}))
+    assert s.build_step_metadata(StepView()).aborts == ()
+    assert not s.has_pending_work()
+
+
+def test_abort_while_loading_reaches_the_workers_and_waits_for_them():
+    s = sched()
+    r = req(params=good_params())
+    s.get_num_new_matched_tokens(r, 0)
+    s.update_state_after_alloc(r, ([8, 9, 10],), 40)
+    s.build_step_metadata(StepView())
+    assert s.request_finished(req(params=good_params(), finish="abort"), ([8, 9, 10],))[0] is True
+    assert s.build_step_metadata(StepView()).aborts == ("r1",)
+    assert s.has_pending_work()
+    s.update_worker_output(TransferResults(finished_sending={"r1"}))
+    assert not s.has_pending_work()
+
+
 def test_fully_cached_consumer_request_releases_the_producer_blocks():
     s = sched()
     r = req(n=40, params=good_params())

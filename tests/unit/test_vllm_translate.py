@@ -10,6 +10,7 @@ from kvconnect.adapters.vllm_translate import (
     block_ids_of,
     engine_info,
     finish_reason,
+    layer_entries,
     layer_layout,
     request_view,
     step_view,
@@ -90,19 +91,29 @@ def _spec(cls=FullAttentionSpec, **kw):
     return cls(**base)
 
 
-def test_cpu_worker_layout_is_recognised_with_k_then_v_per_block_and_head():
+def test_cpu_worker_cache_is_two_entries_transposed_k_then_v_per_block_and_head():
+    # vLLM's CPU kernel (measured): per (block, head) the K plane is stored [head_dim, block_size]
+    # (element (t, d) at d * bs + t), then the V plane [block_size, head_dim].
     t = torch.arange(10 * 2 * 32 * 128, dtype=torch.float32).reshape(10, 2, 32, 128)
-    view, layout = layer_layout(t, _spec(), group=0)
-    assert layout.dims == ("block", "head", "kv", "token", "feature") and layout.num_blocks == 10
-    assert view.data_ptr() == t.data_ptr() and layout.block_bytes == 2 * 32 * 128 * 4
-    # token 0 of head 1 in block 3: its K is the first 64 values of that (block, head), its V the
-    # first 64 values of the second half — not the 128 values of the first row of the 2-D view.
-    (off_k, n_k), (off_v, n_v) = layout.block_ranges(3, tokens=(0, 1), heads=(1, 2))
+    (kn, k, klay), (vn, v, vlay) = layer_entries("layers.0.attn", t, _spec(), group=0)
+    assert (kn, vn) == ("layers.0.attn.k", "layers.0.attn.v")
+    assert klay.feature_major and not vlay.feature_major
+    assert klay.block_bytes + vlay.block_bytes == 2 * 32 * 128 * 4
     flat = t.reshape(-1)
-    base = (3 * 2 + 1) * 32 * 128
-    assert n_k == n_v == 64 * 4
-    assert torch.equal(flat[off_k // 4 : off_k // 4 + 64], flat[base : base + 64])
-    assert torch.equal(flat[off_v // 4 : off_v // 4 + 64], flat[base + 32 * 64 : base + 32 * 64 + 64])
+    base = (3 * 2 + 1) * 32 * 128  # block 3, head 1
+    assert torch.equal(k[3, 1, 5], flat[base + 5 * 32 : base + 6 * 32])  # feature 5, all tokens
+    assert torch.equal(v[3, 1, 7], flat[base + 32 * 64 + 7 * 64 : base + 32 * 64 + 8 * 64])  # token 7
+    # Tokens 8..16 of head 1 in block 3: one 8-token run per K feature, one V range.
+    ranges = klay.block_ranges(3, tokens=(8, 16), heads=(1, 2))
+    assert len(ranges) == 64 and all(n == 8 * 4 for _, n in ranges)
+    assert ranges[0][0] == (3 * klay.strides[0] + klay.strides[1] + 8) * 4
+    ((off_v, n_v),) = vlay.block_ranges(3, tokens=(8, 16), heads=(1, 2))
+    assert n_v == 8 * 64 * 4 and off_v == (3 * vlay.strides[0] + vlay.strides[1] + 8 * 64) * 4
+
+
+def test_cpu_worker_cache_is_not_described_as_one_plain_tensor():
+    with pytest.raises(LayoutError, match="layer_entries"):
+        layer_layout(torch.zeros(10, 2, 32, 128), _spec(), group=0)
 
 
 def test_meta_device_layout_keeps_the_plain_dims():
