@@ -232,3 +232,4 @@ def assert_transferred(producer: Engine, consumer: Engine, p_ids, c_ids, t0: int
                 pt, play = producer.caches[p][name]
                 want = token_view(pt, play, producer.block_size, p_ids[g], t0, t1)[:, :, gh - plo]
                 assert torch.equal(got[:, :, gh - lo], want), f"consumer rank {c} {name} head {gh} differs"
+

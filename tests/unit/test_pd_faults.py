@@ -6,28 +6,13 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
-
 from kvconnect.api import StepView
 from kvconnect.handshake import SideChannelServer
-from tests.fakes import fake_nixl
-from tests.unit.pd_harness import Engine, decode_start, prefill, run_until
-
-
-@pytest.fixture
-def engines():
-    made: list[Engine] = []
-
-    def make(*args, **kw) -> Engine:
-        e = Engine(*args, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.shutdown()
-    fake_nixl.registry.reset()
-
+from tests.unit.pd_harness import (
+    decode_start,
+    prefill,
+    run_until,
+)
 
 FAST = {"handshake_timeout_s": 0.5, "transfer_timeout_s": 0.5}
 P_IDS, D_IDS = [[1, 2, 3]], [[4, 5, 6]]

@@ -7,23 +7,13 @@ import random
 
 import pytest
 
-from tests.fakes import fake_nixl
-from tests.unit.pd_harness import Engine, assert_transferred, decode_start, prefill, run_until
-
-
-@pytest.fixture
-def engines():
-    made: list[Engine] = []
-
-    def make(*args, **kw) -> Engine:
-        e = Engine(*args, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.shutdown()
-    fake_nixl.registry.reset()
+from tests.unit.pd_harness import (
+    Engine,
+    assert_transferred,
+    decode_start,
+    prefill,
+    run_until,
+)
 
 
 def _ids(engine: Engine, prompt_len: int, seed: int, contiguous: bool = False) -> list[list[int]]:

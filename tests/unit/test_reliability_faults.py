@@ -14,27 +14,20 @@ import torch
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.handshake import SideChannelServer
 from kvconnect.metadata import encode
-from tests.fakes import fake_nixl
 from tests.unit.offload_harness import OffloadEngine
-from tests.unit.pd_harness import Engine, Req, assert_transferred, decode_start, prefill, run_until
+from tests.unit.pd_harness import (
+    Engine,
+    Req,
+    assert_transferred,
+    decode_start,
+    prefill,
+    run_until,
+)
 
 pytestmark = pytest.mark.unit
 FAST = {"handshake_timeout_s": 0.5, "transfer_timeout_s": 0.5}
 
 
-@pytest.fixture
-def engines():
-    made: list[Engine] = []
-
-    def make(*args, **kw) -> Engine:
-        e = Engine(*args, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.shutdown()
-    fake_nixl.registry.reset()
 
 
 def _idle(*engines: Engine) -> None:

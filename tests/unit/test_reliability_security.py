@@ -12,26 +12,17 @@ from kvconnect.errors import HandshakeError
 from kvconnect.handshake import SideChannelClient
 from kvconnect.metadata import encode
 from kvconnect.pd import wire as W
-from tests.fakes import fake_nixl
-from tests.unit.pd_harness import Engine, assert_transferred, decode_start, prefill, run_until
+from tests.unit.pd_harness import (
+    assert_transferred,
+    decode_start,
+    prefill,
+    run_until,
+)
 
 pytestmark = pytest.mark.unit
 SECRET = "pd-s3cret"
 
 
-@pytest.fixture
-def engines():
-    made: list[Engine] = []
-
-    def make(*args, **kw) -> Engine:
-        e = Engine(*args, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.shutdown()
-    fake_nixl.registry.reset()
 
 
 def test_unauthenticated_metadata_fetch_gets_nothing_and_is_counted(engines):
