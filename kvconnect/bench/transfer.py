@@ -38,24 +38,10 @@ def _layers(torch, n_layers: int, blocks: int, block_size: int, heads: int, head
     return out
 
 
-def _free_port(n: int = 1) -> int:
-    import socket
+def _free_port() -> int:
+    from kvconnect.testing.servers import free_port_range  # imported where used: no cost at start
 
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        try:
-            socks = []
-            for i in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port")
+    return free_port_range(1)
 
 
 def _config(args, port: int, merge: bool):

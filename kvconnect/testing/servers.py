@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -85,6 +86,26 @@ def free_port(host: str = HOST) -> int:
                 _handed_out.add(port)
                 return port
     raise ServerError("could not find a free port")
+
+
+def free_port_range(n: int, host: str = HOST) -> int:
+    """A base port with ``n`` consecutive ports free after it (e.g. a side channel for each TP
+    rank at ``base + rank``)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ServerError(f"could not find {n} consecutive free ports")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
-import traceback
 
 import pytest
 
@@ -22,74 +20,13 @@ pytestmark = pytest.mark.integration
 FAULT = {"handshake_timeout_s": 1.0, "transfer_timeout_s": 2.0, "verify_checksums": True}
 
 
-def _serve(role: str, specs: dict, inq, outq) -> None:
-    """Like test_nixl_pd's child, plus ``abort`` (the engine aborts a consumer request) and
-    ``idle`` (reports whether the engine holds anything)."""
-    try:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
-
-        from tests.unit.pd_harness import Engine, Req, decode_start, prefill
-
-        engines = {name: Engine(f"{role}-{name}-{os.getpid()}", agent_factory=nixl_agent,
-                                config_factory=nixl_agent_config, **spec) for name, spec in specs.items()}
-        outq.put(("ready", os.getpid()))
-        seen_s, seen_r = set(), set()
-        while True:
-            try:
-                cmd = inq.get(timeout=0.002)
-            except queue.Empty:
-                cmd = None
-            for eng in engines.values():
-                eng.step()
-                for rid in eng.sending - seen_s:
-                    seen_s.add(rid)
-                    outq.put(("sent", rid))
-                for rid in eng.recving - seen_r:
-                    seen_r.add(rid)
-                    outq.put(("recv", rid, rid in eng.failed, sorted(eng.invalid)))
-            if cmd is None:
-                continue
-            if cmd[0] == "stop":
-                break
-            eng = engines[cmd[1]]
-            if cmd[0] == "prefill":
-                _, _, rid, n, ids = cmd
-                eng.fill(seed=11)
-                _, params = prefill(eng, rid, n, ids)
-                outq.put(("params", rid, params, None))
-            elif cmd[0] == "decode":
-                _, _, rid, n, params, ids = cmd
-                decode_start(eng, rid, n, params, ids)
-            elif cmd[0] == "abort":
-                _, _, rid, n, params, ids = cmd
-                delay, _ = eng.sched.request_finished(Req(rid, list(range(n)), params, "abort").view(), ids)
-                outq.put(("aborted", rid, delay))
-            elif cmd[0] == "idle":
-                held = eng.sched.has_pending_work() or any(w._loop._loads or w._loop._leases for w in eng.workers)
-                outq.put(("idle", cmd[1], not held))
-        for eng in engines.values():
-            eng.shutdown()
-        outq.put(("stopped",))
-    except Exception:
-        outq.put(("error", traceback.format_exc()))
-
-
-class FaultChild(Child):
-    def __init__(self, ctx, role: str, specs: dict) -> None:  # noqa: D107 - same as Child, other target
-        self.inq, self.outq = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=_serve, args=(role, specs, self.inq, self.outq), daemon=True)
-        self.proc.start()
-        self.events = []
-        self._pid = None
-
-
 @pytest.fixture
 def spawn():
     ctx = mp.get_context("spawn")
-    children: list[FaultChild] = []
+    children: list[Child] = []
 
     def make(*specs):
-        made = [FaultChild(ctx, role, spec) for role, spec in specs]
+        made = [Child(ctx, role, spec) for role, spec in specs]
         for c in made:
             c.pid  # noqa: B018 - wait until ready
         children.extend(made)
@@ -104,7 +41,7 @@ def spawn():
         c.close()
 
 
-def _idle(child: FaultChild, name: str = "e", timeout: float = 10.0) -> None:
+def _idle(child: Child, name: str = "e", timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         child.send("idle", name)

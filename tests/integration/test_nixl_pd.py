@@ -29,14 +29,16 @@ DEADLINE_S = 30.0
 
 def _serve(role: str, specs: dict, inq, outq) -> None:
     """Child process: one engine per named spec, all stepped continuously, driven by commands
-    ``(command, engine name, ...)``; events come back as ``(event, request id, ...)``."""
+    ``(command, engine name, ...)``; events come back as ``(event, request id, ...)``. Commands:
+    prefill, decode, check (bytes against a producer dump), abort (the engine aborts a consumer
+    request) and idle (whether the engine still holds anything)."""
     try:
         from nixl_cu12._api import nixl_agent, nixl_agent_config
 
-        from tests.unit.pd_harness import Engine, assert_transferred, decode_start, prefill
+        from tests.unit.pd_harness import Engine, Req, assert_transferred, decode_start, prefill
 
-        engines = {name: Engine(f"{role}-{name}", agent_factory=nixl_agent, config_factory=nixl_agent_config, **spec)
-                   for name, spec in specs.items()}
+        engines = {name: Engine(f"{role}-{name}-{os.getpid()}", agent_factory=nixl_agent,
+                                config_factory=nixl_agent_config, **spec) for name, spec in specs.items()}
         outq.put(("ready", os.getpid()))
         seen_s, seen_r = set(), set()
         while True:
@@ -79,6 +81,13 @@ def _serve(role: str, specs: dict, inq, outq) -> None:
                     outq.put(("checked", cmd[1], "ok"))
                 except AssertionError as e:
                     outq.put(("checked", cmd[1], str(e)))
+            elif cmd[0] == "abort":
+                _, _, rid, n, params, ids = cmd
+                delay, _ = eng.sched.request_finished(Req(rid, list(range(n)), params, "abort").view(), ids)
+                outq.put(("aborted", rid, delay))
+            elif cmd[0] == "idle":
+                held = eng.sched.has_pending_work() or any(w._loop._loads or w._loop._leases for w in eng.workers)
+                outq.put(("idle", cmd[1], not held))
         for eng in engines.values():
             eng.shutdown()
         outq.put(("stopped",))

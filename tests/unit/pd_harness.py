@@ -4,8 +4,6 @@ tensors on the fake NIXL agent (or real NIXL). Plus an independent byte-for-byte
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,30 +15,12 @@ from kvconnect.api import EngineInfo, RequestView, StepView
 from kvconnect.backends.nixl import NixlScheduler, NixlWorker
 from kvconnect.config import NixlConfig
 from kvconnect.layout import FLASH_HND_DIMS, FLASH_NHD_DIMS, MLA_DIMS, VLLM_CPU_DIMS, KVLayout, rank_heads
+from kvconnect.testing.servers import free_port_range
 
 DIMS = {"flash": FLASH_NHD_DIMS, "hnd": FLASH_HND_DIMS, "cpu": VLLM_CPU_DIMS, "mla": MLA_DIMS}
 HEAD_DIM = 8
 LATENT = 24
 DEADLINE_S = 30.0  # bounds a hang; success returns at once, so a loaded CI machine has room
-
-
-def free_ports(n: int) -> int:
-    """A base port with ``n`` free consecutive ports after it."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + i))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def make_layer(kind: str, num_blocks: int, block_size: int, heads: int, group: int = 0, dtype=torch.float32):
@@ -90,7 +70,7 @@ class Engine:
             from tests.fakes import fake_nixl
 
             self.agent_factory, self.config_factory = fake_nixl.FakeNixlAgent, fake_nixl.nixl_agent_config
-        self.port = free_ports(self.tp)
+        self.port = free_port_range(self.tp)
         opts = dict(
             mode=self.mode, side_channel_port=self.port, handshake_timeout_s=2.0, transfer_timeout_s=3.0,
             lease_timeout_s=5.0, poll_interval_s=0.0005, idle_poll_interval_s=0.005,

@@ -18,8 +18,9 @@ import pytest
 
 from kvconnect.config import MoriConfig, PDConfig
 from kvconnect.metadata import HandshakeMetadata, encode
+from kvconnect.testing.servers import free_port_range
 from tests.fakes import fake_mori as fm
-from tests.unit.pd_harness import decode_start, free_ports, prefill, run_until
+from tests.unit.pd_harness import decode_start, prefill, run_until
 from tests.unit.test_mori_harness import MoriEngine, mori_engines
 
 
@@ -91,7 +92,7 @@ def test_load_waiting_for_a_handshake_blocks_instead_of_spinning(engines):
 
     t.notifications, t.poll = count(real_notifs), count(real_poll)
     silent = zmq.Context.instance().socket(zmq.ROUTER)  # accepts the handshake, never answers
-    port = free_ports(1)
+    port = free_port_range(1)
     silent.bind(f"tcp://127.0.0.1:{port}")
     try:
         params = {"do_remote_prefill": True, "remote_engine_id": "x", "remote_block_ids": [1, 2, 3],
