@@ -103,7 +103,8 @@ class CpuOffloadConfig(_Base, frozen=True, tag="cpu_offload", tag_field="backend
     hash_salt: str = ""
     #: Checksum blocks when stored, verify when loaded.
     verify_checksums: bool = False
-    #: Copy threads used when the KV caches live on the CPU.
+    #: Threads sharing each large copy when the KV caches live on the CPU (one cannot saturate
+    #: the memory bus; more take cores from the forward pass). Unused on a GPU.
     copy_threads: int = 1
 
 

@@ -5,7 +5,13 @@ of stored blocks.
 Default model: 32 layers, 8 KV heads, head dim 128, bf16, flash-attention NHD layout
 ``[2, blocks, block_size, heads, dim]`` per layer, engine block ids shuffled (a fragmented cache),
 jobs of ``--blocks-per-request`` blocks. Each figure is the median of ``--repeats`` runs; the
-three copies of one repeat run back to back so they share the machine's state.
+copies of one repeat run back to back so they share the machine's state, and each ratio is the
+median of the per-repeat ratios.
+
+The reference is a plain contiguous copy of the same bytes with the same parallelism: on the CPU,
+torch's ``copy_`` with as many threads as the backend's ``copy_threads`` (each thread count is a
+row of the table); on a GPU (used when CUDA is available, or ``--device cuda``), one
+device->host copy into the same pinned pool for stores and one host->device copy for loads.
 """
 
 from __future__ import annotations
@@ -39,12 +45,20 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gb", type=float, default=2.0, help="GB of blocks moved per direction and block size")
     p.add_argument("--blocks-per-request", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--copy-threads", type=int, default=1)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--copy-threads", type=int, nargs="+", default=None,
+                   help="CPU copy threads to measure (default: 1 and the number of cores, at most 4)")
     p.add_argument("--lookup-stored", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     p.add_argument("--lookup-prefix-blocks", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="small sizes, for CI")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     a = p.parse_args(argv)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda":
+        a.copy_threads = [1]  # copies are DMA on a stream; threads do not apply
+    elif a.copy_threads is None:
+        a.copy_threads = sorted({1, min(4, os.cpu_count() or 1)})
     if a.quick:
         a.layers, a.gb, a.repeats = min(a.layers, 4), min(a.gb, 0.05), min(a.repeats, 3)
         a.lookup_stored = [s for s in a.lookup_stored if s <= 10_000] or [1_000]
@@ -73,16 +87,39 @@ def _run(worker: CpuOffloadWorker, meta: OffloadStepMetadata, expect: int, timeo
     return time.perf_counter() - t0
 
 
-def _plain_copy(w: CpuOffloadWorker) -> float:
-    """The physical limit: one contiguous copy of the same bytes per layer (engine -> pool)."""
+class _Threads:
+    """torch's intra-op thread count, for the duration of the reference copy."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def _plain_copy(w: CpuOffloadWorker, threads: int, to_engine: bool) -> float:
+    """The physical limit: one contiguous copy of the same bytes per layer."""
+    cuda = w.layers[0].engine.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for lc in w.layers:
-        flat = lc.pool.view(-1)
-        flat.copy_(lc.engine.view(-1)[: flat.numel()])
+    with _Threads(threads):
+        for lc in w.layers:
+            pool = lc.pool.view(-1)
+            engine = lc.engine.view(-1)[: pool.numel()]
+            if to_engine:
+                engine.copy_(pool, non_blocking=cuda)
+            else:
+                pool.copy_(engine, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def bandwidth(a: argparse.Namespace, block_size: int) -> dict[str, float]:
+def bandwidth(a: argparse.Namespace, block_size: int, threads: int) -> dict[str, float]:
     dtype = DTYPES[a.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_layer = 2 * block_size * a.kv_heads * a.head_dim * itemsize
@@ -91,10 +128,10 @@ def bandwidth(a: argparse.Namespace, block_size: int) -> dict[str, float]:
     nb = n + 8
     caches = {}
     for i in range(a.layers):
-        t = torch.empty((2, nb, block_size, a.kv_heads, a.head_dim), dtype=dtype)
+        t = torch.empty((2, nb, block_size, a.kv_heads, a.head_dim), dtype=dtype, device=a.device)
         t.view(torch.uint8).random_()
         caches[f"layer.{i}"] = (t, KVLayout.of_tensor(t, FLASH_NHD_DIMS))
-    cfg = CpuOffloadConfig(cpu_bytes_to_use=n * per_block, per_rank=True, copy_threads=a.copy_threads)
+    cfg = CpuOffloadConfig(cpu_bytes_to_use=n * per_block, per_rank=True, copy_threads=threads)
     w = CpuOffloadWorker(cfg, EngineInfo("bench", block_sizes=(block_size,)))
     w.register_kv_caches(caches)
     for lc in w.layers:  # fault the pool in before timing
@@ -106,9 +143,9 @@ def bandwidth(a: argparse.Namespace, block_size: int) -> dict[str, float]:
     per = a.blocks_per_request
     chunks = [(f"r{j}", slice(j, min(j + per, n))) for j in range(0, n, per)]
     nbytes = n * per_block
-    store_t, load_t, copy_t = [], [], []
+    store_t, load_t, out_t, in_t = [], [], [], []
     for rep in range(a.repeats):
-        before = _plain_copy(w)
+        before = _plain_copy(w, threads, to_engine=False)
         stores = [StoreJob(request_id=f"s{rep}{rid}", block_ids=src[s], slots=list(range(n))[s], keys=keys[s])
                   for rid, s in chunks]
         store_t.append(_run(w, OffloadStepMetadata(stores=stores, closed=[j.request_id for j in stores]), len(stores)))
@@ -117,20 +154,24 @@ def bandwidth(a: argparse.Namespace, block_size: int) -> dict[str, float]:
         load_t.append(_run(w, OffloadStepMetadata(loads=loads), len(loads)))
         for i in (0, n // 2, n - 1):  # byte-for-byte check of a few loaded blocks
             for lc in w.layers[:2]:
-                if not torch.equal(lc.engine[:, dst[i]].view(torch.uint8), lc.pool[i].view(torch.uint8)):
+                if not torch.equal(lc.engine[:, dst[i]].cpu().view(torch.uint8), lc.pool[i].view(torch.uint8)):
                     raise RuntimeError("benchmark round trip corrupted data")
-        copy_t.append(min(before, _plain_copy(w)))  # the faster of two, so the reference is strict
+        out_t.append(min(before, _plain_copy(w, threads, to_engine=False)))  # the faster: a strict reference
+        in_t.append(_plain_copy(w, threads, to_engine=True))
     w.shutdown()
     out = {
+        "threads": threads,
         "blocks": n,
         "bytes": nbytes,
         "block_bytes": per_block,
         "store_gbps": nbytes / statistics.median(store_t) / 1e9,
         "load_gbps": nbytes / statistics.median(load_t) / 1e9,
-        "memcpy_gbps": nbytes / statistics.median(copy_t) / 1e9,
+        "memcpy_gbps": nbytes / statistics.median(out_t) / 1e9,
+        "memcpy_load_gbps": nbytes / statistics.median(in_t) / 1e9,
     }
-    out["store_ratio"] = out["store_gbps"] / out["memcpy_gbps"]
-    out["load_ratio"] = out["load_gbps"] / out["memcpy_gbps"]
+    # Ratios pair each copy with the reference taken next to it (the machine drifts between repeats).
+    out["store_ratio"] = statistics.median(r / t for r, t in zip(out_t, store_t))
+    out["load_ratio"] = statistics.median(r / t for r, t in zip(in_t, load_t))
     return out
 
 
@@ -168,31 +209,41 @@ def lookup_cost(a: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} <-> pinned host memory"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kvconnect").setLevel(logging.WARNING)
     a = _args(argv)
-    per_size = {bs: bandwidth(a, bs) for bs in a.block_sizes}
+    rows = [bandwidth(a, bs, th) | {"block_size": bs} for bs in a.block_sizes for th in a.copy_threads]
     lookups = lookup_cost(a)
-    first = per_size[a.block_sizes[0]]
+    head = max((r for r in rows if r["block_size"] == a.block_sizes[0]), key=lambda r: r["threads"])
     result = {
         "model": {"layers": a.layers, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dtype": a.dtype},
-        "store_gbps": first["store_gbps"],
-        "load_gbps": first["load_gbps"],
-        "memcpy_gbps": first["memcpy_gbps"],
-        "per_block_size": {str(bs): v for bs, v in per_size.items()},
+        "device": _device_name(a.device),
+        "store_gbps": head["store_gbps"],
+        "load_gbps": head["load_gbps"],
+        "memcpy_gbps": head["memcpy_gbps"],
+        "memcpy_load_gbps": head["memcpy_load_gbps"],
+        "rows": rows,
         "lookup": lookups,
-        "torch_threads": torch.get_num_threads(),
     }
     if a.json:
         print(json.dumps(result))
         return 0
-    print(f"CPU offload bandwidth ({a.layers} layers, {a.kv_heads} KV heads, head dim {a.head_dim}, "
-          f"{a.dtype}; median of {a.repeats})")
-    print(f"{'block':>6} {'blocks':>7} {'GB':>6} {'store GB/s':>11} {'load GB/s':>10} {'memcpy GB/s':>12} "
-          f"{'store/memcpy':>13} {'load/memcpy':>12}")
-    for bs, v in per_size.items():
-        print(f"{bs:>6} {v['blocks']:>7} {v['bytes'] / 1e9:>6.2f} {v['store_gbps']:>11.2f} {v['load_gbps']:>10.2f} "
-              f"{v['memcpy_gbps']:>12.2f} {v['store_ratio']:>13.2f} {v['load_ratio']:>12.2f}")
+    print(f"CPU offload bandwidth on {result['device']} ({a.layers} layers, {a.kv_heads} KV heads, "
+          f"head dim {a.head_dim}, {a.dtype}; median of {a.repeats})")
+    print(f"{'block':>6} {'threads':>7} {'blocks':>7} {'GB':>6} {'store GB/s':>11} {'load GB/s':>10} "
+          f"{'copy out':>9} {'copy in':>8} {'store/copy':>11} {'load/copy':>10}")
+    for v in rows:
+        print(f"{v['block_size']:>6} {v['threads']:>7} {v['blocks']:>7} {v['bytes'] / 1e9:>6.2f} "
+              f"{v['store_gbps']:>11.2f} {v['load_gbps']:>10.2f} {v['memcpy_gbps']:>9.2f} "
+              f"{v['memcpy_load_gbps']:>8.2f} {v['store_ratio']:>11.2f} {v['load_ratio']:>10.2f}")
+    print("(copy out / copy in: a plain contiguous copy of the same bytes, engine -> pool / pool -> engine, "
+          "same thread count)")
     print(f"\nPrefix lookup ({lookups[0]['prefix_blocks']}-block hit, 16-token blocks)")
     print(f"{'stored blocks':>14} {'lookup us':>10} {'first lookup us':>16}")
     for r in lookups:

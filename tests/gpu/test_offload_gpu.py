@@ -60,3 +60,32 @@ def test_cuda_round_trip_is_byte_identical_and_pool_is_pinned(dims):
     failed = _step(w, OffloadStepMetadata(loads=[LoadJob(request_id="x", block_ids=[5], slots=[7], keys=[b"zz"])]), 1)
     assert failed == {"x"}
     w.shutdown()
+
+
+def test_load_then_store_into_the_same_slot_in_one_step_keeps_order():
+    """Loads and stores share two streams (kernels, DMA): a store overwriting a slot that an
+    earlier load of the same step reads must not race it."""
+    shape = (2, 64, BS, 4, 64)
+    caches = {}
+    for i in range(2):
+        t = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        caches[f"l{i}"] = (t, KVLayout.of_tensor(t, FLASH_NHD_DIMS))
+    w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=1 << 26), EngineInfo("g", block_sizes=(BS,)))
+    w.register_kv_caches(caches)
+    old_blocks, new_blocks, dst = list(range(0, 16)), list(range(16, 32)), list(range(32, 48))
+    slots, keys = list(range(16)), [b"%d" % i for i in range(16)]
+    assert not _step(w, OffloadStepMetadata(stores=[StoreJob(request_id="s0", block_ids=old_blocks, slots=slots,
+                                                             keys=keys)], closed=["s0"]), 1)
+    want = [t[:, old_blocks].clone() for t, _ in caches.values()]
+    meta = OffloadStepMetadata(
+        loads=[LoadJob(request_id="l", block_ids=dst, slots=slots, keys=keys)],
+        stores=[StoreJob(request_id="s1", block_ids=new_blocks, slots=slots, keys=[b"n" + k for k in keys])],
+        closed=["s1"],
+    )
+    assert not _step(w, meta, 2)
+    torch.cuda.synchronize()
+    for (t, _), wnt in zip(caches.values(), want):
+        assert torch.equal(t[:, dst], wnt)  # the load read the slots before the store overwrote them
+        assert torch.equal(t[:, new_blocks].cpu(), next(iter([lc.pool for lc in w.layers if lc.engine is t]))
+                           .movedim(0, 1)[:, slots])
+    w.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -88,6 +89,50 @@ def test_blocks_stored_then_loaded_into_other_block_ids_are_byte_identical(kind)
         for wb, gb in zip(wl, gl):
             assert torch.equal(wb.view(torch.int16), gb.view(torch.int16))
     w.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["mha", "vllm_cpu"])
+def test_copy_threads_split_large_copies_and_stay_byte_identical(kind, monkeypatch):
+    from kvconnect.backends.cpu_offload import copier
+
+    monkeypatch.setattr(copier, "SPLIT_MIN_BYTES", 1)  # split even these small tasks
+    calls = []
+    real = copier._run_moves
+
+    def spy(kind_, moves):
+        calls.append((kind_, threading.current_thread().name))
+        real(kind_, moves)
+
+    monkeypatch.setattr(copier, "_run_moves", spy)
+    caches = random_caches(kind, blocks=32)
+    w = worker(caches, copy_threads=3)
+    src, dst = [3, 9, 4, 12, 30, 31, 7, 8, 20], [1, 14, 15, 0, 2, 5, 6, 28, 29]
+    slots = [5, 6, 2, 7, 8, 9, 0, 1, 3]
+    keys = [b"k%d" % i for i in range(len(src))]
+    want = snapshot(caches, kind, src)
+    assert not store(w, "a", src, slots, keys).failed_sending
+    assert not load(w, "b", dst, slots, keys).failed_recving
+    for wl, gl in zip(want, snapshot(caches, kind, dst)):
+        for wb, gb in zip(wl, gl):
+            assert torch.equal(wb.view(torch.int16), gb.view(torch.int16))
+    # Each copy went out in three shares, and not all on one thread (an idle helper may take two).
+    assert sorted(k for k, _ in calls) == ["load"] * 3 + ["store"] * 3
+    assert len({t for _, t in calls}) >= 2, calls
+    w.shutdown()
+
+
+def test_split_gives_every_row_to_exactly_one_share():
+    import numpy as np
+
+    from kvconnect.backends.cpu_offload.copier import _split
+
+    e = np.zeros((10, 4), np.uint8)
+    moves = [(e, np.arange(7), np.zeros((7, 4), np.uint8)), (e, np.arange(2), np.zeros((2, 4), np.uint8))]
+    shares = _split(moves, 3)
+    assert len(shares) == 3
+    for _, r, p in moves:
+        got = np.concatenate([m[1] for sh in shares for m in sh if m[0] is e and np.shares_memory(m[2], p)])
+        assert sorted(got.tolist()) == r.tolist()
 
 
 def test_permuted_and_padded_layouts_round_trip():

@@ -1,16 +1,21 @@
 """Moving blocks between engine KV tensors and the host pool, off the engine's hot path.
 
 :func:`copy_blocks` does the bytes: per layer and per run of consecutive slots, one gather
-(store: ``index_select`` straight into the pool's rows) or one scatter (load) of whole rows (see
-:mod:`rows`). The torch and numpy ops used release the GIL.
+(store) or one scatter (load) of whole rows (see :mod:`rows`), so every byte is read and written
+once. On the CPU these are numpy's ``take(out=...)`` and fancy assignment (a plain memcpy per row,
+GIL released), split over ``copy_threads`` threads for large tasks: one thread cannot saturate
+the memory bus; a plain ``copy_`` of a large tensor is multi-threaded too. On a GPU the gather
+and scatter run on the device and the host side is one DMA per run.
 
 Two executors run :class:`CopyTask` s in submission order, so a load that follows a store into
 the same slot sees that store's bytes (or its key check fails):
 
 * :class:`ThreadCopier` (KV caches on the CPU): one background thread runs each task whole.
-* :class:`CudaStreamCopier` (KV caches on a GPU): tasks are enqueued on a dedicated stream that
-  first waits for the engine's current stream (so stores see the forward pass's writes); an event
-  per task tells when it is done. Nothing blocks the forward pass.
+* :class:`CudaStreamCopier` (KV caches on a GPU): tasks are enqueued on two dedicated streams
+  (kernels, DMA) that first wait for the engine's current stream (so stores see the forward
+  pass's writes); an event per task tells when it is done. Nothing blocks the forward pass.
+  Tasks stay ordered: each stream runs in submission order and a task ends on the kernel
+  stream after waiting for the DMA stream.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +49,9 @@ class LayerCopy:
     plan_key: tuple | None = None
     engine_rows: torch.Tensor | None = None
     pool_rows: torch.Tensor | None = None
+    #: The same row views as numpy byte arrays (CPU caches only): numpy copies rows fastest.
+    engine_np: np.ndarray | None = None
+    pool_np: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.plan is not None:
@@ -50,6 +59,9 @@ class LayerCopy:
             self.plan_key = (p.chunk, p.planes, p.block_step, tuple(p.plane_rows.tolist()))
             self.engine_rows = engine_row_view(self.engine, p)
             self.pool_rows = pool_row_view(self.pool, p)
+            if self.engine.device.type == "cpu":
+                self.engine_np = self.engine_rows.view(torch.uint8).numpy()
+                self.pool_np = self.pool_rows.view(torch.uint8).numpy()
 
 
 @dataclass(slots=True)
@@ -80,64 +92,152 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(int(a), int(b), int(s[a])) for a, b in zip(starts, ends)]
 
 
-def _scatter_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.device.type == "cpu":
-        # numpy's row assignment is a plain memcpy per row and beats index_copy_ on CPU.
-        dst.view(torch.uint8).numpy()[rows.numpy()] = src.view(torch.uint8).numpy()
-    else:
-        dst.index_copy_(0, rows, src.to(dst.device, non_blocking=True))
+class CopyHelpers:
+    """Threads that take shares of a large CPU copy beside the thread that runs the task."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._pool = ThreadPoolExecutor(count, thread_name_prefix="kvconnect-offload-copy-helper")
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Any:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+#: Below this many bytes per thread a task is not split: waking threads costs more than it saves.
+SPLIT_MIN_BYTES = 4 << 20
+
+#: One row copy on the CPU: (engine rows, engine row ids, pool rows of the run).
+_Move = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _run_moves(kind: str, moves: Sequence[_Move]) -> None:
+    for e, r, p in moves:
+        if kind == "store":
+            # mode="clip" skips numpy's buffered bounds check (ids were validated by the caller).
+            np.take(e, r, axis=0, out=p, mode="clip")
+        else:
+            e[r] = p
+
+
+def _split(moves: Sequence[_Move], parts: int) -> list[list[_Move]]:
+    """``parts`` lists of equal share of every move's rows (threads then finish together)."""
+    out: list[list[_Move]] = [[] for _ in range(parts)]
+    for e, r, p in moves:
+        n = len(r)
+        for i in range(parts):
+            a, b = n * i // parts, n * (i + 1) // parts
+            if b > a:
+                out[i].append((e, r[a:b], p[a:b]))
+    return out
+
+
+def _copy_cpu(layers: Sequence[LayerCopy], kind: str, ids: torch.Tensor, runs: list[tuple[int, int, int]],
+              helpers: CopyHelpers | None) -> None:
+    moves: list[_Move] = []
+    rows_cache: dict[Any, np.ndarray] = {}
+    nbytes = 0
+    for lc in layers:
+        if lc.plan is None:
+            _copy_logical(lc, kind, ids, runs, None)
+            continue
+        rows = rows_cache.get(lc.plan_key)
+        if rows is None:
+            rows = rows_cache[lc.plan_key] = lc.plan.engine_rows(ids).numpy()
+        per = lc.plan.planes
+        assert lc.engine_np is not None and lc.pool_np is not None
+        for a, b, s0 in runs:
+            moves.append((lc.engine_np, rows[a * per : b * per], lc.pool_np[s0 * per : (s0 + b - a) * per]))
+        nbytes += len(ids) * per * lc.engine_np.shape[1]
+    parts = 1 if helpers is None else min(helpers.count + 1, nbytes // SPLIT_MIN_BYTES)
+    if parts <= 1:
+        _run_moves(kind, moves)
+        return
+    shares = _split(moves, parts)
+    futures = [helpers.submit(_run_moves, kind, share) for share in shares[1:]]
+    _run_moves(kind, shares[0])  # this thread takes a share too
+    for f in futures:
+        f.result()
+
+
+def _copy_logical(lc: LayerCopy, kind: str, ids: torch.Tensor, runs: list[tuple[int, int, int]],
+                  keep: list | None) -> None:
+    """Exotic strides: index the block dimension itself (one extra pass, always correct)."""
+    on_gpu = lc.engine.device.type != "cpu"
+    ev = lc.engine.movedim(lc.block_dim, 0)
+    for a, b, s0 in runs:
+        prange = lc.pool[s0 : s0 + b - a]
+        if kind == "store":
+            g = ev.index_select(0, ids[a:b])
+            prange.copy_(g, non_blocking=on_gpu)
+            if keep is not None:
+                keep.append(g)
+        else:
+            ev.index_copy_(0, ids[a:b], prange.to(lc.engine.device, non_blocking=True))
+
+
+def _copy_gpu(layers: Sequence[LayerCopy], kind: str, ids_cpu: torch.Tensor, runs: list[tuple[int, int, int]],
+              keep: list, dma: Any) -> None:
+    """Gather/scatter kernels on the current stream, host<->device DMA on ``dma`` (when given), one
+    event per layer between them: layer i's DMA overlaps layer i+1's kernel (measured on an H100:
+    0.95-0.97x of a plain copy pipelined, 0.85-0.89x one after the other)."""
+    device = layers[0].engine.device
+    comp = torch.cuda.current_stream(device)
+    dma = dma or comp
+    ids = ids_cpu.to(device, non_blocking=True)
+    keep.append(ids)
+    rows_cache: dict[Any, torch.Tensor] = {}
+    for lc in layers:
+        if lc.plan is None:
+            with torch.cuda.stream(comp):
+                _copy_logical(lc, kind, ids, runs, keep)
+            continue
+        rows = rows_cache.get(lc.plan_key)
+        if rows is None:
+            rows = rows_cache[lc.plan_key] = lc.plan.engine_rows(ids_cpu).to(device, non_blocking=True)
+            keep.append(rows)
+        per = lc.plan.planes
+        e, p = lc.engine_rows, lc.pool_rows
+        for a, b, s0 in runs:
+            r = rows[a * per : b * per]
+            prange = p[s0 * per : (s0 + b - a) * per]
+            g = torch.empty_like(prange, device=device)  # on comp: lives until the task's event
+            keep.append(g)
+            if kind == "store":  # gather on the device, then one DMA into the pinned run
+                torch.index_select(e, 0, r, out=g)
+                ev = torch.cuda.Event()
+                ev.record(comp)
+                dma.wait_event(ev)
+                with torch.cuda.stream(dma):
+                    prange.copy_(g, non_blocking=True)
+            else:  # one DMA of the run, then scatter on the device
+                with torch.cuda.stream(dma):
+                    g.copy_(prange, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(dma)
+                comp.wait_event(ev)
+                e.index_copy_(0, r, g)
+    comp.wait_stream(dma)  # the task's event, recorded on comp, covers both streams
 
 
 def copy_blocks(
     layers: Sequence[LayerCopy], kind: str, block_ids: Sequence[int], slots: Sequence[int],
-    keep: list | None = None,
+    keep: list | None = None, helpers: CopyHelpers | None = None, dma_stream: Any = None,
 ) -> None:
     """Store (engine -> pool) or load (pool -> engine) ``block_ids[i] <-> slots[i]`` in every
-    layer. On a GPU the ops are enqueued on the current stream; ``keep`` collects temporaries
-    that must outlive them."""
+    layer. Ids must be in range (the caller checks). On a GPU the ops are enqueued on the current
+    stream (DMA on ``dma_stream`` if given); ``keep`` collects temporaries that must outlive them.
+    On the CPU ``helpers`` share large tasks."""
     if not block_ids:
         return
-    device = layers[0].engine.device
     ids_cpu = torch.as_tensor(block_ids, dtype=torch.int64)
     runs = slot_runs(slots)
-    rows_cache: dict[Any, torch.Tensor] = {}
-    for lc in layers:
-        if lc.plan is not None:
-            rows = rows_cache.get(lc.plan_key)
-            if rows is None:
-                rows = lc.plan.engine_rows(ids_cpu)
-                if device.type != "cpu":
-                    rows = rows.to(device, non_blocking=True)
-                rows_cache[lc.plan_key] = rows
-            per = lc.plan.planes
-            e, p = lc.engine_rows, lc.pool_rows
-            for a, b, s0 in runs:
-                r = rows[a * per : b * per]
-                prange = p[s0 * per : (s0 + b - a) * per]
-                if kind == "store":
-                    if device.type == "cpu":
-                        torch.index_select(e, 0, r, out=prange)
-                    else:
-                        g = e.index_select(0, r)
-                        prange.copy_(g, non_blocking=True)
-                        if keep is not None:
-                            keep.append(g)
-                else:
-                    _scatter_rows(e, r, prange)
-        else:  # exotic strides: logical indexing, one extra pass
-            ev = lc.engine.movedim(lc.block_dim, 0)
-            ids = ids_cpu if device.type == "cpu" else ids_cpu.to(device, non_blocking=True)
-            for a, b, s0 in runs:
-                prange = lc.pool[s0 : s0 + b - a]
-                if kind == "store":
-                    g = ev.index_select(0, ids[a:b])
-                    prange.copy_(g, non_blocking=device.type != "cpu")
-                    if keep is not None:
-                        keep.append(g)
-                else:
-                    ev.index_copy_(0, ids[a:b], prange.to(device, non_blocking=True))
-    if keep is not None and device.type != "cpu":
-        keep.extend(rows_cache.values())
+    if layers[0].engine.device.type == "cpu":
+        _copy_cpu(layers, kind, ids_cpu, runs, helpers)
+    else:
+        _copy_gpu(layers, kind, ids_cpu, runs, keep if keep is not None else [], dma_stream)
 
 
 def slot_checksum(layers: Sequence[LayerCopy], slot: int) -> int:
@@ -224,7 +324,8 @@ class CudaStreamCopier:
         self.device = device
         self._start = start
         self._finish = finish
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = torch.cuda.Stream(device=device)  # gather/scatter kernels
+        self.dma_stream = torch.cuda.Stream(device=device)  # host<->device copies
         self._inflight: deque[CopyTask] = deque()
 
     def submit(self, task: CopyTask) -> None:
@@ -232,6 +333,7 @@ class CudaStreamCopier:
         engine_stream = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(engine_stream)
+            self.dma_stream.wait_stream(engine_stream)
             try:
                 self._start(task)
             except Exception as e:

@@ -25,6 +25,7 @@ import torch
 from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
 from kvconnect.backends.cpu_offload import sizing
 from kvconnect.backends.cpu_offload.copier import (
+    CopyHelpers,
     CopyTask,
     CudaStreamCopier,
     LayerCopy,
@@ -57,6 +58,7 @@ class CpuOffloadWorker(WorkerConnector):
         self.kv_bytes_per_block = 0
         self.layers: list[LayerCopy] = []
         self._copier: ThreadCopier | CudaStreamCopier | None = None
+        self._helpers: CopyHelpers | None = None
         self._slot_keys: list[bytes | None] = []
         self._slot_sums: list[int | None] = []
         self._meta: OffloadStepMetadata | None = None
@@ -112,6 +114,8 @@ class CpuOffloadWorker(WorkerConnector):
         if on_gpu:
             self._copier = CudaStreamCopier(device, self._start_task, self._finish_task)
         else:
+            if self.cfg.copy_threads > 1:
+                self._helpers = CopyHelpers(self.cfg.copy_threads - 1)
             self._copier = ThreadCopier(self._run_task)
         logger.info("cpu_offload: %d slots x %d bytes on the host (%s KV caches)",
                     self.num_slots, total, device.type)
@@ -156,7 +160,8 @@ class CpuOffloadWorker(WorkerConnector):
             for s in task.slots:
                 self._slot_keys[s] = None
                 self._slot_sums[s] = None
-        copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep)
+        copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep, self._helpers,
+                    getattr(self._copier, "dma_stream", None))
 
     def _finish_task(self, task: CopyTask) -> None:
         """Bookkeeping once the copy is complete: a store's slots now hold its keys."""
@@ -284,3 +289,5 @@ class CpuOffloadWorker(WorkerConnector):
     def shutdown(self) -> None:
         if self._copier is not None:
             self._copier.close()
+        if self._helpers is not None:
+            self._helpers.close()
