@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -95,6 +95,10 @@ class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     kvconnect_version: str = ""
 
 
+#: A KV block id as a router may send it.
+BlockId = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """vLLM's P/D ``kv_transfer_params`` protocol (the keys routers pass between instances).
 
@@ -105,9 +109,9 @@ class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     do_remote_prefill: bool = False
     remote_engine_id: str | None = None
     #: One list per KV-cache group; vLLM sends a flat list for single-group models.
-    remote_block_ids: list[int | list[int]] | None = None
+    remote_block_ids: list[BlockId | list[BlockId]] | None = None
     remote_host: str | None = None
-    remote_port: int | None = None
+    remote_port: Annotated[int, msgspec.Meta(gt=0, lt=65536)] | None = None
     remote_request_id: str | None = None
     tp_size: int | None = None
     #: kvconnect extras (ignored by routers): producer block size and push-mode flag.
@@ -121,36 +125,34 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
         return None
     if not isinstance(params, Mapping):
         raise WireError(f"kv_transfer_params: expected an object, got {type(params).__name__}")
-    p = convert(dict(params), KVTransferParams, what="kv_transfer_params")
+    try:  # msgspec checks every field in C, ids and port ranges included
+        p = msgspec.convert(params if type(params) is dict else dict(params), KVTransferParams)
+    except msgspec.ValidationError as e:
+        raise WireError(f"kv_transfer_params: {e}") from None
     if p.do_remote_prefill:
-        missing = [
-            k
-            for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
-            if getattr(p, k) is None
-        ]
-        if missing:
+        if p.remote_engine_id is None or p.remote_block_ids is None or p.remote_host is None or p.remote_port is None:
+            missing = [k for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
+                       if getattr(p, k) is None]
             raise WireError(f"kv_transfer_params: do_remote_prefill needs {', '.join(missing)}")
-        ids = p.remote_block_ids or []
-        # min() runs in C and raises TypeError when ints and lists are mixed: no per-id Python loop
-        # on the engine's hot path.
+        ids = p.remote_block_ids
+        # msgspec checked each id is an int >= 0 (or a list of them); what is left is a flat list
+        # with a nested one inside (or the reverse): sum() runs in C and raises on the mix.
         try:
-            if ids and isinstance(ids[0], list):
-                low = min((min(g) for g in ids if g != []), default=0)
-            else:
-                low = min(ids, default=0)
+            if ids and type(ids[0]) is int:
+                sum(ids)
+            elif ids:
+                for g in ids:
+                    sum(g)
         except TypeError:
             raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists") from None
-        if low < 0:
-            raise WireError("kv_transfer_params: remote_block_ids has a negative block id")
-        if p.remote_port is not None and not 0 < p.remote_port < 65536:
-            raise WireError(f"kv_transfer_params: remote_port {p.remote_port} is not a TCP port")
     return p
 
 
-def block_groups(ids: list[int | list[int]] | None) -> list[list[int]]:
-    """Normalise vLLM's flat (single group) or nested (per group) block id lists."""
+def block_groups(ids: list[int | list[int]] | None) -> tuple[list[int], ...]:
+    """Normalise vLLM's flat (single group) or nested (per group) block id lists, per group.
+    The lists are the caller's, not copies (decoded params are never mutated)."""
     if not ids:
-        return [[]]
-    if isinstance(ids[0], list):
-        return [list(g) for g in ids]  # type: ignore[arg-type]
-    return [list(ids)]  # type: ignore[arg-type]
+        return ([],)
+    if type(ids[0]) is list:
+        return tuple(ids)  # type: ignore[arg-type]
+    return (ids,)  # type: ignore[return-value]

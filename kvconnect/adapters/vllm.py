@@ -200,6 +200,9 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         o = connector_output
         failed_recving = getattr(o, "failed_recving", None)
         failed_sending = getattr(o.kv_connector_worker_meta, "failed_sending", None)
+        if not (o.finished_sending or o.finished_recving or failed_recving or o.invalid_block_ids
+                or failed_sending):
+            return  # most steps: nothing to tell the backend
         self._sched.update_worker_output(
             TransferResults(
                 finished_sending=set(o.finished_sending) if o.finished_sending else set(),

@@ -38,20 +38,57 @@ def finish_reason(request: Any) -> str | None:
     return _FINISH.get(word, word)
 
 
-def request_view(request: Any, with_finish: bool = True) -> RequestView:
-    """Build the neutral view of a vLLM ``Request`` (references, no copies).
+class VllmRequestView(RequestView):
+    """The neutral view of a vLLM ``Request``, reading each field from it when asked.
 
-    ``with_finish=False`` skips reading the finish reason: the adapter passes it for lookups and
-    allocation notices, where vLLM's request is never finished (the reason would be None)."""
-    return RequestView(
-        request.request_id,
-        request.prompt_token_ids or (),
-        getattr(request, "all_token_ids", None),
-        getattr(request, "block_hashes", None),
-        getattr(request, "kv_transfer_params", None),
-        getattr(request, "cache_salt", None),
-        finish_reason(request) if with_finish else None,
-    )
+    Built on every scheduler call for every request, so building it must cost next to nothing:
+    one object holding the request; most calls read one or two fields (a P/D producer's lookup
+    reads only the transfer params). ``with_finish=False`` reports no finish reason (the adapter
+    passes it for lookups and allocation notices, where vLLM's request is never finished)."""
+
+    __slots__ = ("_r", "_with_finish")
+
+    def __init__(self, request: Any, with_finish: bool = True) -> None:  # no dataclass fields to set
+        self._r = request
+        self._with_finish = with_finish
+
+    @property  # type: ignore[override]
+    def request_id(self) -> str:
+        return self._r.request_id
+
+    @property  # type: ignore[override]
+    def prompt_token_ids(self) -> Sequence[int]:
+        return self._r.prompt_token_ids or ()
+
+    @property  # type: ignore[override]
+    def all_token_ids(self) -> Sequence[int] | None:
+        return getattr(self._r, "all_token_ids", None)
+
+    @property  # type: ignore[override]
+    def block_hashes(self) -> Sequence[bytes] | None:
+        return getattr(self._r, "block_hashes", None)
+
+    @property  # type: ignore[override]
+    def transfer_params(self) -> Mapping[str, Any] | None:
+        return getattr(self._r, "kv_transfer_params", None)
+
+    @property  # type: ignore[override]
+    def cache_salt(self) -> str | None:
+        return getattr(self._r, "cache_salt", None)
+
+    @property  # type: ignore[override]
+    def finish_reason(self) -> str | None:
+        return finish_reason(self._r) if self._with_finish else None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        n = getattr(self._r, "num_prompt_tokens", None)
+        return n if isinstance(n, int) else len(self.prompt_token_ids)
+
+
+def request_view(request: Any, with_finish: bool = True) -> RequestView:
+    """The neutral view of a vLLM ``Request`` (no copies; fields read on access)."""
+    return VllmRequestView(request, with_finish)
 
 
 def block_ids_of(blocks: Any) -> tuple[list[int], ...]:
@@ -59,9 +96,9 @@ def block_ids_of(blocks: Any) -> tuple[list[int], ...]:
     if blocks is None:
         return ([],)
     get = getattr(blocks, "get_block_ids", None)
-    if callable(get):
-        return tuple(list(g) for g in get())
-    return tuple(list(g) for g in blocks)
+    groups = get() if callable(get) else blocks
+    # vLLM's get_block_ids builds new lists per call: keep them; copy anything else.
+    return tuple(g if type(g) is list and callable(get) else list(g) for g in groups)
 
 
 class LazyBlockIds(Sequence):

@@ -15,7 +15,8 @@ producer to free its blocks. A consumer request aborted while its load is in fli
 blocks (``delay_free``) until every worker reports the transfer ended (in ``finished_sending``):
 a READ still in flight must never write into blocks the engine gave to another request.
 
-Every call is O(1) per request (plus copying the request's own block ids once).
+Every call is O(1) per request, and block-id lists are never copied: vLLM builds the lists it
+passes for each call, and decoded router params are not mutated.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class PDScheduler(SchedulerConnector):
             raise WireError(f"kv_transfer_params: tp_size {p.tp_size} must be positive")
         if p.kvconnect_mode not in (None, "pull", "push", "read", "write"):
             raise WireError(f"kv_transfer_params: kvconnect_mode {p.kvconnect_mode!r} is not pull or push")
-        groups = tuple(map(tuple, block_groups(p.remote_block_ids)))
+        groups = block_groups(p.remote_block_ids)
         if len(groups) != self._num_groups:
             raise WireError(
                 f"kv_transfer_params: remote_block_ids has {len(groups)} KV-cache group(s), "
@@ -155,7 +156,7 @@ class PDScheduler(SchedulerConnector):
                 request_id=rid,
                 remote_request_id=p.remote_request_id,  # type: ignore[arg-type]
                 remote=remote,
-                local_block_ids=tuple(tuple(g) for g in block_ids),
+                local_block_ids=tuple(block_ids),  # the engine's lists are fresh per call: no copy
                 remote_block_ids=remote_groups,
                 token_start=start,
                 token_end=start + num_external_tokens,
@@ -197,7 +198,7 @@ class PDScheduler(SchedulerConnector):
             return False, None
         if request.finish_reason not in KEEP_FOR or not any(len(g) for g in block_ids):
             return False, None
-        groups = tuple(tuple(g) for g in block_ids)
+        groups = tuple(block_ids)  # the engine's lists are built for this call: kept, not copied
         self._leases.append(W.LeaseSpec(request_id=rid, block_ids=groups))
         self._leased.add(rid)
         e = self._engine
@@ -205,7 +206,7 @@ class PDScheduler(SchedulerConnector):
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_engine_id": e.engine_id,
-            "remote_block_ids": list(groups[0]) if len(groups) == 1 else [list(g) for g in groups],
+            "remote_block_ids": groups[0] if len(groups) == 1 else list(groups),
             "remote_host": self._host,
             "remote_port": self._port,
             "remote_request_id": rid,

@@ -47,7 +47,8 @@ def test_producer_keeps_blocks_and_returns_vllm_compatible_params(reason):
         "remote_request_id": "r1", "tp_size": 2, "remote_block_size": 16, "kvconnect_mode": "pull",
     }
     meta = s.build_step_metadata(StepView())
-    assert meta.leases == (W.LeaseSpec(request_id="r1", block_ids=((3, 4, 5),)),)
+    (lease,) = meta.leases
+    assert lease.request_id == "r1" and [list(g) for g in lease.block_ids] == [[3, 4, 5]]
     assert s.build_step_metadata(StepView()).is_empty()
 
 
@@ -100,7 +101,8 @@ def test_consumer_load_is_emitted_once_with_local_and_remote_blocks():
     meta = s.build_step_metadata(StepView())
     (load,) = meta.loads
     assert load.request_id == "r1" and load.remote_request_id == "p-1"
-    assert load.local_block_ids == ((8, 9, 10),) and load.remote_block_ids == ((4, 5, 6),)
+    assert [list(g) for g in load.local_block_ids] == [[8, 9, 10]]
+    assert [list(g) for g in load.remote_block_ids] == [[4, 5, 6]]
     assert (load.token_start, load.token_end) == (16, 40)
     assert load.remote == W.Remote(engine_id="eng-p", host="10.0.0.1", port=7000, tp_size=2)
     assert s.build_step_metadata(StepView()).is_empty()
@@ -177,7 +179,7 @@ def test_consumer_aborted_before_allocation_releases_the_producer_blocks():
         ({"remote_host": None}, "remote_host"),
         ({"remote_port": "seven"}, "remote_port"),
         ({"remote_port": 70000}, "remote_port"),
-        ({"remote_block_ids": [1, -2, 3]}, "negative"),
+        ({"remote_block_ids": [1, -2, 3]}, "remote_block_ids[1]"),
         ({"remote_block_ids": [[1, 2, 3], [4, 5, 6]]}, "group"),
         ({"remote_block_ids": [1]}, "cover"),
         ({"remote_request_id": None}, "remote_request_id"),

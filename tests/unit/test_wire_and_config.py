@@ -145,9 +145,9 @@ def test_fuzzed_transfer_params_only_raise_wire_error(params):
 
 
 def test_block_groups_normalises_flat_and_nested():
-    assert block_groups([1, 2]) == [[1, 2]]
-    assert block_groups([[1], [2, 3]]) == [[1], [2, 3]]
-    assert block_groups(None) == [[]]
+    assert block_groups([1, 2]) == ([1, 2],)
+    assert block_groups([[1], [2, 3]]) == ([1], [2, 3])
+    assert block_groups(None) == ([],)
 
 
 # -- config ------------------------------------------------------------------------------------------
