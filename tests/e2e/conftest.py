@@ -45,6 +45,8 @@ SWEEP: tuple[SweepConfig, ...] = (
                 "router P/D == single; repeated prefix loaded from CPU the second time"),
     SweepConfig("gqa-prefill-killed-recompute", "gqa", "P/D pull + cpu_offload, policy recompute",
                 "P32->D32", "prefill killed before decode: recomputed, == single"),
+    SweepConfig("gqa-pull-sustained-load", "gqa", "P/D pull, concurrent clients, client aborts", "P32->D32",
+                "hundreds of requests, some hung up mid-flight: completed == single, no block or request left"),
     SweepConfig("mla-pull-router", "mla", "P/D pull", "P16->D16", "== vLLM NixlConnector MLA P/D"),
     SweepConfig("hybrid-pull-router", "hybrid", "P/D pull", "P32->D32",
                 "3 KV-cache groups (2 sliding + full); == single"),

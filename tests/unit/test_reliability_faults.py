@@ -73,6 +73,7 @@ def test_abort_while_the_read_is_in_flight_keeps_the_blocks_until_it_ended(engin
     D.agent(0).knobs.peer_stopped = False
     assert run_until([P, D], lambda: "d" in D.sending and "p" in P.sending, 3.0)
     assert "d" not in D.recving  # the engine never hears of a load for a finished request
+    assert D.stats.get("loads_aborted") == 1  # the read completed, for a request already gone
     _idle(P, D)
     _serves_next(P, D)
 
@@ -111,6 +112,7 @@ def test_abort_after_the_load_ended_but_before_it_was_reported_frees_at_once(eng
     assert _abort(D, "d", params)[0] is True
     assert run_until([P, D], lambda: "d" in D.sending and "p" in P.sending, 3.0)
     assert "d" not in D.recving
+    assert D.stats.get("loads_aborted") == 1
     _idle(P, D)
 
 
@@ -123,6 +125,7 @@ def test_abort_before_the_load_reached_the_workers_frees_at_once_and_releases_th
     assert _abort(D, "d", params)[0] is False
     assert run_until([P, D], lambda: "p" in P.sending, 3.0)
     assert not P.stats.get("leases_expired")
+    assert D.stats.get("loads_released") == 1 and not D.stats.get("loads_aborted")
     _idle(P, D)
 
 
