@@ -94,6 +94,10 @@ def versions() -> dict[str, str | None]:
                 break
             except metadata.PackageNotFoundError:
                 continue
+    if out["kvconnect"] is None:  # run from a checkout, not installed
+        from kvconnect import __version__
+
+        out["kvconnect"] = f"{__version__} (source tree)"
     if out["vllm"] is None:
         try:
             import vllm
@@ -229,6 +233,20 @@ def md_offload(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def md_transfer(r: dict[str, Any]) -> list[str]:
+    lines = [f"{r['batch']} requests in flight, {r['bytes'] / 2**20:.0f} MiB per batch ({r['layers']} layers x "
+             f"{r['request_blocks']} blocks each), {r.get('device', 'cpu')} memory, checksums "
+             f"{'on' if r.get('checksums') else 'off'}; median of {r['iterations']} batches. Reference: raw "
+             "`nixl_agent` READs of the same bytes with the same descriptors, each batch run right after "
+             "kvconnect's; **ratio** is the median of the paired ratios (raw time / kvconnect time).", "",
+             "| block ids | merge runs | descriptors | kvconnect GB/s | raw NIXL GB/s | ratio |",
+             "|---|---|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['blocks']} | {'on' if x['merge_runs'] else 'off'} | {x['descriptors']} | "
+                     f"{x['kvconnect_gbps']:.2f} | {x['raw_nixl_gbps']:.2f} | {x['ratio']:.2f} |")
+    return lines
+
+
 def md_generic(r: Any) -> list[str]:
     return ["```json", json.dumps(r, indent=1, sort_keys=True)[:20000], "```"]
 
@@ -245,7 +263,7 @@ def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dic
     lines += [f"- {k}: {v}" for k, v in vers.items()]
     titles = {"scheduler": "Connector scheduler half (vLLM hot path)",
               "offload": "CPU offload bandwidth", "transfer": "P/D transfer (NIXL)"}
-    render = {"scheduler": md_scheduler, "offload": md_offload}
+    render = {"scheduler": md_scheduler, "offload": md_offload, "transfer": md_transfer}
     for name, res in results.items():
         lines += ["", f"## {titles.get(name, name)}", "", f"Command: `{res.get('command', '')}`", ""]
         if "error" in res:
