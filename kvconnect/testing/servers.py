@@ -75,37 +75,54 @@ _handed_out: set[int] = set()
 _port_lock = threading.Lock()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 and for outgoing connections."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _candidate_ports(n: int) -> range:
+    """Where test ports are drawn from: below the ephemeral range. A port found free by binding
+    to 0 lies inside it, where any process's outgoing connection or own bind-to-0 (vLLM's
+    internal sockets, on servers that start for minutes) may take it before our server binds it."""
+    eph_lo, eph_hi = _ephemeral_range()
+    if eph_lo - 10000 >= 1000 + n:
+        return range(10000, eph_lo - n)
+    return range(eph_hi + 1, 65535 - n)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = HOST) -> int:
-    """A TCP port that is free now and was not handed out before by this process."""
-    with _port_lock:
-        for _ in range(200):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
-    raise ServerError("could not find a free port")
+    """A TCP port that is free now, outside the ephemeral range, and not handed out before by
+    this process."""
+    return free_port_range(1, host)
 
 
 def free_port_range(n: int, host: str = HOST) -> int:
     """A base port with ``n`` consecutive ports free after it (e.g. a side channel for each TP
-    rank at ``base + rank``)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks: list[socket.socket] = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise ServerError(f"could not find {n} consecutive free ports")
+    rank at ``base + rank``), none handed out before by this process."""
+    candidates = _candidate_ports(n)
+    with _port_lock:
+        for _ in range(500):
+            base = random.choice(candidates)
+            ports = range(base, base + n)
+            if any(p in _handed_out for p in ports):
+                continue
+            if all(_bindable(host, p) for p in ports):
+                _handed_out.update(ports)
+                return base
+    raise ServerError(f"could not find {n} consecutive free ports in {candidates}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +199,8 @@ class ServerProcess:
         if not self.alive():
             rc = self.proc.returncode
             self.stop()
-            raise ServerError(f"{self.name} exited with code {rc} before it was ready\n{self.log_tail()}")
+            raise ServerError(f"{self.name} exited with code {rc} before it was ready\n"
+                              f"{first_traceback(self.log_path)}\n{self.log_tail()}")
         if _http_ok(self.url + self.health_path, timeout=2.0):
             self.ready_after_s = time.monotonic() - self.started_at
             logger.info("%s ready after %.1f s", self.name, self.ready_after_s)
@@ -266,6 +284,20 @@ def log_tail(path: str | os.PathLike, n_lines: int = 60, max_chars: int = 8000) 
         return f"--- (no log at {path}: {e}) ---"
     tail = "\n".join(text.splitlines()[-n_lines:])[-max_chars:]
     return f"--- last lines of {path} ---\n{tail}\n--- end of {path} ---"
+
+
+def first_traceback(path: str | os.PathLike, max_lines: int = 50) -> str:
+    """The first traceback in a log file, framed, or "" if it holds none. A server whose engine
+    core fails to start logs the root cause there; the tail only shows the front end's echo."""
+    try:
+        lines = Path(path).read_text("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None)
+    if start is None:
+        return ""
+    block = lines[max(0, start - 3):start + max_lines]
+    return f"--- first traceback in {path} ---\n" + "\n".join(block) + "\n--- end of first traceback ---"
 
 
 def stop_all() -> None:
