@@ -12,13 +12,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
 
 import pytest
 
 pytest.importorskip("sglang", reason="SGLang is not installed")
 pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
 
+from kvconnect.testing.servers import free_port  # noqa: E402
 from tests.sglang_stubs import pd_harness as H  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -35,18 +35,12 @@ BASE_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Pair:
     """A prefill and a decode rank in two spawned processes."""
 
     def __init__(self, env: dict | None = None) -> None:
         ctx = mp.get_context("spawn")
-        self.port = _free_port()
+        self.port = free_port()
         e = {**BASE_ENV, **(env or {})}
         self.q = {r: (ctx.Queue(), ctx.Queue()) for r in ("prefill", "decode")}
         self.p = {r: ctx.Process(target=H.serve, args=(r, self.port, e, *self.q[r]), daemon=True) for r in self.q}

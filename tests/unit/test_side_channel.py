@@ -15,14 +15,9 @@ from kvconnect.handshake import (
     zmq_endpoint,
 )
 from kvconnect.metadata import encode
+from kvconnect.testing.servers import free_port
 
 pytestmark = pytest.mark.unit
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bad_handler(body: bytes) -> bytes:
@@ -53,7 +48,7 @@ def test_unknown_kind_and_handler_error_are_clear_refusals(server):
 
 
 def test_listener_down_times_out_within_the_deadline():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     c = SideChannelClient()
     t0 = time.monotonic()
     with pytest.raises(HandshakeError, match="no reply"):
