@@ -43,7 +43,7 @@ import numpy as np
 from kvconnect import integrity
 from kvconnect.api import TransferResults
 from kvconnect.config import PDConfig
-from kvconnect.errors import KVConnectError, LayoutError, WireError
+from kvconnect.errors import KVConnectError, LayoutError, TransferError, WireError
 from kvconnect.metadata import decode, encode
 from kvconnect.pd import plan as P
 from kvconnect.pd import wire as W
@@ -328,6 +328,8 @@ class ProgressLoop:
                 h = self._t.start(Op.READ, peer.agent, route.local, lidx, route.remote, ridx)
             except KVConnectError as e:
                 self._fail_load(rid, f"cannot read from producer rank {p}: {e}")
+                if isinstance(e, TransferError):  # dead or restarted: the next load handshakes afresh
+                    self._peers.forget(peer.key)
                 return
             ld.handles.append((h, peer, p))
             ld.nbytes += route.plan.nbytes(lidx)
@@ -616,6 +618,8 @@ class ProgressLoop:
         except KVConnectError as e:
             logger.warning("request %s: write to consumer rank %d failed: %s", rid, wr.consumer_rank, e)
             self._notify(peer, W.Notice(W.FAILED, wr.consumer_request_id, me.tp_size, me.tp_rank))
+            if isinstance(e, TransferError):  # dead or restarted: the next write handshakes afresh
+                self._peers.forget(peer.key)
         self._lease_notice(ls, n)
         self._maybe_free(rid)
 
@@ -667,7 +671,11 @@ class ProgressLoop:
 
     def _expire(self, kind: str, rid: str, obj: object, now: float) -> None:
         if kind == "load" and self._loads.get(rid) is obj:
+            ld: _Load = obj  # type: ignore[assignment]
+            stuck = [peer.key for _, peer, p in ld.handles if p not in ld.done_ranks]
             self._fail_load(rid, "deadline passed (transfer_timeout_s / handshake_timeout_s)")
+            for key in stuck:  # a peer that stopped answering (or came back as another process)
+                self._peers.forget(key)  # is handshaken afresh by the next load
         elif kind == "lease" and self._leases.get(rid) is obj:
             ls = self._leases.pop(rid)
             for h, *_ in ls.writes:

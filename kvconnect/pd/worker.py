@@ -13,6 +13,7 @@ finished results: nothing here blocks on the network or on a transfer. Three thr
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +102,9 @@ class PDWorker(WorkerConnector):
         regions, placed = P.place_layers(regions_in)
         P.check_heads(num_heads, e.tp_size, e.tp_rank, placed, "this worker")
         chash = compat_hash(signature(e, layouts))
-        agent = f"{e.engine_id}-dp{e.dp_rank}-tp{e.tp_rank}-{id(self):x}"
+        # Unique per start: NIXL refuses a peer's metadata under a name it still holds from the
+        # peer's earlier incarnation (an instance restarted with a fixed engine_id).
+        agent = f"{e.engine_id}-dp{e.dp_rank}-tp{e.tp_rank}-{uuid.uuid4().hex[:12]}"
         transport = self._make_transport(agent)
         transport.register(regions, devices.pop())
         self._transport = transport

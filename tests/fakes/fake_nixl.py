@@ -20,7 +20,9 @@ which runs the same cases against both):
   ``make_prepped_xfer``; garbage metadata raises ``nixlMismatchError``.
 - memory registered after ``get_agent_metadata`` is unknown to a peer until it loads fresh
   metadata; reloading metadata of the same agent keeps prepared lists valid; after
-  ``remove_remote_agent`` they are stale (``nixlNotFoundError`` at make/transfer).
+  ``remove_remote_agent`` they are stale (``nixlNotFoundError`` at make/transfer). Metadata of
+  another agent under a name already loaded (a restarted peer) raises ``nixlNotAllowedError``
+  until the old one is removed.
 - a dead peer: ``transfer`` raises ``nixlRemoteDisconnectError``; a transfer in flight when the
   peer dies makes ``check_xfer_state`` raise it (every call after, too).  A stopped peer leaves
   transfers ``PROC`` forever.  ``release_xfer_handle`` of a ``PROC`` transfer cancels it.
@@ -468,10 +470,12 @@ class FakeNixlAgent:
             raise nixlMismatchError("NIXL_ERR_MISMATCH") from e
         with _LOCK:
             old = self._remotes.get(name)
-            epoch = self._epochs.get(name, 0)
             if old is not None and old.incarnation != inc:
-                epoch += 1  # a restarted peer of the same name: earlier prepared lists are stale
-                self._epochs[name] = epoch
+                # Another agent under a name already loaded (a peer restarted under the same
+                # name): the real UCX backend refuses its connection info until the old one is
+                # removed with remove_remote_agent.
+                raise nixlNotAllowedError("NIXL_ERR_NOT_ALLOWED")
+            epoch = self._epochs.get(name, 0)
             self._remotes[name] = _Remote(name, inc, regions, epoch)
         return name.encode()
 

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
+from kvconnect.testing.servers import free_port_range  # noqa: E402
 from tests.integration.test_nixl_pd import Child  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -76,6 +77,31 @@ def test_producer_killed_after_a_transfer_then_a_new_producer_is_served(spawn):
     _good(P2, D, "2", [[1, 2, 3]], [[13, 14, 15]])  # the consumer still serves
     _idle(D)
     _idle(P2)
+
+
+def test_producer_restarted_under_the_same_engine_id_and_port_is_served_again(spawn):
+    # A deployment that pins engine_id: the consumer holds the killed producer's NIXL agent and
+    # prepared lists; after at most one failed load it must handshake with the new process.
+    port = free_port_range(1)
+    fixed = {"engine_id": "prefill-pinned", "options": {**FAULT, "side_channel_port": port}}
+    P, D = spawn(("prefill", {"e": dict(fixed)}), ("decode", {"e": {"options": FAULT}}))
+    _good(P, D, "0", [[1, 2, 3]], [[4, 5, 6]])
+    os.kill(P.pid, signal.SIGKILL)
+    P.proc.join(timeout=5)
+    (P2,) = spawn(("prefill", {"e": dict(fixed)}))
+    P2.send("prefill", "e", "p1", 40, [[7, 8, 9]])
+    _, _, params, _ = P2.expect("params", "p1")
+    t0 = time.monotonic()
+    D.send("decode", "e", "d1", 40, params, [[10, 11, 12]])
+    D.expect("recv", "d1", timeout=10)  # may fail once, against the old incarnation
+    assert time.monotonic() - t0 < FAULT["handshake_timeout_s"] + FAULT["transfer_timeout_s"] + 2
+    P2.send("prefill", "e", "p2", 40, [[13, 14, 15]])
+    _, _, params, dump = P2.expect("params", "p2")
+    D.send("decode", "e", "d2", 40, params, [[16, 17, 18]])
+    assert D.expect("recv", "d2", timeout=10)[2] is False, "the consumer never reached the restarted producer"
+    D.send("check", "e", dump, {}, [[13, 14, 15]], [[16, 17, 18]], 0, 40)
+    assert D.expect("checked", "e")[2] == "ok"
+    _idle(D)
 
 
 def test_abort_while_the_read_is_in_flight_frees_only_after_the_transfer_ended(spawn):

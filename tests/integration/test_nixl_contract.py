@@ -73,10 +73,11 @@ class Env:
                 fake_nixl,
             )
 
-    def agent(self, prefix: str, **conf):
+    def agent(self, prefix: str, exact_name: bool = False, **conf):
         conf.setdefault("enable_prog_thread", False)
         conf.setdefault("backends", ["UCX"])
-        ag = self._agent_cls(f"{prefix}-{uuid.uuid4().hex[:8]}", self._config_cls(**conf))
+        name = prefix if exact_name else f"{prefix}-{uuid.uuid4().hex[:8]}"
+        ag = self._agent_cls(name, self._config_cls(**conf))
         self._agents.append(ag)
         return ag
 
@@ -290,6 +291,20 @@ def test_remove_remote_agent_makes_lists_stale(env):
         init.agent.prep_xfer_dlist(targ.agent.name, targ.rows(), "DRAM")
     init.agent.remove_remote_agent(targ.agent.name)  # twice: no error
     init.agent.remove_remote_agent("never-known")
+
+
+def test_restarted_agent_under_a_loaded_name_is_refused_until_removed(env):
+    # Why kvconnect names each worker's agent afresh at every start: a peer that comes back under
+    # the name of its earlier incarnation cannot be loaded while that one is.
+    init, targ = env.pair()
+    again = Side(env.agent(targ.agent.name, exact_name=True), fill=5)
+    init.agent.add_remote_agent(targ.agent.get_agent_metadata())  # the same agent again: fine
+    with pytest.raises(env.errors.nixlNotAllowedError):
+        init.agent.add_remote_agent(again.agent.get_agent_metadata())
+    init.agent.remove_remote_agent(targ.agent.name)
+    assert init.agent.add_remote_agent(again.agent.get_agent_metadata()) == again.agent.name.encode()
+    _run(init, again, "READ", [2], [2])
+    assert np.array_equal(init.block(2), again.block(2))
 
 
 def test_target_that_is_not_progressed_keeps_transfer_proc(env):

@@ -37,7 +37,8 @@ def _serve(role: str, specs: dict, inq, outq) -> None:
 
         from tests.unit.pd_harness import Engine, Req, assert_transferred, decode_start, prefill
 
-        engines = {name: Engine(f"{role}-{name}-{os.getpid()}", agent_factory=nixl_agent,
+        # An engine_id in a spec pins it (a restarted instance); otherwise it is unique per process.
+        engines = {name: Engine(spec.pop("engine_id", f"{role}-{name}-{os.getpid()}"), agent_factory=nixl_agent,
                                 config_factory=nixl_agent_config, **spec) for name, spec in specs.items()}
         outq.put(("ready", os.getpid()))
         seen_s, seen_r = set(), set()
