@@ -87,6 +87,24 @@ def build_llama_gqa(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _build(out_dir, "llama", config, seed)
 
 
+def build_llama_mqa(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build (or reuse) a tiny Llama of another shape than :func:`build_llama_gqa`: one KV head
+    for four query heads (MQA), head dim 80 (not a power of two), three layers."""
+    config = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=320,
+        intermediate_size=640,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=80,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return _build(out_dir, "llama", config, seed)
+
+
 def build_mla(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build (or reuse) a tiny DeepseekV3 (MLA) model in ``out_dir``; return the directory.
 
@@ -149,11 +167,11 @@ def build_hybrid(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _build(out_dir, "gemma3_text", config, seed)
 
 
-BUILDERS = {"llama_gqa": build_llama_gqa, "mla": build_mla, "hybrid": build_hybrid}
+BUILDERS = {"llama_gqa": build_llama_gqa, "llama_mqa": build_llama_mqa, "mla": build_mla, "hybrid": build_hybrid}
 
 
 def build(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build a model by kind name: ``llama_gqa``, ``mla`` or ``hybrid``."""
+    """Build a model by kind name: ``llama_gqa``, ``llama_mqa``, ``mla`` or ``hybrid``."""
     try:
         fn = BUILDERS[kind]
     except KeyError:

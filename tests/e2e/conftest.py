@@ -50,6 +50,8 @@ SWEEP: tuple[SweepConfig, ...] = (
     SweepConfig("mla-pull-router", "mla", "P/D pull", "P16->D16", "== vLLM NixlConnector MLA P/D"),
     SweepConfig("hybrid-pull-router", "hybrid", "P/D pull", "P32->D32",
                 "3 KV-cache groups (2 sliding + full); == single"),
+    SweepConfig("mqa-bf16-pull-uneven-bs", "mqa", "P/D pull, bfloat16", "P96->D64",
+                "1 KV head, head dim 80, 3 layers; block sizes neither dividing the other; == single"),
 )
 SWEEP_IDS = {c.id for c in SWEEP}
 _DEPS = ("vllm", "nixl", "vllm_router")
