@@ -293,10 +293,12 @@ def first_traceback(path: str | os.PathLike, max_lines: int = 50) -> str:
         lines = Path(path).read_text("utf-8", "replace").splitlines()
     except OSError:
         return ""
-    start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None)
+    # The log is appended to at every start ("### <time> <name>: <argv>"): this start's part only.
+    begin = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("### ")), 0)
+    start = next((i for i in range(begin, len(lines)) if "Traceback (most recent call last)" in lines[i]), None)
     if start is None:
         return ""
-    block = lines[max(0, start - 3):start + max_lines]
+    block = lines[max(begin, start - 3):start + max_lines]
     return f"--- first traceback in {path} ---\n" + "\n".join(block) + "\n--- end of first traceback ---"
 
 
