@@ -70,39 +70,29 @@ DEFAULT_STD = {"llama": 0.1, "deepseek_v3": 0.1, "gemma3_text": 0.2}
 # ----------------------------------------------------------------------------------------------
 
 
-def build_llama_gqa(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build (or reuse) the tiny Llama GQA model in ``out_dir``; return the directory."""
+def _build_llama(out_dir: str | os.PathLike, seed: int, **shape: int) -> Path:
+    """A tiny Llama: the settings every Llama here shares, plus its ``shape``."""
     config = dict(
         vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
+        **shape,
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
     return _build(out_dir, "llama", config, seed)
+
+
+def build_llama_gqa(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build (or reuse) the tiny Llama GQA model in ``out_dir``; return the directory."""
+    return _build_llama(out_dir, seed, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
 def build_llama_mqa(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build (or reuse) a tiny Llama of another shape than :func:`build_llama_gqa`: one KV head
     for four query heads (MQA), head dim 80 (not a power of two), three layers."""
-    config = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=320,
-        intermediate_size=640,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=80,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    return _build(out_dir, "llama", config, seed)
+    return _build_llama(out_dir, seed, hidden_size=320, intermediate_size=640, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=80)
 
 
 def build_mla(out_dir: str | os.PathLike, seed: int = 0) -> Path:
