@@ -19,11 +19,20 @@ FAST = {"handshake_timeout_s": 0.5, "transfer_timeout_s": 0.5}
 P_IDS, D_IDS = [[1, 2, 3]], [[4, 5, 6]]
 
 
-def _start(P, D, prompt_len=40, p_ids=P_IDS, d_ids=D_IDS):
+def _start(P, D, prompt_len=40, p_ids=P_IDS, d_ids=D_IDS, tag=""):
+    """Request ``p<tag>`` on the producer, then ``d<tag>`` on the consumer with its params."""
     P.fill(1)
-    _, params = prefill(P, "p", prompt_len, p_ids)
-    decode_start(D, "d", prompt_len, params, d_ids)
+    _, params = prefill(P, f"p{tag}", prompt_len, p_ids)
+    decode_start(D, f"d{tag}", prompt_len, params, d_ids)
     return params
+
+
+def _assert_served_after_restart(P, D, tag, why):
+    """A request after a peer restarted: loaded, producer blocks freed, bytes equal."""
+    _start(P, D, p_ids=[[7, 8, 9]], d_ids=[[10, 11, 12]], tag=tag)
+    assert run_until([P, D], lambda: f"d{tag}" in D.recving and f"p{tag}" in P.sending)
+    assert f"d{tag}" not in D.failed, why
+    assert_transferred(P, D, [[7, 8, 9]], [[10, 11, 12]], 0, 40)
 
 
 def _assert_failed(D, d_ids=D_IDS, timeout=5.0, others=()):
@@ -93,46 +102,31 @@ def test_producer_restarted_under_the_same_engine_id_is_reached_again(engines):
     # refuses a peer's metadata under a name it still holds, so each start names its agent anew.
     P1 = engines("prefill", options={"lease_timeout_s": 0.5})
     D = engines("decode", options={"transfer_timeout_s": 3.0})
-    P1.fill(1)
-    _, params = prefill(P1, "p1", 40, P_IDS)
-    decode_start(D, "d1", 40, params, D_IDS)
+    _start(P1, D, tag="1")
     assert run_until([P1, D], lambda: "d1" in D.recving) and "d1" not in D.failed
     old_agent = P1.workers[0]._transport.agent_name
     P1.agent(0).kill()
     P1.shutdown()
     P2 = engines("prefill", options={"side_channel_port": P1.cfg.side_channel_port})
     assert P2.workers[0]._transport.agent_name != old_agent
-    P2.fill(2)
-    _, params = prefill(P2, "p2", 40, P_IDS)
-    decode_start(D, "d2", 40, params, D_IDS)
+    _start(P2, D, tag="2")
     assert run_until([P2, D], lambda: "d2" in D.recving)  # against the old incarnation: fails once
-    _, params = prefill(P2, "p3", 40, [[7, 8, 9]])
-    decode_start(D, "d3", 40, params, [[10, 11, 12]])
-    assert run_until([P2, D], lambda: "d3" in D.recving and "p3" in P2.sending)
-    assert "d3" not in D.failed, "the consumer never reached the restarted producer"
-    assert_transferred(P2, D, [[7, 8, 9]], [[10, 11, 12]], 0, 40)
+    _assert_served_after_restart(P2, D, "3", "the consumer never reached the restarted producer")
 
 
 def test_consumer_restarted_under_the_same_engine_id_is_written_to_again(engines):
     # Push mode, the other way round: the producer holds the consumer's old incarnation.
     P = engines("prefill", mode="push", options={"lease_timeout_s": 1.0})
     D1 = engines("decode", mode="push")
-    P.fill(3)
-    _, params = prefill(P, "p1", 40, P_IDS)
-    decode_start(D1, "d1", 40, params, D_IDS)
+    _start(P, D1, tag="1")
     assert run_until([P, D1], lambda: "d1" in D1.recving) and "d1" not in D1.failed
     D1.agent(0).kill()
     D1.shutdown()
     D2 = engines("decode", mode="push", options={"side_channel_port": D1.cfg.side_channel_port,
                                                   "transfer_timeout_s": 1.0})
-    _, params = prefill(P, "p2", 40, P_IDS)
-    decode_start(D2, "d2", 40, params, D_IDS)
+    _start(P, D2, tag="2")
     assert run_until([P, D2], lambda: "d2" in D2.recving)  # written to the old incarnation: fails once
-    _, params = prefill(P, "p3", 40, [[7, 8, 9]])
-    decode_start(D2, "d3", 40, params, [[10, 11, 12]])
-    assert run_until([P, D2], lambda: "d3" in D2.recving and "p3" in P.sending)
-    assert "d3" not in D2.failed, "the producer never reached the restarted consumer"
-    assert_transferred(P, D2, [[7, 8, 9]], [[10, 11, 12]], 0, 40)
+    _assert_served_after_restart(P, D2, "3", "the producer never reached the restarted consumer")
 
 
 def test_producer_that_hung_then_was_replaced_is_reached_after_one_deadline(engines):
@@ -141,22 +135,14 @@ def test_producer_that_hung_then_was_replaced_is_reached_after_one_deadline(engi
     # handshakes with the new process instead of waiting out a deadline each time.
     P1 = engines("prefill", options={"lease_timeout_s": 0.5})
     D = engines("decode", options=FAST)
-    P1.fill(1)
-    _, params = prefill(P1, "p0", 40, P_IDS)
-    decode_start(D, "d0", 40, params, D_IDS)
+    _start(P1, D, tag="0")
     assert run_until([P1, D], lambda: "d0" in D.recving) and "d0" not in D.failed
     D.agent(0).knobs.peer_stopped = {P1.workers[0]._transport.agent_name}
     P1.shutdown()
     P2 = engines("prefill", options={"side_channel_port": P1.cfg.side_channel_port})
-    P2.fill(2)
-    _, params = prefill(P2, "p1", 40, P_IDS)
-    decode_start(D, "d1", 40, params, D_IDS)
+    _start(P2, D, tag="1")
     assert run_until([P2, D], lambda: "d1" in D.recving) and "d1" in D.failed  # the old one: deadline
-    _, params = prefill(P2, "p2", 40, [[7, 8, 9]])
-    decode_start(D, "d2", 40, params, [[10, 11, 12]])
-    assert run_until([P2, D], lambda: "d2" in D.recving)
-    assert "d2" not in D.failed, "the load after the deadline went to the hung process again"
-    assert_transferred(P2, D, [[7, 8, 9]], [[10, 11, 12]], 0, 40)
+    _assert_served_after_restart(P2, D, "2", "the load after the deadline went to the hung process again")
 
 
 def test_stopped_producer_fails_at_the_transfer_deadline(engines):
