@@ -123,7 +123,8 @@ class StepView:
 
 @dataclass(slots=True)
 class TransferResults:
-    """What workers report back each step. Every field may be empty."""
+    """What workers report back each step. Every field may be empty. Read-only for the scheduler
+    half that receives it: an engine adapter may hand over the engine's own sets."""
 
     #: Requests whose blocks this worker no longer needs (producer side done, or store done).
     finished_sending: set[str] = field(default_factory=set)
@@ -184,6 +185,11 @@ class SchedulerConnector(abc.ABC):
 
     #: A composition supports hybrid (multi-group) models only when every part does.
     supports_hybrid: bool = False
+    #: The transfer-params key a request must set for this backend to load anything for it
+    #: (P/D: ``do_remote_prefill``); None when any request may load (CPU offload). An engine
+    #: adapter may then skip ``get_num_new_matched_tokens`` (answering ``(0, False)``) and
+    #: ``update_state_after_alloc`` for every other request: both are on the engine's hot path.
+    loads_only_when: str | None = None
 
     @abc.abstractmethod
     def get_num_new_matched_tokens(

@@ -95,11 +95,8 @@ class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     kvconnect_version: str = ""
 
 
-#: A KV block id as a router may send it.
-BlockId = Annotated[int, msgspec.Meta(ge=0)]
 
-
-class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """vLLM's P/D ``kv_transfer_params`` protocol (the keys routers pass between instances).
 
     Unknown keys are ignored so that routers and newer vLLM versions can add their own; the
@@ -108,8 +105,12 @@ class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     do_remote_decode: bool = False
     do_remote_prefill: bool = False
     remote_engine_id: str | None = None
-    #: One list per KV-cache group; vLLM sends a flat list for single-group models.
-    remote_block_ids: list[BlockId | list[BlockId]] | None = None
+    #: One list per KV-cache group; vLLM sends a flat list for single-group models. Kept as the
+    #: router's list, elements unchecked here: the worker that turns them into descriptor indices
+    #: checks every id (type and range, against the producer's cache) and fails the load naming
+    #: them. A pass over every id on the engine's scheduler thread, per request, would cost more
+    #: there than the rest of the request's connector work.
+    remote_block_ids: Any = None
     remote_host: str | None = None
     remote_port: Annotated[int, msgspec.Meta(gt=0, lt=65536)] | None = None
     remote_request_id: str | None = None
@@ -135,16 +136,13 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
                        if getattr(p, k) is None]
             raise WireError(f"kv_transfer_params: do_remote_prefill needs {', '.join(missing)}")
         ids = p.remote_block_ids
-        # msgspec checked each id is an int >= 0 (or a list of them); what is left is a flat list
-        # with a nested one inside (or the reverse): sum() runs in C and raises on the mix.
-        try:
-            if ids and type(ids[0]) is int:
-                sum(ids)
-            elif ids:
-                for g in ids:
-                    sum(g)
-        except TypeError:
-            raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists") from None
+        if type(ids) is not list:
+            raise WireError(f"kv_transfer_params: remote_block_ids must be a list of block ids (or one list "
+                            f"per KV-cache group), got {type(ids).__name__}")
+        if ids and type(ids[0]) is list and not all(type(g) is list for g in ids):
+            raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists")
+    elif p.remote_block_ids is not None and type(p.remote_block_ids) is not list:
+        raise WireError(f"kv_transfer_params: remote_block_ids must be a list, got {type(p.remote_block_ids).__name__}")
     return p
 
 

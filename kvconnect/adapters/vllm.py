@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+_NONE: frozenset = frozenset()
 
 
 class KVConnectMetadata(KVConnectorMetadata):
@@ -94,6 +95,7 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
                 f"configured backends {self._config.names} do not all support hybrid models; "
                 "start vLLM with --disable-hybrid-kv-cache-manager"
             )
+        self._load_key = self._sched.loads_only_when if self._sched is not None else None
         self._load_errors: set[int] = set()
         self._failed_sending: set[str] = set()
         self._stats: dict[str, Any] | None = None
@@ -185,12 +187,22 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
 
     # -- scheduler half ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._sched.get_num_new_matched_tokens(tr.request_view(request, False), num_computed_tokens)
+        key = self._load_key
+        if key is not None:  # a request the backends never load for (a P/D producer's): skip them
+            params = getattr(request, "kv_transfer_params", None)
+            if not params or not params.get(key):
+                return 0, False
+        return self._sched.get_num_new_matched_tokens(tr.VllmRequestView(request, False), num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        key = self._load_key
+        if key is not None:
+            params = getattr(request, "kv_transfer_params", None)
+            if not params or not params.get(key):
+                return
         # Block ids are read from vLLM's block objects only if the backend looks at them.
         self._sched.update_state_after_alloc(
-            tr.request_view(request, False), tr.LazyBlockIds(blocks), num_external_tokens
+            tr.VllmRequestView(request, False), tr.LazyBlockIds(blocks), num_external_tokens
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -203,13 +215,14 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         if not (o.finished_sending or o.finished_recving or failed_recving or o.invalid_block_ids
                 or failed_sending):
             return  # most steps: nothing to tell the backend
+        # vLLM's sets, not copies: backends only read results (see TransferResults).
         self._sched.update_worker_output(
             TransferResults(
-                finished_sending=set(o.finished_sending) if o.finished_sending else set(),
-                finished_recving=set(o.finished_recving) if o.finished_recving else set(),
-                failed_recving=set(failed_recving) if failed_recving else set(),
-                invalid_block_ids=set(o.invalid_block_ids) if o.invalid_block_ids else set(),
-                failed_sending=set(failed_sending) if failed_sending else set(),
+                finished_sending=o.finished_sending or _NONE,
+                finished_recving=o.finished_recving or _NONE,
+                failed_recving=failed_recving or _NONE,
+                invalid_block_ids=o.invalid_block_ids or _NONE,
+                failed_sending=failed_sending or _NONE,
             )
         )
 

@@ -21,10 +21,26 @@ VLLM_CPU_K_DIMS = ("block", "head", "feature", "token")
 VLLM_CPU_V_DIMS = ("block", "head", "token", "feature")
 
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
+#: id(vLLM RequestStatus member) -> (member, word). vLLM derives the finish reason from the status
+#: alone, so each member is named once, not on every finished request (enum hashing and ``.name``
+#: are Python-level calls). Keyed by id, checked by identity: members live as long as the process.
+_STATUS_WORDS: dict[int, tuple[Any, str | None]] = {}
 
 
 def finish_reason(request: Any) -> str | None:
     """vLLM's FinishReason (or RequestStatus) as a lower-case word, None while running."""
+    status = getattr(request, "status", None)
+    hit = _STATUS_WORDS.get(id(status))
+    if hit is not None and hit[0] is status:
+        return hit[1]
+    word = _finish_reason(request)
+    cls = type(status)
+    if cls.__name__ == "RequestStatus" and cls.__module__.startswith("vllm.") and len(_STATUS_WORDS) < 64:
+        _STATUS_WORDS[id(status)] = (status, word)
+    return word
+
+
+def _finish_reason(request: Any) -> str | None:
     get = getattr(request, "get_finished_reason", None)
     reason = get() if callable(get) else None
     if reason is None:
@@ -48,13 +64,13 @@ class VllmRequestView(RequestView):
 
     __slots__ = ("_r", "_with_finish")
 
-    def __init__(self, request: Any, with_finish: bool = True) -> None:  # no dataclass fields to set
+    def __init__(self, request: Any, with_finish: bool = True) -> None:
         self._r = request
         self._with_finish = with_finish
-
-    @property  # type: ignore[override]
-    def request_id(self) -> str:
-        return self._r.request_id
+        # Read by nearly every call: copied into the base class's slots once (a slot read after,
+        # not a property call); the other fields are read from the request when asked.
+        self.request_id = request.request_id
+        self.transfer_params = getattr(request, "kv_transfer_params", None)
 
     @property  # type: ignore[override]
     def prompt_token_ids(self) -> Sequence[int]:
@@ -67,10 +83,6 @@ class VllmRequestView(RequestView):
     @property  # type: ignore[override]
     def block_hashes(self) -> Sequence[bytes] | None:
         return getattr(self._r, "block_hashes", None)
-
-    @property  # type: ignore[override]
-    def transfer_params(self) -> Mapping[str, Any] | None:
-        return getattr(self._r, "kv_transfer_params", None)
 
     @property  # type: ignore[override]
     def cache_salt(self) -> str | None:
@@ -96,9 +108,10 @@ def block_ids_of(blocks: Any) -> tuple[list[int], ...]:
     if blocks is None:
         return ([],)
     get = getattr(blocks, "get_block_ids", None)
-    groups = get() if callable(get) else blocks
-    # vLLM's get_block_ids builds new lists per call: keep them; copy anything else.
-    return tuple(g if type(g) is list and callable(get) else list(g) for g in groups)
+    if get is not None:
+        groups = get()  # vLLM builds a tuple of new lists per call: kept, not copied
+        return groups if type(groups) is tuple else tuple(groups)
+    return tuple(list(g) for g in blocks)
 
 
 class LazyBlockIds(Sequence):
@@ -169,17 +182,17 @@ def _scheduled(scheduler_output: Any) -> list[ScheduledRequest]:
 
 
 class _LazyStepView(StepView):
-    """A :class:`StepView` whose ``scheduled`` list is built from vLLM's ``SchedulerOutput`` only
-    when a backend reads it: building it is O(running requests) per step, and P/D backends never
-    read it."""
+    """A :class:`StepView` read from vLLM's ``SchedulerOutput`` only as far as a backend looks:
+    the ``scheduled`` list is O(running requests) per step and P/D backends never read it, and
+    the finished/preempted sets are copied (vLLM's own are not the backends' to keep) on first read."""
 
-    __slots__ = ("_output", "_built")
+    __slots__ = ("_output", "_built", "_finished", "_preempted")
 
-    def __init__(self, scheduler_output: Any, finished: set[str], preempted: set[str]) -> None:
-        self.finished_request_ids = finished
-        self.preempted_request_ids = preempted
+    def __init__(self, scheduler_output: Any) -> None:
         self._output = scheduler_output
         self._built: list[ScheduledRequest] | None = None
+        self._finished: set[str] | None = None
+        self._preempted: set[str] | None = None
 
     @property  # type: ignore[override]
     def scheduled(self) -> list[ScheduledRequest]:
@@ -192,13 +205,32 @@ class _LazyStepView(StepView):
     def scheduled(self, value: list[ScheduledRequest]) -> None:
         self._built = value
 
+    @property  # type: ignore[override]
+    def finished_request_ids(self) -> set[str]:
+        if self._finished is None:
+            ids = self._output.finished_req_ids
+            self._finished = set(ids) if ids else set()
+        return self._finished
+
+    @finished_request_ids.setter
+    def finished_request_ids(self, value: set[str]) -> None:
+        self._finished = value
+
+    @property  # type: ignore[override]
+    def preempted_request_ids(self) -> set[str]:
+        if self._preempted is None:
+            ids = getattr(self._output, "preempted_req_ids", None)
+            self._preempted = set(ids) if ids else set()
+        return self._preempted
+
+    @preempted_request_ids.setter
+    def preempted_request_ids(self, value: set[str]) -> None:
+        self._preempted = value
+
 
 def step_view(scheduler_output: Any) -> StepView:
-    """The part of vLLM's ``SchedulerOutput`` that connectors use (``scheduled`` built on first read)."""
-    finished = scheduler_output.finished_req_ids
-    preempted = getattr(scheduler_output, "preempted_req_ids", None)
-    return _LazyStepView(scheduler_output, set(finished) if finished else set(),
-                         set(preempted) if preempted else set())
+    """The part of vLLM's ``SchedulerOutput`` that connectors use (each field built on first read)."""
+    return _LazyStepView(scheduler_output)
 
 
 def _is_mla(spec: Any) -> bool:

@@ -213,7 +213,8 @@ def md_scheduler(r: dict[str, Any]) -> list[str]:
     lines.append("")
     for k, v in r.get("targets", {}).items():
         bar = "<= 0.5x vLLM NixlConnector" if v["bar"] == 0.5 else "< 1x vLLM MultiConnector"
-        lines.append(f"- target `{k}` ({bar}): ratio {v['ratio']:.2f} — **{'met' if v['met'] else 'not met'}**")
+        floor = f" (the bare P/D protocol alone: {v['floor_ratio']:.2f})" if "floor_ratio" in v else ""
+        lines.append(f"- target `{k}` ({bar}): ratio {v['ratio']:.2f} — **{'met' if v['met'] else 'not met'}**{floor}")
     return lines
 
 

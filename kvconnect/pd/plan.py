@@ -150,8 +150,8 @@ class PeerPlan:
                 f"block ids for {len(local_ids)} local / {len(remote_ids)} remote KV-cache groups, "
                 f"the model has {self.num_groups}"
             )
-        ids_l = [np.asarray(g, dtype=np.int64) for g in local_ids]
-        ids_r = [np.asarray(g, dtype=np.int64) for g in remote_ids]
+        ids_l = [_id_array(g, "local") for g in local_ids]
+        ids_r = [_id_array(g, "remote") for g in remote_ids]
         out_l, out_r = [], []
         for c in self.classes:
             e_l, e_r = self.local_block_sizes[c.group], self.remote_block_sizes[c.group]
@@ -177,6 +177,22 @@ class PeerPlan:
         return int(self.local_descs[local_idx, 2].sum()) if local_idx.size else 0
 
 
+def _id_array(ids: Sequence[int], side: str) -> np.ndarray:
+    """One group's block ids as int64. Ids come from a router's ``remote_block_ids`` unchecked
+    (the scheduler thread does not walk them): anything but a flat list of integers is refused here
+    (negative and too-large ids by :func:`_units`, against the cache's size)."""
+    try:
+        a = np.asarray(ids)
+    except (ValueError, TypeError):
+        a = None
+    if a is None or a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        shown = repr(ids)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise LayoutError(f"{side} block ids (remote_block_ids for the producer's) must be a list of "
+                          f"integers, got {shown}")
+    return a.astype(np.int64, copy=False)
+
+
 def _units(ids: np.ndarray, tok: np.ndarray, engine_bs: int, tensor_bs: int, g: int, nb: int, side: str):
     pos = tok // engine_bs
     if pos.size and int(pos[-1]) >= ids.size:
@@ -187,7 +203,8 @@ def _units(ids: np.ndarray, tok: np.ndarray, engine_bs: int, tensor_bs: int, g: 
     per = engine_bs // tensor_bs
     blk = eng * per + (tok % engine_bs) // tensor_bs
     if eng.size and (int(eng.min()) < 0 or int(blk.max()) >= nb):
-        raise LayoutError(f"{side} block id outside the KV cache ({nb // per} blocks)")
+        bad = int(eng.min()) if int(eng.min()) < 0 else int(eng.max())
+        raise LayoutError(f"{side} block id {bad} outside the KV cache ({nb // per} blocks)")
     return blk * (tensor_bs // g) + (tok % tensor_bs) // g, eng != 0
 
 

@@ -61,6 +61,7 @@ def base_port(cfg: PDConfig, engine: EngineInfo) -> int:
 
 class PDScheduler(SchedulerConnector):
     supports_hybrid = True
+    loads_only_when = "do_remote_prefill"
 
     def __init__(self, config: PDConfig, engine: EngineInfo) -> None:
         self._cfg = config
@@ -167,12 +168,13 @@ class PDScheduler(SchedulerConnector):
 
     # -- both ------------------------------------------------------------------------------------
     def build_step_metadata(self, step: StepView) -> W.PDStepMetadata:
-        if not (self._loads or self._leases or self._releases or self._aborts):
+        loads, leases, releases, aborts = self._loads, self._leases, self._releases, self._aborts
+        if not (loads or leases or releases or aborts):
             return _EMPTY
-        meta = W.PDStepMetadata(loads=tuple(self._loads), leases=tuple(self._leases),
-                                releases=tuple(self._releases), aborts=tuple(self._aborts))
-        self._loads, self._leases, self._releases, self._aborts = [], [], [], []
-        return meta
+        # Most steps carry one kind (a producer's leases, a consumer's loads): the others stay
+        # the shared empty tuple, and only what was sent is emptied.
+        return W.PDStepMetadata(loads=_take(loads), leases=_take(leases), releases=_take(releases),
+                                aborts=_take(aborts))
 
     def request_finished(self, request: RequestView, block_ids: BlockIds) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
@@ -196,7 +198,7 @@ class PDScheduler(SchedulerConnector):
         self._handed.discard(rid)
         if not params.get("do_remote_decode"):
             return False, None
-        if request.finish_reason not in KEEP_FOR or not any(len(g) for g in block_ids):
+        if request.finish_reason not in KEEP_FOR or not any(block_ids):  # any(): some group has blocks
             return False, None
         groups = tuple(block_ids)  # the engine's lists are built for this call: kept, not copied
         self._leases.append(W.LeaseSpec(request_id=rid, block_ids=groups))
@@ -257,6 +259,14 @@ class PDScheduler(SchedulerConnector):
 
 
 _EMPTY = W.PDStepMetadata()
+
+
+def _take(pending: list) -> tuple:
+    if not pending:
+        return ()
+    out = tuple(pending)
+    pending.clear()
+    return out
 
 
 def _remote(p: KVTransferParams) -> W.Remote:

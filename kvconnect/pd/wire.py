@@ -1,5 +1,9 @@
 """P/D wire types: the scheduler-to-worker step metadata, worker-to-worker notifications and
-push-mode write requests. All msgspec Structs; peer input is decoded strictly."""
+push-mode write requests. All msgspec Structs; peer input is decoded strictly.
+
+The step-metadata structs are built for every request on the engine's scheduler thread: they are
+kept out of the cyclic collector (``gc=False``; they hold only strings, numbers and tuples of them,
+so they can be in no reference cycle), which vLLM's engine runs."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from kvconnect.metadata import decode, encode
 Groups = tuple[tuple[int, ...], ...]
 
 
-class Remote(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Remote(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """Where a peer engine is: what the router's transfer params said."""
 
     engine_id: str
@@ -22,7 +26,7 @@ class Remote(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tp_size: int
 
 
-class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """Consumer: fill ``local_block_ids`` with tokens ``[token_start, token_end)`` of a request
     the producer computed (its blocks ``remote_block_ids``)."""
 
@@ -37,14 +41,14 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     mode: str = "pull"
 
 
-class LeaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class LeaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """Producer: hold ``block_ids`` of a finished request for a consumer."""
 
     request_id: str
     block_ids: Groups
 
 
-class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """Consumer: the request will not read its remote blocks; tell the producer to free them."""
 
     request_id: str
@@ -52,7 +56,7 @@ class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     remote: Remote
 
 
-class PDStepMetadata(msgspec.Struct, frozen=True, kw_only=True):
+class PDStepMetadata(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     loads: tuple[LoadSpec, ...] = ()
     leases: tuple[LeaseSpec, ...] = ()
     releases: tuple[ReleaseSpec, ...] = ()

@@ -32,9 +32,11 @@ def test_scheduler_bench_runs_kvconnect_and_vllm_connectors_on_the_same_requests
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (per,) = out["block_sizes"].values()
     rows = per["pd_consumer"]["rows"]
-    ours, theirs = rows["kvconnect nixl"], rows["vLLM NixlConnector"]
-    # same lifecycle for both: the same request-steps, every prompt token offered as a remote load
-    assert ours["request_steps"] == theirs["request_steps"] > 0
-    assert ours["external_tokens"] == theirs["external_tokens"] > 0
+    ours, theirs, floor = rows["kvconnect nixl"], rows["vLLM NixlConnector"], rows[scheduler.FLOOR]
+    # same lifecycle for all: the same request-steps, every prompt token offered as a remote load
+    assert ours["request_steps"] == theirs["request_steps"] == floor["request_steps"] > 0
+    assert ours["external_tokens"] == theirs["external_tokens"] == floor["external_tokens"] > 0
+    (target,) = out["targets"].values()
+    assert target["floor_ratio"] == pytest.approx(floor["us_per_request_step"] / theirs["us_per_request_step"])
     assert ours["us_per_request_step"] > 0 and theirs["kvconnect_ratio"] > 0
     assert "| pd_consumer | kvconnect nixl |" in "\n".join(report.md_scheduler(out))

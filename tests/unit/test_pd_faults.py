@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from kvconnect.api import StepView
 from kvconnect.handshake import SideChannelServer
 from tests.unit.pd_harness import (
@@ -250,3 +252,36 @@ def test_busy_worker_polls_at_the_busy_interval_not_a_spin(engines):
     before = loop.rounds
     time.sleep(0.3)
     assert 3 <= loop.rounds - before <= 40
+
+
+
+MALFORMED_IDS = [([1, -2, 3], "block id -2"), ([1, "x", 3], "must be a list of integers"),
+                 ([1, 2.5, 3], "must be a list of integers"), ([1, [2], 3], "must be a list of integers")]
+
+
+@pytest.mark.parametrize("ids,named", MALFORMED_IDS)
+def test_malformed_remote_block_ids_fail_the_pull_naming_them(engines, caplog, ids, named):
+    # The scheduler takes a router's id list without walking it; the worker that turns the ids into
+    # descriptor indices refuses what is not a block of the producer's cache, before any read.
+    P = engines("prefill", options={"lease_timeout_s": 0.5})
+    D = engines("decode", options=FAST)
+    P.fill(1)
+    _, params = prefill(P, "p", 40, P_IDS)
+    with caplog.at_level(logging.WARNING):
+        decode_start(D, "d", 40, dict(params, remote_block_ids=ids), D_IDS)
+        _assert_failed(D, others=[P])
+    assert named in caplog.text and "remote block id" in caplog.text
+    assert run_until([P, D], lambda: "p" in P.sending), "the producer's blocks must still be freed"
+
+
+@pytest.mark.parametrize("ids,named", MALFORMED_IDS[:2])
+def test_push_writes_from_the_producer_lease_whatever_remote_block_ids_say(engines, ids, named):
+    # In push mode the producer writes the blocks it leased; the router's copy of their ids is unused.
+    P = engines("prefill", mode="push")
+    D = engines("decode", mode="push")
+    P.fill(1)
+    _, params = prefill(P, "p", 40, P_IDS)
+    decode_start(D, "d", 40, dict(params, remote_block_ids=ids), D_IDS)
+    assert run_until([P, D], lambda: "d" in D.recving and "p" in P.sending)
+    assert "d" not in D.failed
+    assert_transferred(P, D, P_IDS, D_IDS, 0, 40)
