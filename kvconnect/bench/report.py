@@ -193,7 +193,11 @@ def md_scheduler(r: dict[str, Any]) -> list[str]:
         f"{cfg['in_flight']} in flight, {cfg['token_budget']} tokens per step, results {cfg['result_delay']} "
         f"steps after the metadata; median of {cfg['repeats']} runs (min in brackets). Figures are connector "
         "time per request-step (one live request in one engine step), in microseconds; **ratio** is "
-        "kvconnect's figure over that connector's (below 1: kvconnect is cheaper).",
+        "kvconnect's figure over that connector's (below 1: kvconnect is cheaper). Blocks come from vLLM's own "
+        "`BlockPool`, shuffled as a serving engine's is; the cyclic collector runs between steps, outside the "
+        "timed calls (inside them it billed whichever call crossed its threshold for the engine's garbage). "
+        "`floor: bare P/D protocol` does only what any P/D connector must (offer the load, read the allocated "
+        "block ids, return the producer's): its ratio is the lowest any connector reaches.",
         "",
     ]
     for bs, per in r["block_sizes"].items():
