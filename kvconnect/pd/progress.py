@@ -18,8 +18,8 @@ Producer (leases)
     blocks of a finished request are held until every expected consumer rank said ``done``
     (pull) or was written (push), or until the lease expires; then ``finished_sending``.
 Integrity (``verify_checksums``)
-    the producer takes :func:`kvconnect.integrity.token_head_sums` of a request's blocks when it
-    leases them and serves them on the side channel (``checksums``); the consumer asks every source
+    the producer takes checksums of a request's blocks when it leases them
+    (:mod:`kvconnect.pd.checksums`) and serves them on the side channel; the consumer asks every source
     rank for them when the load starts (alongside the handshake and the read), and once the bytes
     arrived computes its own and compares, before reporting the load. A mismatch fails the load.
 Aborts
@@ -38,13 +38,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from kvconnect import integrity
 from kvconnect.api import TransferResults
 from kvconnect.config import PDConfig
 from kvconnect.errors import KVConnectError, LayoutError, TransferError, WireError
 from kvconnect.metadata import decode, encode
+from kvconnect.pd import checksums as C
 from kvconnect.pd import plan as P
 from kvconnect.pd import wire as W
 from kvconnect.pd.control import ControlThread
@@ -102,10 +100,8 @@ class ProgressLoop:
         self._lock = threading.Lock()
         self._results = TransferResults()
         self._stats: dict[str, float] = {}
-        #: producer (verify_checksums): encoded ChecksumReply per leased request, and of leases
-        #: that ended recently (a push consumer may ask after its blocks were written and freed)
-        self._sums: dict[str, bytes] = {}
-        self._old_sums: dict[str, bytes] = {}
+        #: producer (verify_checksums): what it serves on the side channel
+        self._sums = C.ServedChecksums()
         #: consumer requests the engine aborted while loading (guarded by ``_lock``): their load
         #: is reported in ``finished_sending`` when it ends, never in ``finished_recving``
         self._aborting: set[str] = set()
@@ -366,7 +362,7 @@ class ProgressLoop:
         if ld.sums_wanted:
             return  # _on_sums finishes it
         if self._cfg.verify_checksums:
-            bad = self._verify(ld)
+            bad = C.load_mismatch(self._me, ld.spec, ld.sums)
             if bad is not None:
                 self._stat("checksum_failures")
                 self._fail_load(rid, bad)
@@ -386,7 +382,7 @@ class ProgressLoop:
         if self._loads.get(rid) is not ld:
             return
         if err is not None:
-            if _NOT_READY in str(err):  # the producer has not bound the lease yet: ask again
+            if C.NOT_READY in str(err):  # the producer has not bound the lease yet: ask again
                 self._timer(time.monotonic() + _SUMS_RETRY_S, "sums", rid, (ld, rank))
                 return
             self._fail_load(rid, f"cannot get the KV checksums from producer rank {rank}: {err}")
@@ -400,84 +396,22 @@ class ProgressLoop:
         if ld.arrived and not ld.sums_wanted:
             self._arrived(rid)
 
-    def _verify(self, ld: _Load) -> str | None:
-        """None when what arrived matches every source rank's checksums, else what differs."""
-        spec, me = ld.spec, self._me
-        ts, te = spec.token_start, spec.token_end
-        groups = sorted({lay.group for _, lay in me.layers})
-        bad_blocks: set[int] = set()
-        try:
-            for g in groups:
-                layers = [(t, lay) for t, lay in me.layers if lay.group == g]
-                bs = me.block_sizes[g]
-                local_ids = spec.local_block_ids[g]
-                mine = integrity.token_head_sums(layers, local_ids, bs, ts, te)
-                tok = np.arange(ts, te)
-                keep = np.ones(te - ts, bool)
-                if len(spec.local_block_ids) > 1:  # null blocks (id 0) are not transferred; the
-                    keep &= np.asarray(local_ids)[tok // bs] != 0  # producer marks its own
-                for p, reply in ld.sums.items():
-                    if g >= len(reply.tables):
-                        return f"producer rank {p} sent checksums for {len(reply.tables)} KV-cache groups"
-                    theirs = np.frombuffer(reply.tables[g], dtype="<i8").reshape(-1, reply.heads)
-                    if len(theirs) < te:
-                        return f"producer rank {p} has checksums for {len(theirs)} tokens, the load needs {te}"
-                    theirs = theirs[ts:te]
-                    pairs = P.consumer_head_pairs(me.num_heads, me.tp_size, me.tp_rank, spec.remote.tp_size, p, me.mla)
-                    for mine_h, peer_h, n in pairs:
-                        if mine_h + n > mine.shape[1] or peer_h + n > theirs.shape[1]:
-                            return f"producer rank {p}: checksum tables do not cover the heads read"
-                        diff = (mine[:, mine_h:mine_h + n] != theirs[:, peer_h:peer_h + n]).any(axis=1) & keep
-                        if len(spec.local_block_ids) > 1:
-                            diff &= theirs[:, peer_h] != _NULL_SUM
-                        for t in np.flatnonzero(diff):
-                            bad_blocks.add(int(local_ids[(ts + int(t)) // bs]))
-        except (IndexError, LayoutError, RuntimeError, ValueError) as e:
-            return f"checksums could not be computed: {e}"
-        if bad_blocks:
-            logger.error("request %s: KV checksum mismatch in block(s) %s (from %s request %s)",
-                         spec.request_id, sorted(bad_blocks), spec.remote.engine_id, spec.remote_request_id)
-            return f"KV checksum mismatch in block(s) {sorted(bad_blocks)}"
-        return None
-
     def _take_sums(self, spec: W.LeaseSpec) -> None:
         """Producer: checksums of a leased request's blocks, served until the lease ends."""
-        me = self._me
-        tables = []
         try:
-            for g, ids in enumerate(spec.block_ids):
-                layers = [(t, lay) for t, lay in me.layers if lay.group == g]
-                bs = me.block_sizes[g] if g < len(me.block_sizes) else me.block_sizes[0]
-                tab = integrity.token_head_sums(layers, ids, bs, 0, len(ids) * bs)
-                if len(spec.block_ids) > 1:  # mark tokens of null blocks: consumers skip them
-                    null = np.repeat(np.asarray(ids) == 0, bs)
-                    tab[null] = _NULL_SUM
-                tables.append(np.ascontiguousarray(tab, dtype="<i8").tobytes())
-            heads = max(1, max((lay.num_heads if not lay.is_mla else 1) for _, lay in me.layers))
+            self._sums.put(spec.request_id, C.lease_checksums(self._me, spec.block_ids))
         except (IndexError, RuntimeError, ValueError) as e:
             logger.warning("request %s: cannot take KV checksums: %s", spec.request_id, e)
-            return
-        data = encode(W.ChecksumReply(heads=heads, tables=tuple(tables)))
-        with self._lock:
-            self._sums[spec.request_id] = data
 
     def _drop_sums(self, rid: str) -> None:
-        if self._sums:
-            with self._lock:
-                data = self._sums.pop(rid, None)
-                if data is not None:
-                    self._old_sums[rid] = data
-            if data is not None:
-                keep = self._cfg.handshake_timeout_s + self._cfg.transfer_timeout_s
-                self._timer(time.monotonic() + keep, "old_sums", rid, data)
+        data = self._sums.retire(rid)
+        if data is not None:
+            keep = self._cfg.handshake_timeout_s + self._cfg.transfer_timeout_s
+            self._timer(time.monotonic() + keep, "old_sums", rid, data)
 
     def checksums_of(self, request_id: str) -> bytes:
         """The encoded checksums of a leased request (side-channel listener thread)."""
-        with self._lock:
-            data = self._sums.get(request_id) or self._old_sums.get(request_id)
-        if data is None:
-            raise WireError(f"request {request_id}: {_NOT_READY} (or its lease ended)")
-        return data
+        return self._sums.get(request_id)
 
     def _succeed_load(self, rid: str) -> None:
         ld = self._loads.pop(rid)
@@ -690,9 +624,7 @@ class ProgressLoop:
             if self._loads.get(rid) is ld:
                 self._request_sums(ld, rank)
         elif kind == "old_sums":
-            with self._lock:
-                if self._old_sums.get(rid) is obj:
-                    del self._old_sums[rid]
+            self._sums.forget(rid, obj)  # type: ignore[arg-type]
         elif kind == "early":
             kept = [(n, t) for n, t in self._early.get(rid, []) if t + self._cfg.lease_timeout_s > now]
             if kept:
@@ -714,11 +646,8 @@ class ProgressLoop:
                 )
 
 
-#: How a producer refuses checksums it does not hold (yet); consumers ask again after a pause.
-_NOT_READY = "no KV checksums leased yet"
+#: Pause before asking a producer again for checksums it does not hold yet.
 _SUMS_RETRY_S = 0.005
-#: Checksum-table entry of a token in a null block (hybrid models): never compared.
-_NULL_SUM = np.int64(-0x5A5A5A5A5A5A5A5B)
 
 
 def decode_write_request(body: bytes) -> W.WriteRequest:

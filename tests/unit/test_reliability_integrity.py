@@ -204,3 +204,25 @@ def test_missing_producer_checksums_fail_the_load_at_the_deadline(engines):
     assert run_until([P, D], lambda: "d" in D.recving, 5.0)
     assert "d" in D.failed  # never hand the engine unverified KV
     assert run_until([P], lambda: "p" in P.sending, 5.0)
+
+
+def test_served_checksums_outlive_their_lease_until_forgotten():
+    from kvconnect.errors import WireError
+    from kvconnect.pd.checksums import NOT_READY, ServedChecksums
+
+    s = ServedChecksums()
+    with pytest.raises(WireError, match=NOT_READY):
+        s.get("r")
+    s.put("r", b"old")
+    assert "r" in s and len(s) == 1 and s.get("r") == b"old"
+    old = s.retire("r")
+    assert old == b"old" and "r" not in s and s.get("r") == b"old"  # a late push consumer still reads them
+    s.put("r", b"new")  # the id leased again: the new lease's checksums win
+    assert s.get("r") == b"new"
+    s.retire("r")
+    s.forget("r", old)  # the first lease's expiry must not drop the second's
+    assert s.get("r") == b"new"
+    s.forget("r", s.get("r"))
+    with pytest.raises(WireError):
+        s.get("r")
+    assert s.retire("unknown") is None
