@@ -306,10 +306,12 @@ class ProgressLoop:
     def _start_reads(self, ld: _Load) -> None:
         spec, r, me = ld.spec, ld.spec.remote, self._me
         rid = spec.request_id
-        for p in P.producers_to_notify(me.num_heads, me.tp_size, me.tp_rank, r.tp_size, me.mla):
+        ranks = P.producers_to_notify(me.num_heads, me.tp_size, me.tp_rank, r.tp_size, me.mla)
+        for i, p in enumerate(ranks):
             peer = self._peers.get((r.engine_id, p))
             if peer is None or not peer.ready:
                 self._fail_load(rid, f"producer rank {p} was forgotten during the handshake")
+                self._done_unread(ld, ranks[i + 1:])
                 return
             try:
                 route = self._peers.route(peer, CONSUMER)
@@ -326,6 +328,9 @@ class ProgressLoop:
                 self._fail_load(rid, f"cannot read from producer rank {p}: {e}")
                 if isinstance(e, TransferError):  # dead or restarted: the next load handshakes afresh
                     self._peers.forget(peer.key)
+                    self._done_unread(ld, ranks[i + 1:])
+                else:  # e.g. block ids the producer does not have: its ranks are fine
+                    self._done_unread(ld, ranks[i:])
                 return
             ld.handles.append((h, peer, p))
             ld.nbytes += route.plan.nbytes(lidx)
@@ -335,6 +340,15 @@ class ProgressLoop:
             self._arrived(rid)
         else:
             self._poll_load(rid, ld.started)  # small reads are often done already
+
+    def _done_unread(self, ld: _Load, ranks: tuple[int, ...]) -> None:
+        """A failed load will not read from these producer ranks: they free its blocks now rather
+        than when the lease expires (``_fail_load`` tells the ranks already read from)."""
+        r = ld.spec.remote
+        for q in ranks:
+            peer = self._peers.get((r.engine_id, q))
+            if peer is not None and peer.ready:
+                self._notify(peer, self._mine(W.DONE, ld.spec.remote_request_id))
 
     def _poll_load(self, rid: str, now: float) -> None:
         ld = self._loads[rid]

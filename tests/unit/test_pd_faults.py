@@ -263,15 +263,16 @@ MALFORMED_IDS = [([1, -2, 3], "block id -2"), ([1, "x", 3], "must be a list of i
 def test_malformed_remote_block_ids_fail_the_pull_naming_them(engines, caplog, ids, named):
     # The scheduler takes a router's id list without walking it; the worker that turns the ids into
     # descriptor indices refuses what is not a block of the producer's cache, before any read.
-    P = engines("prefill", options={"lease_timeout_s": 0.5})
-    D = engines("decode", options=FAST)
+    P = engines("prefill", tp=2, kind="hnd", options={"lease_timeout_s": 60.0})
+    D = engines("decode", tp=1, kind="hnd", options=FAST)
     P.fill(1)
     _, params = prefill(P, "p", 40, P_IDS)
     with caplog.at_level(logging.WARNING):
         decode_start(D, "d", 40, dict(params, remote_block_ids=ids), D_IDS)
         _assert_failed(D, others=[P])
     assert named in caplog.text and "remote block id" in caplog.text
-    assert run_until([P, D], lambda: "p" in P.sending), "the producer's blocks must still be freed"
+    # Every producer rank is told at once (not left to its 60 s lease): the ids were bad, not the peers.
+    assert run_until([P, D], lambda: "p" in P.sending, 3.0), "the producer's blocks must be freed now"
 
 
 @pytest.mark.parametrize("ids,named", MALFORMED_IDS[:2])
