@@ -95,7 +95,6 @@ class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     kvconnect_version: str = ""
 
 
-
 class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """vLLM's P/D ``kv_transfer_params`` protocol (the keys routers pass between instances).
 

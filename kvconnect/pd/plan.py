@@ -188,8 +188,8 @@ def _id_array(ids: Sequence[int], side: str) -> np.ndarray:
     if a is None or a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
         shown = repr(ids)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise LayoutError(f"{side} block ids (remote_block_ids for the producer's) must be a list of "
-                          f"integers, got {shown}")
+        what = "remote block ids (the router's remote_block_ids)" if side == "remote" else f"{side} block ids"
+        raise LayoutError(f"{what} must be a list of integers, got {shown}")
     return a.astype(np.int64, copy=False)
 
 
