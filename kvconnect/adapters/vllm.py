@@ -186,20 +186,23 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         return KVConnectHandshake(md) if md is not None else None
 
     # -- scheduler half ------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def _never_loads(self, request: Request) -> bool:
+        """A request the backends never load for (a P/D producer's): its lookup and allocation
+        notice skip the backends (see ``SchedulerConnector.loads_only_when``)."""
         key = self._load_key
-        if key is not None:  # a request the backends never load for (a P/D producer's): skip them
-            params = getattr(request, "kv_transfer_params", None)
-            if not params or not params.get(key):
-                return 0, False
+        if key is None:
+            return False
+        params = getattr(request, "kv_transfer_params", None)
+        return not params or not params.get(key)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._never_loads(request):
+            return 0, False
         return self._sched.get_num_new_matched_tokens(tr.VllmRequestView(request, False), num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
-        key = self._load_key
-        if key is not None:
-            params = getattr(request, "kv_transfer_params", None)
-            if not params or not params.get(key):
-                return
+        if self._never_loads(request):
+            return
         # Block ids are read from vLLM's block objects only if the backend looks at them.
         self._sched.update_state_after_alloc(
             tr.VllmRequestView(request, False), tr.LazyBlockIds(blocks), num_external_tokens

@@ -31,7 +31,6 @@ class BareProtocolConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._loads: list = []
-        self._block_size = vllm_config.cache_config.block_size
 
     # -- scheduler half
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:

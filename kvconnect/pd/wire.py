@@ -2,8 +2,8 @@
 push-mode write requests. All msgspec Structs; peer input is decoded strictly.
 
 The step-metadata structs are built for every request on the engine's scheduler thread: they are
-kept out of the cyclic collector (``gc=False``; they hold only strings, numbers and tuples of them,
-so they can be in no reference cycle), which vLLM's engine runs."""
+kept out of the cyclic collector (``gc=False``; they hold only strings, numbers, other such structs
+and tuples or lists of those, so they can be in no reference cycle), which vLLM's engine runs."""
 
 from __future__ import annotations
 
