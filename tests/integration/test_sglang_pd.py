@@ -91,8 +91,11 @@ def test_pages_arrive_byte_for_byte_through_the_kvpoll_states(pair, chunks):
     room = 1000 + chunks
     src = [3, 4, 5, 6, 10, 11, 40, 41]
     dst = [7, 8, 9, 20, 21, 22, 50, 63]
+    # The prefill sender polls once before the decode side starts: a decode registration that
+    # arrived first would rightly make its first state WaitingForInput (seen once in CI).
+    pair.send("prefill", "prefill", room, src, 2, chunks, STEP_S, False, True)
+    pair.expect("prefill", "prefill-polled")
     pair.send("decode", "decode", room, src, dst, 2, STEP_S)
-    pair.send("prefill", "prefill", room, src, 2, chunks, STEP_S)
     _, _, p_seen, p_final, p_reason = pair.expect("prefill", "prefill-done")
     _, _, d_seen, d_final, d_reason, same = pair.expect("decode", "decode-done")
     assert p_final == SUCCESS, p_reason

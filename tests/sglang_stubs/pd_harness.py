@@ -163,13 +163,19 @@ def _reason(obj) -> str:
     return ""
 
 
-def _run_prefill(sender_cls, mgr, port, inq, outq, room, src_pages, aux_index, chunks, go_q_timeout, gate=False):
+def _run_prefill(sender_cls, mgr, port, inq, outq, room, src_pages, aux_index, chunks, go_q_timeout, gate=False,
+                 announce=False):
     """Bootstrap -> wait for decode's pages -> (with ``gate``: report ``prefill-waiting`` and wait
-    for ``go``) -> send in ``chunks`` -> poll to the end."""
+    for ``go``) -> send in ``chunks`` -> poll to the end. With ``announce``, report
+    ``prefill-polled`` after the sender's first poll (a test then starts the decode side, so the
+    first state seen cannot already be past Bootstrapping)."""
     from sglang.srt.disaggregation.base.conn import KVPoll
 
     seen: list[int] = []
     sender = sender_cls(mgr, f"127.0.0.1:{port}", room)
+    if announce:
+        seen.append(int(sender.poll()))
+        outq.put(("prefill-polled", room))
     deadline = time.monotonic() + go_q_timeout
     st = _poll_until(sender, {KVPoll.WaitingForInput}, deadline, seen)
     if st != KVPoll.WaitingForInput:
