@@ -190,6 +190,9 @@ class SchedulerConnector(abc.ABC):
     #: adapter may then skip ``get_num_new_matched_tokens`` (answering ``(0, False)``) and
     #: ``update_state_after_alloc`` for every other request: both are on the engine's hot path.
     loads_only_when: str | None = None
+    #: False when ``build_step_metadata`` never reads its :class:`StepView` (P/D): an engine
+    #: adapter may then pass an empty one instead of translating the engine's step, every step.
+    reads_step: bool = True
 
     @abc.abstractmethod
     def get_num_new_matched_tokens(

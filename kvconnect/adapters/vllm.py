@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvconnect.adapters import vllm_translate as tr
 from kvconnect.adapters.vllm_stats import KVConnectPromMetrics, KVConnectStats
 from kvconnect.aggregator import _merge_stats
-from kvconnect.api import TransferResults
+from kvconnect.api import StepView, TransferResults
 from kvconnect.config import parse_config
 from kvconnect.errors import ConfigError
 from kvconnect.registry import create_scheduler, create_worker
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _NONE: frozenset = frozenset()
+#: What a backend that never reads the step (``SchedulerConnector.reads_step``) is passed.
+_NO_STEP = StepView()
 
 
 class KVConnectMetadata(KVConnectorMetadata):
@@ -96,6 +98,10 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
                 "start vLLM with --disable-hybrid-kv-cache-manager"
             )
         self._load_key = self._sched.loads_only_when if self._sched is not None else None
+        self._reads_step = self._sched.reads_step if self._sched is not None else True
+        #: the last step metadata handed to vLLM, reused while the backend returns the same payload
+        #: (its shared empty one, most steps): vLLM only reads it
+        self._last_meta = KVConnectMetadata(None)
         self._load_errors: set[int] = set()
         self._failed_sending: set[str] = set()
         self._stats: dict[str, Any] | None = None
@@ -192,7 +198,7 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         key = self._load_key
         if key is None:
             return False
-        params = getattr(request, "kv_transfer_params", None)
+        params = request.kv_transfer_params
         return not params or not params.get(key)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -209,7 +215,11 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return KVConnectMetadata(self._sched.build_step_metadata(tr.step_view(scheduler_output)))
+        step = tr.step_view(scheduler_output) if self._reads_step else _NO_STEP
+        payload = self._sched.build_step_metadata(step)
+        if payload is not self._last_meta.payload:
+            self._last_meta = KVConnectMetadata(payload)
+        return self._last_meta
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         o = connector_output
@@ -232,13 +242,13 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
     # vLLM builds the block-id lists it passes to request_finished* for that call alone, and
     # backends copy what they keep: they are passed on without another copy.
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self._sched.request_finished(tr.request_view(request), (block_ids,))
+        return self._sched.request_finished(tr.VllmRequestView(request), (block_ids,))
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
         groups = block_ids if isinstance(block_ids, tuple) else tr.block_ids_of(block_ids)
-        return self._sched.request_finished(tr.request_view(request), groups)
+        return self._sched.request_finished(tr.VllmRequestView(request), groups)
 
     def has_pending_push_work(self) -> bool:
         return self._sched is not None and self._sched.has_pending_work()

@@ -70,7 +70,7 @@ class VllmRequestView(RequestView):
         # Read by nearly every call: copied into the base class's slots once (a slot read after,
         # not a property call); the other fields are read from the request when asked.
         self.request_id = request.request_id
-        self.transfer_params = getattr(request, "kv_transfer_params", None)
+        self.transfer_params = request.kv_transfer_params  # every vLLM Request sets it (maybe None)
 
     @property  # type: ignore[override]
     def prompt_token_ids(self) -> Sequence[int]:
@@ -94,8 +94,7 @@ class VllmRequestView(RequestView):
 
     @property
     def num_prompt_tokens(self) -> int:
-        n = getattr(self._r, "num_prompt_tokens", None)
-        return n if isinstance(n, int) else len(self.prompt_token_ids)
+        return self._r.num_prompt_tokens  # every vLLM Request sets it (prompt embeds too)
 
 
 def request_view(request: Any, with_finish: bool = True) -> RequestView:

@@ -139,12 +139,12 @@ class _Pair:
             prid, drid = f"p{self.n}", f"d{self.n}"
             want.add(drid)
             leases.append(W.LeaseSpec(request_id=prid, block_ids=(tuple(p_ids),)))
-            loads.append(W.LoadSpec(
-                request_id=drid, remote_request_id=prid,
-                remote=W.Remote(engine_id=self.p_engine, host="127.0.0.1", port=self.p_port, tp_size=1),
-                local_block_ids=(tuple(d_ids),), remote_block_ids=(tuple(p_ids),), token_start=0,
-                token_end=len(d_ids) * self.args.block_size,
-            ))
+            # What the scheduler hands the workers: the router's params as the producer returned them.
+            params = {"do_remote_prefill": True, "remote_engine_id": self.p_engine, "remote_host": "127.0.0.1",
+                      "remote_port": self.p_port, "remote_request_id": prid, "remote_block_ids": list(p_ids),
+                      "tp_size": 1, "remote_block_size": self.args.block_size}
+            loads.append(W.LoadRequest(request_id=drid, params=params, local_block_ids=(tuple(d_ids),),
+                                       token_start=0, token_end=len(d_ids) * self.args.block_size))
         # The leases exist before the consumer starts (in a deployment the prefill finished first),
         # and the producer process is idle again: its burst of work on them is not timed.
         self.conn.send(("lease", leases))

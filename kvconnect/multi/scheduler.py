@@ -119,6 +119,10 @@ class MultiScheduler(SchedulerConnector):
     def supports_hybrid(self) -> bool:
         return all(c.supports_hybrid for c in self.children)
 
+    @property  # type: ignore[override]
+    def reads_step(self) -> bool:
+        return any(c.reads_step for c in self.children)
+
     def _failed(self, i: int, what: str, rid: str | None = None) -> None:
         self._errors[self.names[i]] += 1
         logger.exception("child %s raised in %s%s", self.names[i], what,

@@ -46,6 +46,7 @@ from kvconnect.pd import checksums as C
 from kvconnect.pd import plan as P
 from kvconnect.pd import wire as W
 from kvconnect.pd.control import ControlThread
+from kvconnect.pd.params import resolve_load, resolve_release
 from kvconnect.pd.peers import CONSUMER, PRODUCER, LocalSide, Peer, PeerKey, Peers
 from kvconnect.pd.transport import Op, Status, Transport
 
@@ -199,9 +200,9 @@ class ProgressLoop:
             for lease in meta.leases:
                 self._on_lease(lease)
             for load in meta.loads:
-                self._on_load(load)
+                self._on_load_request(load)
             for rel in meta.releases:
-                self._on_release(rel)
+                self._on_release_request(rel)
             for rid in meta.aborts:
                 self._on_abort(rid)
         elif kind == "peer":
@@ -244,6 +245,16 @@ class ProgressLoop:
         return W.Notice(kind, rid, self._me.tp_size, self._me.tp_rank)
 
     # -- consumer -------------------------------------------------------------------------------
+    def _on_load_request(self, req: W.LoadRequest) -> None:
+        try:
+            spec = resolve_load(req, self._me.block_sizes, "pull" if self._cfg.pull else "push")
+        except WireError as e:
+            logger.warning("request %s: KV load failed, its blocks are invalid: %s", req.request_id, e)
+            self._stat("loads_rejected")
+            self._report_failed(req.request_id, req.local_block_ids, req.token_start, req.token_end)
+            return
+        self._on_load(spec)
+
     def _on_load(self, spec: W.LoadSpec) -> None:
         now = time.monotonic()
         me, r = self._me, spec.remote
@@ -455,11 +466,16 @@ class ProgressLoop:
         for h, peer, _ in ld.handles:
             self._release(h)
             self._notify(peer, self._mine(W.DONE, spec.remote_request_id))
+        self._report_failed(rid, spec.local_block_ids, spec.token_start, spec.token_end)
+
+    def _report_failed(self, rid: str, local_block_ids: W.Groups, token_start: int, token_end: int) -> None:
+        """Tell the engine a load failed: the blocks it was to fill are invalid (or, for a request
+        the engine aborted meanwhile, free to take back)."""
         invalid: set[int] = set()
-        for g, ids in enumerate(spec.local_block_ids):
+        for g, ids in enumerate(local_block_ids):
             bs = self._me.block_sizes[g] if g < len(self._me.block_sizes) else self._me.block_sizes[0]
-            invalid.update(ids[spec.token_start // bs: -(-spec.token_end // bs)])
-        if len(spec.local_block_ids) > 1:
+            invalid.update(ids[token_start // bs: -(-token_end // bs)])
+        if len(local_block_ids) > 1:
             invalid.discard(0)
         with self._lock:
             if rid in self._aborting:  # nobody will use these blocks: let the engine free them
@@ -480,6 +496,14 @@ class ProgressLoop:
             if rid in self._aborting:
                 self._aborting.discard(rid)
                 self._results.finished_sending.add(rid)
+
+    def _on_release_request(self, req: W.ReleaseRequest) -> None:
+        try:
+            rel = resolve_release(req)
+        except WireError as e:  # nobody to tell: the producer's lease frees its blocks
+            logger.warning("request %s: cannot release the producer's blocks: %s", req.request_id, e)
+            return
+        self._on_release(rel)
 
     def _on_release(self, rel: W.ReleaseSpec) -> None:
         me, r = self._me, rel.remote

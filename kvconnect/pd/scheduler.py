@@ -8,15 +8,17 @@ aborted or failed request frees its blocks at once and returns nothing.
 
 Consumer (decode instance): a request arrives with the producer's params
 (``do_remote_prefill: true`` ...). Every prompt token not computed locally is offered as an
-asynchronous external load; once the engine allocated blocks, the load is handed to the workers.
-Malformed params are logged with the offending field and the request is computed locally.
+asynchronous external load; once the engine allocated blocks, the load is handed to the workers
+with the router's params as they came. The workers check them (:mod:`kvconnect.pd.params`):
+malformed params fail the load with an error naming the field, through the engine's load-failure
+path (vLLM's ``kv_load_failure_policy``), and the request is never served from them.
 A consumer request that never loads (aborted early, or fully cached here) still tells the
 producer to free its blocks. A consumer request aborted while its load is in flight keeps its
 blocks (``delay_free``) until every worker reports the transfer ended (in ``finished_sending``):
 a READ still in flight must never write into blocks the engine gave to another request.
 
-Every call is O(1) per request, and block-id lists are never copied: vLLM builds the lists it
-passes for each call, and decoded router params are not mutated.
+Every call is O(1) per request and reads only the fields it decides on; block-id lists and router
+params are never copied: vLLM builds the lists it passes for each call, and the params are only read.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from kvconnect.api import (
     TransferResults,
 )
 from kvconnect.config import PDConfig
-from kvconnect.errors import WireError
-from kvconnect.metadata import KVTransferParams, block_groups, parse_transfer_params
 from kvconnect.pd import wire as W
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def base_port(cfg: PDConfig, engine: EngineInfo) -> int:
 class PDScheduler(SchedulerConnector):
     supports_hybrid = True
     loads_only_when = "do_remote_prefill"
+    reads_step = False
 
     def __init__(self, config: PDConfig, engine: EngineInfo) -> None:
         self._cfg = config
@@ -69,15 +70,14 @@ class PDScheduler(SchedulerConnector):
         self._mode = "pull" if config.pull else "push"
         self._host = advertised_host(config)
         self._port = base_port(config, engine)
-        self._num_groups = max(1, len(engine.layer_groups) or len(engine.block_sizes))
-        #: consumer requests: parsed params and remote block ids per group (None when rejected),
-        #: until the load is handed off; parsed once however often the engine asks
-        self._params: dict[str, tuple[KVTransferParams, tuple[tuple[int, ...], ...]] | None] = {}
-        self._computed: dict[str, int] = {}
+        #: consumer requests looked up and not yet allocated: tokens computed here (the load's start)
+        self._starts: dict[str, int] = {}
+        #: consumer requests whose load (or release) was handed to the workers, until finished:
+        #: one transfer per request, however often the engine asks again
         self._handed: set[str] = set()
-        self._loads: list[W.LoadSpec] = []
+        self._loads: list[W.LoadRequest] = []
         self._leases: list[W.LeaseSpec] = []
-        self._releases: list[W.ReleaseSpec] = []
+        self._releases: list[W.ReleaseRequest] = []
         self._aborts: list[str] = []
         self._leased: set[str] = set()
         self._loading: set[str] = set()
@@ -85,83 +85,36 @@ class PDScheduler(SchedulerConnector):
         self._aborted: set[str] = set()
 
     # -- consumer ---------------------------------------------------------------------------------
-    def _consumer_params(self, request: RequestView) -> tuple[KVTransferParams, tuple[tuple[int, ...], ...]] | None:
-        rid = request.request_id
-        if rid in self._params:
-            return self._params[rid]
-        try:
-            p = parse_transfer_params(request.transfer_params)
-            assert p is not None
-            parsed = (p, self._check(p, request))
-        except WireError as e:
-            logger.warning("request %s: ignoring its kv_transfer_params (%s); its prompt is computed here", rid, e)
-            parsed = None
-        self._params[rid] = parsed
-        return parsed
-
-    def _check(self, p: KVTransferParams, request: RequestView) -> tuple[tuple[int, ...], ...]:
-        """Validate the params against this model; returns the remote block ids per group."""
-        if not p.remote_request_id:
-            raise WireError("kv_transfer_params: do_remote_prefill needs remote_request_id")
-        if p.tp_size is not None and p.tp_size <= 0:
-            raise WireError(f"kv_transfer_params: tp_size {p.tp_size} must be positive")
-        if p.kvconnect_mode not in (None, "pull", "push", "read", "write"):
-            raise WireError(f"kv_transfer_params: kvconnect_mode {p.kvconnect_mode!r} is not pull or push")
-        groups = block_groups(p.remote_block_ids)
-        if len(groups) != self._num_groups:
-            raise WireError(
-                f"kv_transfer_params: remote_block_ids has {len(groups)} KV-cache group(s), "
-                f"this model has {self._num_groups}"
-            )
-        bs = p.remote_block_size or self._engine.block_sizes[0]
-        if bs <= 0 or len(groups[0]) * bs < request.num_prompt_tokens:
-            raise WireError(
-                f"kv_transfer_params: remote_block_ids cover {len(groups[0])} blocks of {bs} tokens, "
-                f"the prompt has {request.num_prompt_tokens} tokens"
-            )
-        return groups
-
     def get_num_new_matched_tokens(self, request: RequestView, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.transfer_params
-        if not params or not params.get("do_remote_prefill") or request.request_id in self._handed:
+        if not params or not params.get("do_remote_prefill"):
             return 0, False
-        if self._consumer_params(request) is None:
+        rid = request.request_id
+        if rid in self._handed:
             return 0, False
+        self._starts[rid] = num_computed_tokens
         # Every prompt token not computed here comes from the producer; the engine itself
         # recomputes the last one when it needs its logits (vLLM does).
         count = request.num_prompt_tokens - num_computed_tokens
-        if count <= 0:
-            return 0, False
-        self._computed[request.request_id] = num_computed_tokens
-        return count, True
+        return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: RequestView, block_ids: BlockIds, num_external_tokens: int) -> None:
         params = request.transfer_params
+        if not params or not params.get("do_remote_prefill"):
+            return
         rid = request.request_id
-        if not params or not params.get("do_remote_prefill") or rid in self._handed:
+        start = self._starts.pop(rid, 0)
+        if rid in self._handed:
             return
-        parsed = self._consumer_params(request)
         self._handed.add(rid)
-        start = self._computed.pop(rid, 0)
-        self._params.pop(rid, None)
-        if parsed is None:
+        if num_external_tokens <= 0:  # all computed here: the producer may free its blocks
+            self._releases.append(W.ReleaseRequest(request_id=rid, params=params))
             return
-        p, remote_groups = parsed
-        remote = _remote(p)
-        if num_external_tokens <= 0:
-            self._releases.append(W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=remote))
-            return
-        mode = p.kvconnect_mode or self._mode
         self._loads.append(
-            W.LoadSpec(
-                request_id=rid,
-                remote_request_id=p.remote_request_id,  # type: ignore[arg-type]
-                remote=remote,
+            W.LoadRequest(
+                request_id=rid, params=params,
                 local_block_ids=tuple(block_ids),  # the engine's lists are fresh per call: no copy
-                remote_block_ids=remote_groups,
-                token_start=start,
-                token_end=start + num_external_tokens,
-                mode="pull" if mode in ("pull", "read") else "push",
+                token_start=start, token_end=start + num_external_tokens,
             )
         )
         self._loading.add(rid)
@@ -179,23 +132,18 @@ class PDScheduler(SchedulerConnector):
     def request_finished(self, request: RequestView, block_ids: BlockIds) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         params = request.transfer_params
-        self._computed.pop(rid, None)
         if not params:
             return False, None
         if params.get("do_remote_prefill"):
-            parsed = self._consumer_params(request) if rid not in self._handed else None
-            self._params.pop(rid, None)
-            if rid not in self._handed and parsed is not None:
-                p = parsed[0]
+            self._starts.pop(rid, None)
+            if rid not in self._handed:
                 # Never allocated (aborted while waiting): the producer must still free.
-                self._releases.append(
-                    W.ReleaseSpec(request_id=rid, remote_request_id=p.remote_request_id, remote=_remote(p))
-                )
+                self._releases.append(W.ReleaseRequest(request_id=rid, params=params))
+                return False, None
             self._handed.discard(rid)
             if rid in self._loading:
                 return self._abort_load(rid), None
             return False, None
-        self._handed.discard(rid)
         if not params.get("do_remote_decode"):
             return False, None
         if request.finish_reason not in KEEP_FOR or not any(block_ids):  # any(): some group has blocks
@@ -224,8 +172,7 @@ class PDScheduler(SchedulerConnector):
             if spec.request_id == rid:  # not yet sent to the workers: nothing is in flight
                 del self._loads[i]
                 self._loading.discard(rid)
-                self._releases.append(W.ReleaseSpec(request_id=rid, remote_request_id=spec.remote_request_id,
-                                                    remote=spec.remote))
+                self._releases.append(W.ReleaseRequest(request_id=rid, params=spec.params))
                 return False
         self._aborted.add(rid)
         self._aborts.append(rid)
@@ -268,9 +215,3 @@ def _take(pending: list) -> tuple:
     pending.clear()
     return out
 
-
-def _remote(p: KVTransferParams) -> W.Remote:
-    return W.Remote(
-        engine_id=p.remote_engine_id or "", host=p.remote_host or "", port=p.remote_port or 0,
-        tp_size=p.tp_size or 1,
-    )

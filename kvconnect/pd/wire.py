@@ -2,8 +2,15 @@
 push-mode write requests. All msgspec Structs; peer input is decoded strictly.
 
 The step-metadata structs are built for every request on the engine's scheduler thread: they are
-kept out of the cyclic collector (``gc=False``; they hold only strings, numbers, other such structs
-and tuples or lists of those, so they can be in no reference cycle), which vLLM's engine runs."""
+kept out of the cyclic collector (``gc=False``; they hold only strings, numbers, other such structs,
+tuples or lists of those, and the router's JSON params, so they can be in no reference cycle),
+which vLLM's engine runs.
+
+The scheduler hands the router's ``kv_transfer_params`` to the workers as they came
+(:class:`LoadRequest`, :class:`ReleaseRequest`); the worker's progress thread checks them and turns
+them into :class:`LoadSpec` / :class:`ReleaseSpec` (:mod:`kvconnect.pd.params`). Reading and
+checking a dozen cold fields per request costs the engine's scheduler thread more than the rest
+of the request's connector work; off that thread it is free."""
 
 from __future__ import annotations
 
@@ -26,8 +33,28 @@ class Remote(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tp_size: int
 
 
+class LoadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """Scheduler to worker (consumer): fill ``local_block_ids`` with tokens
+    ``[token_start, token_end)`` from the producer named by the router's ``params`` (unchecked:
+    the worker resolves them into a :class:`LoadSpec`, or fails the load naming the bad field)."""
+
+    request_id: str
+    params: dict
+    local_block_ids: Groups
+    token_start: int
+    token_end: int
+
+
+class ReleaseRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """Scheduler to worker (consumer): the request will not read the remote blocks the router's
+    ``params`` name; tell the producer to free them."""
+
+    request_id: str
+    params: dict
+
+
 class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """Consumer: fill ``local_block_ids`` with tokens ``[token_start, token_end)`` of a request
+    """Worker (consumer), a checked :class:`LoadRequest`: fill ``local_block_ids`` with tokens ``[token_start, token_end)`` of a request
     the producer computed (its blocks ``remote_block_ids``)."""
 
     request_id: str
@@ -49,7 +76,7 @@ class LeaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """Consumer: the request will not read its remote blocks; tell the producer to free them."""
+    """Worker (consumer), a checked :class:`ReleaseRequest`: the request will not read its remote blocks; tell the producer to free them."""
 
     request_id: str
     remote_request_id: str
@@ -57,9 +84,9 @@ class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class PDStepMetadata(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    loads: tuple[LoadSpec, ...] = ()
+    loads: tuple[LoadRequest, ...] = ()
     leases: tuple[LeaseSpec, ...] = ()
-    releases: tuple[ReleaseSpec, ...] = ()
+    releases: tuple[ReleaseRequest, ...] = ()
     #: Consumer: requests the engine finished (aborted) while their load was in flight. Their
     #: blocks stay allocated (``delay_free``) until the transfer has ended; the worker then
     #: reports them in ``finished_sending`` (and never in ``finished_recving``).

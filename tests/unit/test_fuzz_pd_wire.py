@@ -19,6 +19,7 @@ from kvconnect.errors import ConfigError, HandshakeError, WireError
 from kvconnect.handshake import Request, SideChannelClient, Signed, zmq_endpoint
 from kvconnect.metadata import HandshakeMetadata, decode, encode
 from kvconnect.pd import wire as W
+from kvconnect.pd.params import resolve_load
 from kvconnect.pd.progress import decode_write_request
 from kvconnect.pd.scheduler import PDScheduler
 from tests.fakes import fake_nixl
@@ -123,8 +124,14 @@ def test_p_d_scheduler_never_raises_on_router_params(p, prompt_len, reason):
     s.update_state_after_alloc(req, [[5, 6, 7, 8]], n or 0)
     meta = s.build_step_metadata(StepView())
     assert isinstance(meta, W.PDStepMetadata)
-    for spec in meta.loads:  # what reaches the workers is well formed
+    for load in meta.loads:  # the worker's check passes only well-formed loads, or names the field
+        try:
+            spec = resolve_load(load, _ENGINE.block_sizes, "pull")
+        except WireError as e:
+            assert str(e).startswith("kv_transfer_params:")
+            continue
         assert spec.token_end <= len(spec.remote_block_ids[0]) * 16 and spec.remote.tp_size > 0
+        assert 0 < spec.remote.port < 65536 and spec.remote_request_id and spec.mode in ("pull", "push")
     req.finish_reason = reason
     s.request_finished(req, [[5, 6, 7, 8]])
     s.build_step_metadata(StepView())

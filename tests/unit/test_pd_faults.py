@@ -286,3 +286,26 @@ def test_push_writes_from_the_producer_lease_whatever_remote_block_ids_say(engin
     assert run_until([P, D], lambda: "d" in D.recving and "p" in P.sending)
     assert "d" not in D.failed
     assert_transferred(P, D, P_IDS, D_IDS, 0, 40)
+
+
+@pytest.mark.parametrize("bad,named", [
+    ({"remote_port": "seven"}, "remote_port"),
+    ({"remote_host": None}, "remote_host"),
+    ({"tp_size": 0}, "tp_size"),
+    ({"remote_block_ids": [[1, 2, 3], [4, 5, 6]]}, "KV-cache group"),
+    ({"remote_block_ids": [1]}, "cover"),
+])
+def test_malformed_router_params_fail_the_load_at_once_naming_the_field(engines, caplog, bad, named):
+    # The scheduler hands the router's params on unread; the consumer worker's check fails the load
+    # before any handshake, with the field named, and the worker serves the next request.
+    P = engines("prefill", tp=1, options={"lease_timeout_s": 0.5})
+    D = engines("decode", tp=1, options={"handshake_timeout_s": 30.0, "transfer_timeout_s": 30.0})
+    P.fill(1)
+    _, params = prefill(P, "p", 40, P_IDS)
+    bad_params = {k: v for k, v in dict(params, **bad).items() if v is not None}
+    with caplog.at_level(logging.WARNING):
+        decode_start(D, "d", 40, bad_params, D_IDS)
+        assert _assert_failed(D, timeout=2.0) < 2.0, "a malformed load must not wait for any deadline"
+    assert named in caplog.text and "request d" in caplog.text
+    assert run_until([P], lambda: "p" in P.sending), "the producer's lease still frees its blocks"
+    _assert_served_after_restart(P, D, "2", "the worker must serve on after a malformed load")

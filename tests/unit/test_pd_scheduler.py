@@ -1,5 +1,5 @@
-"""The P/D scheduler half: vLLM's kv_transfer_params protocol, producer leases, consumer loads,
-and malformed params treated as a miss."""
+"""The P/D scheduler half: vLLM's kv_transfer_params protocol, producer leases, consumer loads
+(the router's params handed on unread), and the worker-side check of those params."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 from kvconnect.api import EngineInfo, RequestView, StepView, TransferResults
 from kvconnect.config import NixlConfig
+from kvconnect.errors import WireError
 from kvconnect.pd import wire as W
+from kvconnect.pd.params import resolve_load, resolve_release
 from kvconnect.pd.scheduler import PDScheduler
 
 ENGINE = EngineInfo(engine_id="eng-p", tp_size=2, block_sizes=(16,))
@@ -99,11 +101,15 @@ def test_consumer_load_is_emitted_once_with_local_and_remote_blocks():
     s.get_num_new_matched_tokens(r, 16)
     s.update_state_after_alloc(r, ([8, 9, 10],), 24)
     meta = s.build_step_metadata(StepView())
-    (load,) = meta.loads
+    (req_,) = meta.loads
+    assert req_.request_id == "r1" and req_.params == good_params()
+    assert [list(g) for g in req_.local_block_ids] == [[8, 9, 10]]
+    assert (req_.token_start, req_.token_end) == (16, 40)
+    load = resolve_load(req_, ENGINE.block_sizes, "pull")  # what the worker makes of it
     assert load.request_id == "r1" and load.remote_request_id == "p-1"
     assert [list(g) for g in load.local_block_ids] == [[8, 9, 10]]
     assert [list(g) for g in load.remote_block_ids] == [[4, 5, 6]]
-    assert (load.token_start, load.token_end) == (16, 40)
+    assert (load.token_start, load.token_end, load.mode) == (16, 40, "pull")
     assert load.remote == W.Remote(engine_id="eng-p", host="10.0.0.1", port=7000, tp_size=2)
     assert s.build_step_metadata(StepView()).is_empty()
     # one transfer per request: a later query is a miss
@@ -160,8 +166,10 @@ def test_fully_cached_consumer_request_releases_the_producer_blocks():
     s.update_state_after_alloc(r, ([8, 9, 10],), 0)
     meta = s.build_step_metadata(StepView())
     assert not meta.loads
-    assert meta.releases == (W.ReleaseSpec(request_id="r1", remote_request_id="p-1",
-                                           remote=W.Remote(engine_id="eng-p", host="10.0.0.1", port=7000, tp_size=2)),)
+    assert meta.releases == (W.ReleaseRequest(request_id="r1", params=good_params()),)
+    assert resolve_release(meta.releases[0]) == W.ReleaseSpec(
+        request_id="r1", remote_request_id="p-1",
+        remote=W.Remote(engine_id="eng-p", host="10.0.0.1", port=7000, tp_size=2))
 
 
 def test_consumer_aborted_before_allocation_releases_the_producer_blocks():
@@ -170,7 +178,7 @@ def test_consumer_aborted_before_allocation_releases_the_producer_blocks():
     s.get_num_new_matched_tokens(r, 0)
     assert s.request_finished(r, ([],)) == (False, None)
     (rel,) = s.build_step_metadata(StepView()).releases
-    assert rel.remote_request_id == "p-1"
+    assert resolve_release(rel).remote_request_id == "p-1"
 
 
 @pytest.mark.parametrize(
@@ -183,32 +191,52 @@ def test_consumer_aborted_before_allocation_releases_the_producer_blocks():
         ({"remote_block_ids": [[1, 2, 3], 4]}, "mixes"),
         ({"remote_block_ids": [[1, 2, 3], [4, 5, 6]]}, "group"),
         ({"remote_block_ids": [1]}, "cover"),
+        ({"remote_block_size": 0}, "remote_block_size"),
         ({"remote_request_id": None}, "remote_request_id"),
         ({"tp_size": 0}, "tp_size"),
         ({"kvconnect_mode": "teleport"}, "kvconnect_mode"),
     ],
 )
-def test_malformed_params_are_a_logged_miss_not_a_crash(caplog, bad, field):
+def test_malformed_params_reach_the_worker_and_fail_its_check_naming_the_field(bad, field):
     s = sched()
     params = good_params(**bad)
     params = {k: v for k, v in params.items() if v is not None}
     r = req(n=40, params=params)
-    with caplog.at_level(logging.WARNING, logger="kvconnect.pd.scheduler"):
-        assert s.get_num_new_matched_tokens(r, 0) == (0, False)
-        s.update_state_after_alloc(r, ([1, 2, 3],), 0)
-    assert s.build_step_metadata(StepView()).is_empty()
-    assert field in caplog.text and "r1" in caplog.text
+    assert s.get_num_new_matched_tokens(r, 0) == (40, True)  # the scheduler does not look
+    s.update_state_after_alloc(r, ([1, 2, 3],), 40)
+    (load,) = s.build_step_metadata(StepView()).loads
+    with pytest.raises(WireError, match=field):
+        resolve_load(load, ENGINE.block_sizes, "pull")
 
 
-def test_params_are_parsed_once_per_request(monkeypatch):
-    import kvconnect.pd.scheduler as mod
+class _ReadLog(dict):
+    """Router params that record which keys were read."""
 
-    calls = []
-    real = mod.parse_transfer_params
-    monkeypatch.setattr(mod, "parse_transfer_params", lambda p: calls.append(1) or real(p))
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.read: list[str] = []
+
+    def get(self, key, default=None):
+        self.read.append(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
+
+
+def test_the_scheduler_reads_only_do_remote_prefill_of_the_router_params():
+    """The engine's scheduler thread decides on one key; every other field is the worker's to read
+    (its check costs more there than the rest of the request's connector work)."""
     s = sched()
-    r = req(params=good_params())
-    for _ in range(5):
+    params = _ReadLog(good_params())
+    r = req(params=params)
+    for _ in range(3):  # the engine asks again while the request waits for budget
         s.get_num_new_matched_tokens(r, 0)
     s.update_state_after_alloc(r, ([1, 2, 3],), 40)
-    assert len(calls) == 1
+    s.update_state_after_alloc(r, ([1, 2, 3],), 0)  # vLLM's second notice, once the load arrived
+    (load,) = s.build_step_metadata(StepView()).loads
+    s.update_worker_output(TransferResults(finished_recving={"r1"}))
+    s.request_finished(RequestView("r1", list(range(40)), transfer_params=params, finish_reason="length"), ([1, 2, 3],))
+    assert set(params.read) == {"do_remote_prefill"}
+    assert load.params is params  # handed on, not copied

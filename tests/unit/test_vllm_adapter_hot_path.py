@@ -97,3 +97,42 @@ def test_finish_reason_of_vllm_requests_named_once_per_status():
             r.status = status
             assert tr.finish_reason(r) == word, status
     assert all(id(s) in tr._STATUS_WORDS for s in want)
+
+
+def test_step_is_translated_only_for_backends_that_read_it(env, monkeypatch):
+    from kvconnect.adapters import vllm_translate as tr
+    from kvconnect.bench import scheduler as B
+
+    translated = []
+    real = tr.step_view
+    monkeypatch.setattr(tr, "step_view", lambda so: translated.append(so) or real(so))
+    pd = B.build_connector(env, "KVConnect", "kv_consumer", dict(B.PD_NIXL))
+    off = B.build_connector(env, "KVConnect", "kv_both",
+                            {"backend": "cpu_offload", "cpu_bytes_to_use": env.bytes_per_block * 8})
+    both = B.build_connector(env, "KVConnect", "kv_both", {"backends": [
+        dict(B.PD_NIXL), {"backend": "cpu_offload", "cpu_bytes_to_use": env.bytes_per_block * 8}]})
+    pd.build_connector_meta(_empty_output())
+    assert translated == []
+    for conn in (off, both):  # offload reads the scheduled requests; so does a composition with it
+        conn.build_connector_meta(so := _empty_output())
+        assert translated[-1] is so
+    for conn in (pd, off, both):
+        conn.shutdown()
+
+
+def test_steps_with_nothing_to_send_reuse_one_metadata_object(env):
+    from kvconnect.bench import scheduler as B
+
+    conn = B.build_connector(env, "KVConnect", "kv_consumer", dict(B.PD_NIXL))
+    first = conn.build_connector_meta(_empty_output())
+    assert conn.build_connector_meta(_empty_output()) is first and first.payload.is_empty()
+    params = {"do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": [1, 2, 3],
+              "remote_host": "127.0.0.1", "remote_port": 7000, "remote_request_id": "p-1", "tp_size": 1}
+    r = _request("consumer", params)
+    conn.get_num_new_matched_tokens(r, 0)
+    conn.update_state_after_alloc(r, _blocks(), 40)
+    loaded = conn.build_connector_meta(_empty_output())
+    assert loaded is not first and [x.request_id for x in loaded.payload.loads] == ["consumer"]
+    after = conn.build_connector_meta(_empty_output())
+    assert after is not loaded and after.payload.is_empty()  # a step's loads are sent once
+    conn.shutdown()
