@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from kvconnect.api import EngineInfo, RequestView, StepView, TransferResults
