@@ -193,6 +193,9 @@ class SchedulerConnector(abc.ABC):
     #: False when ``build_step_metadata`` never reads its :class:`StepView` (P/D): an engine
     #: adapter may then pass an empty one instead of translating the engine's step, every step.
     reads_step: bool = True
+    #: The one object ``build_step_metadata`` returns for every step with nothing to send, if it
+    #: has one (P/D): an engine adapter may wrap it once instead of every step.
+    empty_step_metadata: Any = None
 
     @abc.abstractmethod
     def get_num_new_matched_tokens(

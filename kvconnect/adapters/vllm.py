@@ -99,9 +99,9 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
             )
         self._load_key = self._sched.loads_only_when if self._sched is not None else None
         self._reads_step = self._sched.reads_step if self._sched is not None else True
-        #: the last step metadata handed to vLLM, reused while the backend returns the same payload
-        #: (its shared empty one, most steps): vLLM only reads it
-        self._last_meta = KVConnectMetadata(None)
+        #: the backend's shared "nothing to send" payload, wrapped once (most steps send nothing)
+        empty = self._sched.empty_step_metadata if self._sched is not None else None
+        self._empty_meta = KVConnectMetadata(empty) if empty is not None else None
         self._load_errors: set[int] = set()
         self._failed_sending: set[str] = set()
         self._stats: dict[str, Any] | None = None
@@ -192,38 +192,42 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         return KVConnectHandshake(md) if md is not None else None
 
     # -- scheduler half ------------------------------------------------------------------------
-    def _never_loads(self, request: Request) -> bool:
-        """A request the backends never load for (a P/D producer's): its lookup and allocation
-        notice skip the backends (see ``SchedulerConnector.loads_only_when``)."""
-        key = self._load_key
-        if key is None:
-            return False
-        params = request.kv_transfer_params
-        return not params or not params.get(key)
-
+    # A request the backends never load for (a P/D producer's, see
+    # ``SchedulerConnector.loads_only_when``) skips them in the lookup and the allocation notice.
+    # The check is written out in both: they run for every request, and a helper call would cost
+    # as much as the check.
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self._never_loads(request):
-            return 0, False
+        key = self._load_key
+        if key is not None:
+            params = request.kv_transfer_params
+            if not params or not params.get(key):
+                return 0, False
         return self._sched.get_num_new_matched_tokens(tr.VllmRequestView(request, False), num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
-        if self._never_loads(request):
-            return
-        # Block ids are read from vLLM's block objects only if the backend looks at them.
-        self._sched.update_state_after_alloc(
-            tr.VllmRequestView(request, False), tr.LazyBlockIds(blocks), num_external_tokens
-        )
+        key = self._load_key
+        if key is not None:
+            params = request.kv_transfer_params
+            if not params or not params.get(key):
+                return
+        # Every backend reads the block ids of an external load; other notices read them from
+        # vLLM's block objects only if the backend looks at them (most never do).
+        ids = tr.block_ids_of(blocks) if num_external_tokens > 0 else tr.LazyBlockIds(blocks)
+        self._sched.update_state_after_alloc(tr.VllmRequestView(request, False), ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         step = tr.step_view(scheduler_output) if self._reads_step else _NO_STEP
         payload = self._sched.build_step_metadata(step)
-        if payload is not self._last_meta.payload:
-            self._last_meta = KVConnectMetadata(payload)
-        return self._last_meta
+        empty = self._empty_meta
+        if empty is not None and payload is empty.payload:
+            return empty
+        # Not kept here: the engine drops it with its step output (the block-id lists it holds
+        # are freed there, not in the next step's call).
+        return KVConnectMetadata(payload)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         o = connector_output
-        failed_recving = getattr(o, "failed_recving", None)
+        failed_recving = o.failed_recving
         failed_sending = getattr(o.kv_connector_worker_meta, "failed_sending", None)
         if not (o.finished_sending or o.finished_recving or failed_recving or o.invalid_block_ids
                 or failed_sending):

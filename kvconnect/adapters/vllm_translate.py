@@ -21,23 +21,29 @@ VLLM_CPU_K_DIMS = ("block", "head", "feature", "token")
 VLLM_CPU_V_DIMS = ("block", "head", "token", "feature")
 
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
-#: id(vLLM RequestStatus member) -> (member, word). vLLM derives the finish reason from the status
-#: alone, so each member is named once, not on every finished request (enum hashing and ``.name``
-#: are Python-level calls). Keyed by id, checked by identity: members live as long as the process.
-_STATUS_WORDS: dict[int, tuple[Any, str | None]] = {}
+#: vLLM RequestStatus member -> its finish reason. vLLM derives the reason from the status alone,
+#: so each member is named once, not on every finished request. RequestStatus is an IntEnum: its
+#: members hash in C, as ints; only vLLM's own members are ever stored (see finish_reason).
+_STATUS_WORDS: dict[Any, str | None] = {}
+_MISS = object()
 
 
 def finish_reason(request: Any) -> str | None:
     """vLLM's FinishReason (or RequestStatus) as a lower-case word, None while running."""
     status = getattr(request, "status", None)
-    hit = _STATUS_WORDS.get(id(status))
-    if hit is not None and hit[0] is status:
-        return hit[1]
+    word = _STATUS_WORDS.get(status, _MISS) if type(status) in _STATUS_TYPES else _MISS
+    if word is not _MISS:
+        return word  # type: ignore[return-value]
     word = _finish_reason(request)
     cls = type(status)
     if cls.__name__ == "RequestStatus" and cls.__module__.startswith("vllm.") and len(_STATUS_WORDS) < 64:
-        _STATUS_WORDS[id(status)] = (status, word)
+        _STATUS_TYPES.add(cls)
+        _STATUS_WORDS[status] = word
     return word
+
+
+#: vLLM's RequestStatus class, once seen (a plain int equal to a member must not hit the cache)
+_STATUS_TYPES: set[type] = set()
 
 
 def _finish_reason(request: Any) -> str | None:
@@ -90,7 +96,14 @@ class VllmRequestView(RequestView):
 
     @property  # type: ignore[override]
     def finish_reason(self) -> str | None:
-        return finish_reason(self._r) if self._with_finish else None
+        if not self._with_finish:
+            return None
+        status = getattr(self._r, "status", None)  # the cache hit inlined: read per finished request
+        if type(status) in _STATUS_TYPES:
+            word = _STATUS_WORDS.get(status, _MISS)
+            if word is not _MISS:
+                return word  # type: ignore[return-value]
+        return finish_reason(self._r)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -446,6 +446,9 @@ class Engine:
             echo = worker_echo(meta)
             if echo is not None:
                 self._report(step + a.result_delay - 1, worker_meta=echo)
+            # The engine drops the step's output (and the connector metadata in it) once the step
+            # ran; kept until the next `meta = ...`, it would be freed inside the next timed call.
+            del meta, so
             self.request_steps += len(self.running) + len(self.remote) + len(self.held)
             # -- the step ran: advance, finish
             for rid, n in nsched.items():

@@ -59,10 +59,14 @@ def base_port(cfg: PDConfig, engine: EngineInfo) -> int:
     return cfg.side_channel_port + engine.dp_rank * engine.tp_size
 
 
+_EMPTY = W.PDStepMetadata()
+
+
 class PDScheduler(SchedulerConnector):
     supports_hybrid = True
     loads_only_when = "do_remote_prefill"
     reads_step = False
+    empty_step_metadata = _EMPTY
 
     def __init__(self, config: PDConfig, engine: EngineInfo) -> None:
         self._cfg = config
@@ -70,6 +74,13 @@ class PDScheduler(SchedulerConnector):
         self._mode = "pull" if config.pull else "push"
         self._host = advertised_host(config)
         self._port = base_port(config, engine)
+        #: what a producer's reply says of this instance, the same for every request
+        self._reply: dict[str, Any] = {
+            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": engine.engine_id,
+            "remote_block_ids": None, "remote_host": self._host, "remote_port": self._port,
+            "remote_request_id": None, "tp_size": engine.tp_size, "remote_block_size": engine.block_sizes[0],
+            "kvconnect_mode": self._mode,
+        }
         #: consumer requests looked up and not yet allocated: tokens computed here (the load's start)
         self._starts: dict[str, int] = {}
         #: consumer requests whose load (or release) was handed to the workers, until finished:
@@ -151,19 +162,10 @@ class PDScheduler(SchedulerConnector):
         groups = tuple(block_ids)  # the engine's lists are built for this call: kept, not copied
         self._leases.append(W.LeaseSpec(request_id=rid, block_ids=groups))
         self._leased.add(rid)
-        e = self._engine
-        return True, {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_engine_id": e.engine_id,
-            "remote_block_ids": groups[0] if len(groups) == 1 else list(groups),
-            "remote_host": self._host,
-            "remote_port": self._port,
-            "remote_request_id": rid,
-            "tp_size": e.tp_size,
-            "remote_block_size": e.block_sizes[0],
-            "kvconnect_mode": self._mode,
-        }
+        reply = self._reply.copy()  # a copy of a dict of constants: cheaper than building one
+        reply["remote_block_ids"] = groups[0] if len(groups) == 1 else list(groups)
+        reply["remote_request_id"] = rid
+        return True, reply
 
     def _abort_load(self, rid: str) -> bool:
         """The engine finished a consumer request whose load was handed off: hold its blocks
@@ -185,15 +187,17 @@ class PDScheduler(SchedulerConnector):
                 ended = self._aborted & results.finished_sending
                 self._aborted -= ended
                 self._loading -= ended
-        if results.finished_recving or results.failed_recving:
-            ended = results.finished_recving | results.failed_recving
-            self._loading -= ended
-            if self._aborted & ended:
+        recving, failed = results.finished_recving, results.failed_recving
+        if recving or failed:
+            self._loading -= recving
+            if failed:  # a subset of finished_recving from kvconnect's workers; not assumed
+                self._loading -= failed
+            gone = self._aborted and self._aborted & (recving | failed)
+            if gone:
                 # The engine finished the request (e.g. policy `fail` on this very failure) in the
                 # same update that reports its receive: it frees the blocks through that receive,
                 # so the abort must not reach the workers (a later finished_sending would name a
                 # request the engine has already deleted).
-                gone = self._aborted & ended
                 self._aborted -= gone
                 self._aborts = [rid for rid in self._aborts if rid not in gone]
 
@@ -203,9 +207,6 @@ class PDScheduler(SchedulerConnector):
 
     def get_stats(self) -> dict[str, Any]:
         return {"leased": len(self._leased), "loading": len(self._loading)}
-
-
-_EMPTY = W.PDStepMetadata()
 
 
 def _take(pending: list) -> tuple:

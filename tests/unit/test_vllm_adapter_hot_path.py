@@ -96,7 +96,13 @@ def test_finish_reason_of_vllm_requests_named_once_per_status():
         for status, word in want.items():
             r.status = status
             assert tr.finish_reason(r) == word, status
-    assert all(id(s) in tr._STATUS_WORDS for s in want)
+    assert all(s in tr._STATUS_WORDS for s in want)
+    assert tr.VllmRequestView(r).finish_reason is None  # the last status set: WAITING
+    r.status = RequestStatus.FINISHED_STOPPED
+    assert tr.VllmRequestView(r).finish_reason == "stop"
+    assert tr.VllmRequestView(r, with_finish=False).finish_reason is None
+    plain = type("R", (), {"status": int(RequestStatus.FINISHED_STOPPED), "get_finished_reason": lambda self: None})()
+    assert tr.finish_reason(plain) is None  # an int equal to a member is not that member
 
 
 def test_step_is_translated_only_for_backends_that_read_it(env, monkeypatch):
