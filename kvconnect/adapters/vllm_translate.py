@@ -25,6 +25,8 @@ _FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error
 #: so each member is named once, not on every finished request. RequestStatus is an IntEnum: its
 #: members hash in C, as ints; only vLLM's own members are ever stored (see finish_reason).
 _STATUS_WORDS: dict[Any, str | None] = {}
+#: vLLM's RequestStatus class, once seen (a plain int equal to a member must not hit the cache)
+_STATUS_TYPES: set[type] = set()
 _MISS = object()
 
 
@@ -40,10 +42,6 @@ def finish_reason(request: Any) -> str | None:
         _STATUS_TYPES.add(cls)
         _STATUS_WORDS[status] = word
     return word
-
-
-#: vLLM's RequestStatus class, once seen (a plain int equal to a member must not hit the cache)
-_STATUS_TYPES: set[type] = set()
 
 
 def _finish_reason(request: Any) -> str | None:

@@ -195,7 +195,10 @@ def md_scheduler(r: dict[str, Any]) -> list[str]:
         "time per request-step (one live request in one engine step), in microseconds; **ratio** is "
         "kvconnect's figure over that connector's (below 1: kvconnect is cheaper). Blocks come from vLLM's own "
         "`BlockPool`, shuffled as a serving engine's is; the cyclic collector runs between steps, outside the "
-        "timed calls (inside them it billed whichever call crossed its threshold for the engine's garbage). "
+        "timed calls (inside them it billed whichever call crossed its threshold for the engine's garbage), "
+        "and each step's metadata is dropped after the step, as the engine drops its step output (kept until "
+        "the next call, freeing it was billed to that call). kvconnect's P/D scheduler hands the router's "
+        "params to the workers unread; their check runs on the worker's progress thread. "
         "`floor: bare P/D protocol` does only what any P/D connector must (offer the load, read the allocated "
         "block ids, return the producer's): its ratio is the lowest any connector reaches.",
         "",
