@@ -115,6 +115,29 @@ def test_pd_pull_prefill_block_64_decode_block_32(gqa, request):
     _pd_run(request, gqa, router, p64, "P/D pull, prefill blocks 64, decode blocks 32")
 
 
+@pytest.mark.parametrize("bad,field", [({"remote_port": "seven"}, "remote_port"),
+                                       ({"remote_block_ids": [1]}, "remote_block_ids cover")])
+def test_malformed_router_params_fail_the_request_naming_the_field(gqa, bad, field):
+    # The decode's scheduler hands the router's params on unread; its worker refuses them before
+    # any transfer, and vLLM's policy `fail` ends the request. The instance serves on.
+    prefill, decode = gqa["p_pull"], gqa["decode"]
+    prompt = kvc.prompt_ids(91, 70)
+    params = dict(kvc.prefill_direct(prefill.url, prompt), **bad)
+    rejected0 = kvc.kvc_stat(decode.url, "nixl.loads_rejected")
+    t0 = time.perf_counter()
+    try:
+        g = kvc.decode_direct(decode.url, prompt, params, timeout=60)
+        assert g.finish_reason not in ("length", "stop"), f"completed ({g.finish_reason}) despite malformed params"
+    except S.ServerError:
+        pass
+    assert time.perf_counter() - t0 < 30, "a malformed load must fail at once, not at a deadline"
+    assert field in decode.log_tail(n_lines=400, max_chars=200_000), f"the decode log does not name {field}"
+    ok = S.completion(decode.url, kvc.PROMPTS["short"])
+    assert ok.token_ids == gqa["base"]["cmpl/short"]
+    time.sleep(1.5)  # vLLM publishes stats on its next step / log interval
+    assert kvc.kvc_stat(decode.url, "nixl.loads_rejected") - rejected0 >= 1
+
+
 @pytest.mark.sweep("gqa-prefill-killed-fail")
 def test_prefill_killed_before_decode_fails_cleanly_with_policy_fail(gqa, request):
     prefill, decode = gqa["p_pull"], gqa["decode"]
