@@ -105,10 +105,9 @@ class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True, gc=Fals
     do_remote_prefill: bool = False
     remote_engine_id: str | None = None
     #: One list per KV-cache group; vLLM sends a flat list for single-group models. Kept as the
-    #: router's list, elements unchecked here: the worker that turns them into descriptor indices
-    #: checks every id (type and range, against the producer's cache) and fails the load naming
-    #: them. A pass over every id on the engine's scheduler thread, per request, would cost more
-    #: there than the rest of the request's connector work.
+    #: router's list, elements unchecked here: the worker turns them into descriptor indices with
+    #: one numpy conversion, which checks every id (type and range, against the producer's cache)
+    #: and fails the load naming them (:func:`kvconnect.pd.plan`), so a pass here would repeat it.
     remote_block_ids: Any = None
     remote_host: str | None = None
     remote_port: Annotated[int, msgspec.Meta(gt=0, lt=65536)] | None = None

@@ -94,23 +94,11 @@ class VllmRequestView(RequestView):
 
     @property  # type: ignore[override]
     def finish_reason(self) -> str | None:
-        if not self._with_finish:
-            return None
-        status = getattr(self._r, "status", None)  # the cache hit inlined: read per finished request
-        if type(status) in _STATUS_TYPES:
-            word = _STATUS_WORDS.get(status, _MISS)
-            if word is not _MISS:
-                return word  # type: ignore[return-value]
-        return finish_reason(self._r)
+        return finish_reason(self._r) if self._with_finish else None
 
     @property
     def num_prompt_tokens(self) -> int:
         return self._r.num_prompt_tokens  # every vLLM Request sets it (prompt embeds too)
-
-
-def request_view(request: Any, with_finish: bool = True) -> RequestView:
-    """The neutral view of a vLLM ``Request`` (no copies; fields read on access)."""
-    return VllmRequestView(request, with_finish)
 
 
 def block_ids_of(blocks: Any) -> tuple[list[int], ...]:

@@ -249,9 +249,8 @@ class ProgressLoop:
         try:
             spec = resolve_load(req, self._me.block_sizes, "pull" if self._cfg.pull else "push")
         except WireError as e:
-            logger.warning("request %s: KV load failed, its blocks are invalid: %s", req.request_id, e)
             self._stat("loads_rejected")
-            self._report_failed(req.request_id, req.local_block_ids, req.token_start, req.token_end)
+            self._report_failed(req.request_id, req.local_block_ids, req.token_start, req.token_end, str(e))
             return
         self._on_load(spec)
 
@@ -461,16 +460,17 @@ class ProgressLoop:
         if ld is None:
             return
         spec = ld.spec
-        logger.warning("request %s: KV load failed, its blocks are invalid: %s", rid, why)
         # Tell the producer ranks we read from that we are done with their blocks.
         for h, peer, _ in ld.handles:
             self._release(h)
             self._notify(peer, self._mine(W.DONE, spec.remote_request_id))
-        self._report_failed(rid, spec.local_block_ids, spec.token_start, spec.token_end)
+        self._report_failed(rid, spec.local_block_ids, spec.token_start, spec.token_end, why)
 
-    def _report_failed(self, rid: str, local_block_ids: W.Groups, token_start: int, token_end: int) -> None:
+    def _report_failed(self, rid: str, local_block_ids: W.Groups, token_start: int, token_end: int,
+                       why: str) -> None:
         """Tell the engine a load failed: the blocks it was to fill are invalid (or, for a request
         the engine aborted meanwhile, free to take back)."""
+        logger.warning("request %s: KV load failed, its blocks are invalid: %s", rid, why)
         invalid: set[int] = set()
         for g, ids in enumerate(local_block_ids):
             bs = self._me.block_sizes[g] if g < len(self._me.block_sizes) else self._me.block_sizes[0]

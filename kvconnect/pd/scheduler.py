@@ -69,8 +69,6 @@ class PDScheduler(SchedulerConnector):
     empty_step_metadata = _EMPTY
 
     def __init__(self, config: PDConfig, engine: EngineInfo) -> None:
-        self._cfg = config
-        self._engine = engine
         self._mode = "pull" if config.pull else "push"
         self._host = advertised_host(config)
         self._port = base_port(config, engine)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from kvconnect.adapters.vllm_translate import (
+    VllmRequestView,
     block_ids_of,
     engine_info,
     finish_reason,
     layer_entries,
     layer_layout,
-    request_view,
     step_view,
 )
 from kvconnect.errors import LayoutError
@@ -44,7 +44,7 @@ def _req(**kw):
 
 
 def test_request_view_carries_ids_tokens_hashes_and_params():
-    v = request_view(_req())
+    v = VllmRequestView(_req())
     assert v.request_id == "r1" and list(v.prompt_token_ids) == [1, 2, 3]
     assert v.block_hashes == [b"h"] and v.transfer_params == {"do_remote_decode": True}
     assert v.finish_reason is None
