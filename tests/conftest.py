@@ -7,9 +7,13 @@ import pathlib
 
 import pytest
 
-# NIXL/UCX read these themselves; set before any test imports nixl.
+from kvconnect.ucx_env import apply_ucx_defaults
+
+# NIXL/UCX read these themselves; set before any test imports nixl. kvconnect's own agents apply
+# the UCX defaults themselves; tests that make raw agents (contract tests, probes) need them too.
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("UCX_LOG_LEVEL", "error")
+apply_ucx_defaults()
 
 _TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e", "gpu": "gpu"}
 

@@ -22,6 +22,7 @@ from kvconnect.errors import BackendUnavailableError, HandshakeError, TransferEr
 from kvconnect.pd.scheduler import PDScheduler
 from kvconnect.pd.transport import Op, Region, Status, Transport
 from kvconnect.pd.worker import PDWorker
+from kvconnect.ucx_env import apply_ucx_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ INSTALL_HINT = "pip install nixl-cu12 nixl"
 
 
 def load_nixl() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``(nixl_agent, nixl_agent_config)`` of the installed NIXL, or BackendUnavailableError."""
+    """``(nixl_agent, nixl_agent_config)`` of the installed NIXL, or BackendUnavailableError.
+    Applies kvconnect's UCX defaults first (:mod:`kvconnect.ucx_env`)."""
+    apply_ucx_defaults()
     try:
         from nixl_cu12._api import nixl_agent, nixl_agent_config
     except ImportError:
@@ -57,6 +60,7 @@ class NixlTransport(Transport):
             config_factory = config_factory or default_conf
         elif config_factory is None:
             config_factory = getattr(sys.modules.get(agent_factory.__module__), "nixl_agent_config", None)
+        apply_ucx_defaults()  # also where the agent class was injected: UCX reads them at the first agent
         conf = config_factory(enable_prog_thread=progress_thread, backends=list(backends)) if config_factory else None
         self._agent = agent_factory(agent_name, conf)
         self._name = agent_name

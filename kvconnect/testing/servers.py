@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvconnect.ucx_env import apply_ucx_defaults
+
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -407,6 +409,8 @@ def vllm_server(
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_side_channel_port)
     if extra_env:
         env.update(extra_env)
+    if nixl_side_channel_port is not None:  # vLLM's own NixlConnector: kvconnect's agents apply these themselves
+        apply_ucx_defaults(env)
     argv = [
         python or sys.executable,
         "-m",
