@@ -1,8 +1,9 @@
 """Moving blocks between engine KV tensors and the host pool, off the engine's hot path.
 
-:func:`copy_blocks` does the bytes: per layer and per run of consecutive slots, one gather
-(store) or one scatter (load) of whole rows (see :mod:`rows`), so every byte is read and written
-once. On the CPU these are numpy's ``take(out=...)`` and fancy assignment (a plain memcpy per row,
+:func:`copy_blocks` does the bytes: per piece of engine memory (a layer, or all the entries that
+view one layer's memory, merged: see :mod:`rows`) and per run of consecutive slots, one gather
+(store) or one scatter (load) of whole rows, so every byte is read and written once and memory
+that is contiguous in the engine moves as one run. On the CPU these are numpy's ``take(out=...)`` and fancy assignment (a plain memcpy per row,
 GIL released), split over ``copy_threads`` threads for large tasks: one thread cannot saturate
 the memory bus; a plain ``copy_`` of a large tensor is multi-threaded too. On a GPU the gather
 and scatter run on the device and the host side is one DMA per run.
@@ -25,7 +26,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,35 +34,76 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvconnect.backends.cpu_offload.rows import RowPlan, engine_row_view, pool_row_view
+from kvconnect.backends.cpu_offload.rows import (
+    Entry,
+    SpanPlan,
+    block_shape,
+    engine_row_view,
+    plan_spans,
+    pool_row_view,
+)
+from kvconnect.layout import KVLayout
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class LayerCopy:
-    """One layer: the engine's tensor, its host pool, and how to see both as rows."""
+    """One piece of engine memory and its host pool: the rows of a :class:`SpanPlan` (one or
+    several entries that share memory, merged), or, for an entry whose strides do not split into
+    rows (``plan`` None), that entry alone, copied by indexing its block dimension."""
 
-    engine: torch.Tensor
-    pool: torch.Tensor
+    engine: torch.Tensor  # the (first) entry's tensor; the row view below reaches its storage
+    pool: torch.Tensor  # [num_slots, block bytes] bytes with a plan, [num_slots, *block_shape] without
     block_dim: int
-    plan: RowPlan | None
-    plan_key: tuple | None = None
+    plan: SpanPlan | None
+    group: int = 0
+    names: tuple[str, ...] = ()
     engine_rows: torch.Tensor | None = None
     pool_rows: torch.Tensor | None = None
-    #: The same row views as numpy byte arrays (CPU caches only): numpy copies rows fastest.
+    #: The same row views as numpy arrays (CPU caches only): numpy copies rows fastest.
     engine_np: np.ndarray | None = None
     pool_np: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.plan is not None:
-            p = self.plan
-            self.plan_key = (p.chunk, p.planes, p.block_step, tuple(p.plane_rows.tolist()))
-            self.engine_rows = engine_row_view(self.engine, p)
-            self.pool_rows = pool_row_view(self.pool, p)
+            self.group, self.names = self.plan.group, self.plan.names
+            self.engine_rows = engine_row_view(self.engine, self.plan)
+            self.pool_rows = pool_row_view(self.pool, self.plan, self.engine_rows.element_size())
             if self.engine.device.type == "cpu":
-                self.engine_np = self.engine_rows.view(torch.uint8).numpy()
-                self.pool_np = self.pool_rows.view(torch.uint8).numpy()
+                self.engine_np = self.engine_rows.numpy()
+                self.pool_np = self.pool_rows.numpy()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.plan.num_blocks if self.plan is not None else int(self.engine.shape[self.block_dim])
+
+    @property
+    def rows_key(self) -> tuple | None:
+        return None if self.plan is None else self.plan.key
+
+
+def build_layers(caches: Mapping[str, tuple[torch.Tensor, KVLayout]], num_slots: int,
+                 pin_memory: bool = False) -> list[LayerCopy]:
+    """Host pools and row plans for registered entries: entries that view one piece of memory
+    (vLLM CPU's ``.k`` and ``.v`` of a layer) share one pool holding the engine's block bytes in
+    the engine's order, so each block moves in as few runs as the engine's memory allows."""
+    entries = [Entry.of(name, t, lay) for name, (t, lay) in caches.items()]
+    plans, left = plan_spans(entries)
+    out = []
+    for plan in plans:
+        t, lay = caches[plan.names[0]]
+        pool = torch.empty((num_slots, plan.block_bytes), dtype=torch.uint8, pin_memory=pin_memory)
+        out.append(LayerCopy(t, pool, lay.dims.index("block"), plan))
+    for e in left:
+        logger.warning("cpu_offload: entry %s has strides that do not split into rows; copies take an "
+                       "extra pass", e.name)
+        t, lay = caches[e.name]
+        pool = torch.empty((num_slots, *block_shape(lay)), dtype=t.dtype, pin_memory=pin_memory)
+        out.append(LayerCopy(t, pool, lay.dims.index("block"), None, lay.group, (e.name,)))
+    logger.info("cpu_offload: %d entries copied as %d pieces of memory, %d rows per block (%d entries "
+                "by block indexing)", len(entries), len(plans), sum(p.rows_per_block for p in plans), len(left))
+    return out
 
 
 @dataclass(slots=True)
@@ -134,23 +176,24 @@ def _split(moves: Sequence[_Move], parts: int) -> list[list[_Move]]:
     return out
 
 
-def _copy_cpu(layers: Sequence[LayerCopy], kind: str, ids: torch.Tensor, runs: list[tuple[int, int, int]],
-              helpers: CopyHelpers | None) -> None:
+def _copy_cpu(layers: Sequence[LayerCopy], kind: str, ids: Mapping[int, torch.Tensor],
+              runs: list[tuple[int, int, int]], helpers: CopyHelpers | None) -> None:
     moves: list[_Move] = []
     rows_cache: dict[Any, np.ndarray] = {}
     nbytes = 0
     for lc in layers:
+        gids = ids[lc.group]
         if lc.plan is None:
-            _copy_logical(lc, kind, ids, runs, None)
+            _copy_logical(lc, kind, gids, runs, None)
             continue
-        rows = rows_cache.get(lc.plan_key)
+        rows = rows_cache.get(lc.rows_key)
         if rows is None:
-            rows = rows_cache[lc.plan_key] = lc.plan.engine_rows(ids).numpy()
-        per = lc.plan.planes
+            rows = rows_cache[lc.rows_key] = lc.plan.engine_rows(gids).numpy()
+        per = lc.plan.rows_per_block
         assert lc.engine_np is not None and lc.pool_np is not None
         for a, b, s0 in runs:
             moves.append((lc.engine_np, rows[a * per : b * per], lc.pool_np[s0 * per : (s0 + b - a) * per]))
-        nbytes += len(ids) * per * lc.engine_np.shape[1]
+        nbytes += len(gids) * lc.plan.block_bytes
     parts = 1 if helpers is None else min(helpers.count + 1, nbytes // SPLIT_MIN_BYTES)
     if parts <= 1:
         _run_moves(kind, moves)
@@ -178,27 +221,28 @@ def _copy_logical(lc: LayerCopy, kind: str, ids: torch.Tensor, runs: list[tuple[
             ev.index_copy_(0, ids[a:b], prange.to(lc.engine.device, non_blocking=True))
 
 
-def _copy_gpu(layers: Sequence[LayerCopy], kind: str, ids_cpu: torch.Tensor, runs: list[tuple[int, int, int]],
-              keep: list, dma: Any) -> None:
+def _copy_gpu(layers: Sequence[LayerCopy], kind: str, ids_cpu: Mapping[int, torch.Tensor],
+              runs: list[tuple[int, int, int]], keep: list, dma: Any) -> None:
     """Gather/scatter kernels on the current stream, host<->device DMA on ``dma`` (when given), one
     event per layer between them: layer i's DMA overlaps layer i+1's kernel (measured on an H100:
     0.95-0.97x of a plain copy pipelined, 0.85-0.89x one after the other)."""
     device = layers[0].engine.device
     comp = torch.cuda.current_stream(device)
     dma = dma or comp
-    ids = ids_cpu.to(device, non_blocking=True)
-    keep.append(ids)
+    ids = {g: t.to(device, non_blocking=True) for g, t in ids_cpu.items()}
+    keep.extend(ids.values())
     rows_cache: dict[Any, torch.Tensor] = {}
     for lc in layers:
         if lc.plan is None:
             with torch.cuda.stream(comp):
-                _copy_logical(lc, kind, ids, runs, keep)
+                _copy_logical(lc, kind, ids[lc.group], runs, keep)
             continue
-        rows = rows_cache.get(lc.plan_key)
+        rows = rows_cache.get(lc.rows_key)
         if rows is None:
-            rows = rows_cache[lc.plan_key] = lc.plan.engine_rows(ids_cpu).to(device, non_blocking=True)
+            rows = lc.plan.engine_rows(ids_cpu[lc.group]).to(device, non_blocking=True)
+            rows_cache[lc.rows_key] = rows
             keep.append(rows)
-        per = lc.plan.planes
+        per = lc.plan.rows_per_block
         e, p = lc.engine_rows, lc.pool_rows
         for a, b, s0 in runs:
             r = rows[a * per : b * per]
@@ -223,16 +267,17 @@ def _copy_gpu(layers: Sequence[LayerCopy], kind: str, ids_cpu: torch.Tensor, run
 
 
 def copy_blocks(
-    layers: Sequence[LayerCopy], kind: str, block_ids: Sequence[int], slots: Sequence[int],
+    layers: Sequence[LayerCopy], kind: str, block_ids: Mapping[int, Sequence[int]], slots: Sequence[int],
     keep: list | None = None, helpers: CopyHelpers | None = None, dma_stream: Any = None,
 ) -> None:
-    """Store (engine -> pool) or load (pool -> engine) ``block_ids[i] <-> slots[i]`` in every
-    layer. Ids must be in range (the caller checks). On a GPU the ops are enqueued on the current
-    stream (DMA on ``dma_stream`` if given); ``keep`` collects temporaries that must outlive them.
-    On the CPU ``helpers`` share large tasks."""
-    if not block_ids:
+    """Store (engine -> pool) or load (pool -> engine) ``block_ids[g][i] <-> slots[i]`` in every
+    layer of KV-cache group ``g`` (each group has its own block ids; every group's list is as
+    long as ``slots``). Ids must be in range (the caller checks). On a GPU the ops are enqueued
+    on the current stream (DMA on ``dma_stream`` if given); ``keep`` collects temporaries that
+    must outlive them. On the CPU ``helpers`` share large tasks."""
+    if not slots:
         return
-    ids_cpu = torch.as_tensor(block_ids, dtype=torch.int64)
+    ids_cpu = {g: torch.as_tensor(list(b), dtype=torch.int64) for g, b in block_ids.items()}
     runs = slot_runs(slots)
     if layers[0].engine.device.type == "cpu":
         _copy_cpu(layers, kind, ids_cpu, runs, helpers)

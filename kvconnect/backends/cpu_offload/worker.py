@@ -30,11 +30,11 @@ from kvconnect.backends.cpu_offload.copier import (
     CudaStreamCopier,
     LayerCopy,
     ThreadCopier,
+    build_layers,
     copy_blocks,
     slot_checksum,
 )
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
-from kvconnect.backends.cpu_offload.rows import block_shape, plan_rows
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.layout import KVLayout
@@ -102,13 +102,7 @@ class CpuOffloadWorker(WorkerConnector):
             raise LayoutError(f"cpu_offload: KV caches live on several devices {devices}")
         device = devices.pop()
         on_gpu = device.type == "cuda"
-        for name, (t, lay) in caches.items():
-            pool = torch.empty((self.num_slots, *block_shape(lay)), dtype=t.dtype, pin_memory=on_gpu)
-            plan = plan_rows(lay)
-            if plan is None:
-                logger.warning("cpu_offload: layer %s has strides that do not split into rows; "
-                               "copies take an extra pass", name)
-            self.layers.append(LayerCopy(t, pool, lay.dims.index("block"), plan))
+        self.layers = build_layers(caches, self.num_slots, pin_memory=on_gpu)
         self._slot_keys = [None] * self.num_slots
         self._slot_sums = [None] * self.num_slots
         if on_gpu:
@@ -129,7 +123,7 @@ class CpuOffloadWorker(WorkerConnector):
 
     # -- tasks (run on the copier) --------------------------------------------------------------------
     def _check_ids(self, task: CopyTask) -> str | None:
-        nb = self.layers[0].engine.shape[self.layers[0].block_dim]
+        nb = min(lc.num_blocks for lc in self.layers)
         if len(task.block_ids) != len(task.slots) or len(task.slots) != len(task.keys):
             return "block, slot and key lists differ in length"
         if any(not 0 <= b < nb for b in task.block_ids):
@@ -160,7 +154,9 @@ class CpuOffloadWorker(WorkerConnector):
             for s in task.slots:
                 self._slot_keys[s] = None
                 self._slot_sums[s] = None
-        copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep, self._helpers,
+        # One KV-cache group (register_kv_caches refuses more): every layer takes the job's ids.
+        ids = {lc.group: task.block_ids for lc in self.layers}
+        copy_blocks(self.layers, task.kind, ids, task.slots, task.keep, self._helpers,
                     getattr(self._copier, "dma_stream", None))
 
     def _finish_task(self, task: CopyTask) -> None:
