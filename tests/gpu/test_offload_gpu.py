@@ -86,6 +86,7 @@ def test_load_then_store_into_the_same_slot_in_one_step_keeps_order():
     torch.cuda.synchronize()
     for (t, _), wnt in zip(caches.values(), want):
         assert torch.equal(t[:, dst], wnt)  # the load read the slots before the store overwrote them
-        assert torch.equal(t[:, new_blocks].cpu(), next(iter([lc.pool for lc in w.layers if lc.engine is t]))
-                           .movedim(0, 1)[:, slots])
+        pool = next(lc.pool for lc in w.layers if lc.engine is t)  # [slots, block bytes]: K plane, V plane
+        got = t[:, new_blocks].movedim(1, 0).contiguous().cpu().view(torch.uint8).reshape(len(slots), -1)
+        assert torch.equal(got, pool[slots])
     w.shutdown()
