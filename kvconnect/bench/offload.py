@@ -126,6 +126,10 @@ def _run(worker: CpuOffloadWorker, meta: OffloadStepMetadata, expect: int, timeo
     worker.wait_for_save()
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
+    copier = worker._copier
+    if copier is not None:  # block until the copies end (an engine does its forward pass meanwhile):
+        # a polling loop here would take CPU from the copy threads it times
+        copier.wait([t for ts in worker._inflight.values() for t in ts], timeout)
     while True:
         r = worker.get_transfer_results(set())
         if r.failed_recving or r.failed_sending:
@@ -135,7 +139,7 @@ def _run(worker: CpuOffloadWorker, meta: OffloadStepMetadata, expect: int, timeo
             break
         if time.monotonic() > deadline:
             raise TimeoutError("benchmark copies did not finish")
-        time.sleep(0.001)  # an engine polls once per step (ms apart); tighter polling steals the copy threads' cores
+        time.sleep(0.001)
     worker.clear_step_metadata()
     return time.perf_counter() - t0
 
@@ -246,6 +250,7 @@ def _bandwidth_row(a: argparse.Namespace, caches: dict, n: int, nb: int, per_blo
         times["scatter"].append(_bare(w, "load", dst, helpers))
     runs = sum(lc.plan.rows_per_block for lc in w.layers if lc.plan is not None) / a.layers
     w.shutdown()
+    w.layers.clear()  # free the pool now: the worker's copy thread holds it in a cycle until a gc pass
     if helpers is not None:
         helpers.close()
     med = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
