@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from kvconnect.errors import HandshakeError, WireError
+from kvconnect.errors import HandshakeError, PeerRefusedError, WireError
 from kvconnect.metadata import decode, encode
 
 logger = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class SideChannelClient:
             if reply.nonce != nonce:
                 continue  # a late reply to an earlier request: skip it
             if not reply.ok:
-                raise HandshakeError(f"side channel {where} refused {kind!r}: {reply.error}")
+                raise PeerRefusedError(f"side channel {where} refused {kind!r}: {reply.error}")
             return reply.body
 
     def close(self) -> None:
