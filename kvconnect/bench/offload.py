@@ -186,7 +186,7 @@ def _bare(w: CpuOffloadWorker, kind: str, blocks: list[int], helpers: CopyHelper
     _sync(cuda)
     t0 = time.perf_counter()
     keep: list = []
-    copy_blocks(w.layers, kind, {lc.group: blocks for lc in w.layers}, list(range(len(blocks))), keep, helpers)
+    copy_blocks(w.layers, kind, blocks, list(range(len(blocks))), keep, helpers)
     _sync(cuda)
     return time.perf_counter() - t0
 

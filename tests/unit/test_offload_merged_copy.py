@@ -16,6 +16,7 @@ from kvconnect.backends.cpu_offload import CpuOffloadWorker
 from kvconnect.backends.cpu_offload.copier import build_layers, copy_blocks
 from kvconnect.backends.cpu_offload.rows import Entry, plan_spans
 from kvconnect.config import CpuOffloadConfig
+from kvconnect.errors import LayoutError
 from kvconnect.layout import FLASH_NHD_DIMS, MLA_DIMS, KVLayout
 from tests.unit.test_offload_worker import load, store
 
@@ -155,28 +156,40 @@ def test_a_load_of_part_of_a_stored_run_moves_only_those_blocks():
 
 def test_kv_cache_groups_sharing_memory_are_planned_apart_and_copy_their_own_block_ids():
     # vLLM's hybrid allocator shares one tensor between a layer of each KV-cache group; the groups
-    # index it with their own block ids, so their entries must not merge across groups. A third
-    # layer of group 0 has a tensor of its own.
+    # index it with their own block ids, so their entries must not merge across groups. Group 0's
+    # second layer has a tensor of its own; group 1 (sliding window) shares group 0's first. The
+    # groups' pieces line up by position, so group 1 shares group 0's pools (a slot holds one
+    # block of one group).
     bs = 16
     shared = vllm_cpu_layer(16, bs, seed=1)
     own = vllm_cpu_layer(16, bs, seed=2)
-    caches = {**entries_of({"full.0": shared, "full.1": own}, FullAttentionSpec(bs, 2, 16, 16), group=0),
-              **entries_of({"swa.0": shared}, SlidingWindowSpec(bs, 2, 16, 16), group=1)}
-    layers = build_layers(caches, num_slots=6)
-    assert sorted((lc.group, lc.names) for lc in layers) == [
-        (0, ("full.0.k", "full.0.v")), (0, ("full.1.k", "full.1.v")), (1, ("swa.0.k", "swa.0.v"))]
-    assert all(lc.plan.rows_per_block == 1 for lc in layers)
-    ids = {0: [3, 4, 5], 1: [10, 11, 12]}
-    before = {b: block_bytes(shared, b) for b in range(16)}
-    before_own = {b: block_bytes(own, b) for b in range(16)}
-    copy_blocks(layers, "store", ids, [0, 1, 2])
-    copy_blocks(layers, "load", {0: [7, 8, 9], 1: [13, 14, 15]}, [0, 1, 2])
-    for s, d in zip(ids[0] + ids[1], [7, 8, 9, 13, 14, 15]):
-        assert torch.equal(block_bytes(shared, d), before[s])
-    for s, d in zip(ids[0], [7, 8, 9]):
-        assert torch.equal(block_bytes(own, d), before_own[s])
-    for b in (0, 1, 2, 6):  # blocks no group named are left alone
-        assert torch.equal(block_bytes(shared, b), before[b]) and torch.equal(block_bytes(own, b), before_own[b])
+    other = vllm_cpu_layer(16, bs, seed=3)
+    g0 = entries_of({"full.0": shared, "full.1": own}, FullAttentionSpec(bs, 2, 16, 16), group=0)
+    g1 = entries_of({"swa.0": other, "swa.1": shared}, SlidingWindowSpec(bs, 2, 16, 16), group=1)
+    plans, left = plan_spans([Entry.of(n, v, lay) for n, (v, lay) in {**g0, **g1}.items()])
+    assert not left and sorted((p.group, p.names) for p in plans) == [
+        (0, ("full.0.k", "full.0.v")), (0, ("full.1.k", "full.1.v")),
+        (1, ("swa.0.k", "swa.0.v")), (1, ("swa.1.k", "swa.1.v"))]
+    l0 = build_layers(g0, num_slots=6)
+    l1 = build_layers(g1, num_slots=6, share_pools_with=l0)
+    assert [lc.pool for lc in l1] == [lc.pool for lc in l0] and all(lc.plan.rows_per_block == 1 for lc in l0 + l1)
+    before = {id(t): [block_bytes(t, b) for b in range(16)] for t in (shared, own, other)}
+    copy_blocks(l0, "store", [3, 4], [0, 1])
+    copy_blocks(l1, "store", [10, 11], [2, 3])
+    copy_blocks(l0, "load", [7, 8], [0, 1])
+    copy_blocks(l1, "load", [13, 14], [2, 3])
+    # group 0: full.0 -> shared, full.1 -> own; group 1: swa.0 -> other, swa.1 -> shared
+    for t, moves in ((shared, {7: 3, 8: 4, 13: 10, 14: 11}), (own, {7: 3, 8: 4}), (other, {13: 10, 14: 11})):
+        for b in range(16):
+            assert torch.equal(block_bytes(t, b), before[id(t)][moves.get(b, b)]), (b, moves)
+
+
+def test_pools_are_shared_only_with_pieces_of_the_same_shape():
+    bs = 16
+    l0 = build_layers(entries_of({"a": vllm_cpu_layer(8, bs)}, FullAttentionSpec(bs, 2, 16, 16)), num_slots=4)
+    wider = entries_of({"b": vllm_cpu_layer(8, bs, heads=4)}, FullAttentionSpec(bs, 4, 16, 16), group=1)
+    with pytest.raises(LayoutError, match="no pool of that shape"):
+        build_layers(wider, num_slots=4, share_pools_with=l0)
 
 
 @pytest.mark.parametrize("kind", ["mla", "flash_nhd"])

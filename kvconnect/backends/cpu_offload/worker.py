@@ -123,7 +123,7 @@ class CpuOffloadWorker(WorkerConnector):
 
     # -- tasks (run on the copier) --------------------------------------------------------------------
     def _check_ids(self, task: CopyTask) -> str | None:
-        nb = min(lc.num_blocks for lc in self.layers)
+        nb = self.layers[0].engine.shape[self.layers[0].block_dim]
         if len(task.block_ids) != len(task.slots) or len(task.slots) != len(task.keys):
             return "block, slot and key lists differ in length"
         if any(not 0 <= b < nb for b in task.block_ids):
@@ -154,9 +154,7 @@ class CpuOffloadWorker(WorkerConnector):
             for s in task.slots:
                 self._slot_keys[s] = None
                 self._slot_sums[s] = None
-        # One KV-cache group (register_kv_caches refuses more): every layer takes the job's ids.
-        ids = {lc.group: task.block_ids for lc in self.layers}
-        copy_blocks(self.layers, task.kind, ids, task.slots, task.keep, self._helpers,
+        copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep, self._helpers,
                     getattr(self._copier, "dma_stream", None))
 
     def _finish_task(self, task: CopyTask) -> None:
