@@ -22,9 +22,9 @@ def pytest_collection_modifyitems(config, items):
     no_gpu = None
     for item in items:
         tier = pathlib.Path(str(item.fspath)).parent.name
-        # A test in tests/gpu marked integration is the host-memory variant of a device test:
-        # it runs everywhere, so it is not given the gpu marker.
-        host_variant = tier == "gpu" and item.get_closest_marker("integration")
+        # A test in tests/gpu marked unit or integration is the host-memory variant of a device
+        # test: it runs everywhere, so it is not given the gpu marker.
+        host_variant = tier == "gpu" and any(item.get_closest_marker(m) for m in ("unit", "integration"))
         if tier in _TIERS and not item.get_closest_marker(_TIERS[tier]) and not host_variant:
             item.add_marker(getattr(pytest.mark, _TIERS[tier]))
         if item.get_closest_marker("gpu"):
