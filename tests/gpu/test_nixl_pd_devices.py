@@ -17,11 +17,6 @@ from kvconnect.backends.nixl import load_nixl
 from kvconnect.errors import BackendUnavailableError
 from tests.integration.nixl_procs import spawn_children
 
-try:
-    load_nixl()
-except BackendUnavailableError as e:
-    pytest.skip(f"real NIXL is not installed: {e}", allow_module_level=True)
-
 #: (producer device, consumer device)
 PLACEMENTS = [
     pytest.param(("cpu", "cpu"), marks=pytest.mark.integration, id="host-to-host"),
@@ -50,6 +45,10 @@ def placed_pair(request):
     """One producer process and one consumer process hosting an engine per case, their KV caches
     on the placement's devices."""
     p_dev, d_dev = request.param
+    try:
+        load_nixl()
+    except BackendUnavailableError as e:
+        pytest.skip(f"real NIXL is not installed: {e}")
     ctx = mp.get_context("spawn")
     P, D = spawn_children(ctx, ("prefill", {k: {**v[0], "device": p_dev} for k, v in CASES.items()}),
                           ("decode", {k: {**v[1], "device": d_dev} for k, v in CASES.items()}))
