@@ -86,7 +86,9 @@ print("gpu-check: NIXL from", agent.__module__)' || fail "kvconnect's packages d
 status=0
 # -- 2. gpu tests: every selected test must run and pass --------------------------------------
 echo "gpu-check: gpu tests ..." >&2
-timeout "${GPU_CHECK_TEST_S:-270}" "$PY" -m pytest -p no:cacheprovider -q -rs -m "$MARK" \
+# CI / KVCONNECT_REQUIRE_ALL would demand vLLM and SGLang, which this machine cannot have; the
+# skip check below is this script's own strictness.
+timeout "${GPU_CHECK_TEST_S:-270}" env -u CI -u KVCONNECT_REQUIRE_ALL "$PY" -m pytest -p no:cacheprovider -q -rs -m "$MARK" \
     tests/gpu/test_nixl_pd_devices.py tests/gpu/test_offload_gpu.py tests/gpu/test_integrity_gpu.py \
     --junitxml "$OUTDIR/gpu-tests.xml" 2>&1 | tee "$OUTDIR/gpu-tests.log"
 rc=${PIPESTATUS[0]}

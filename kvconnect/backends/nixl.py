@@ -54,7 +54,7 @@ def load_nixl() -> tuple[Callable[..., Any], Callable[..., Any]]:
         try:
             from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[no-redef]
         except ImportError as e:
-            raise BackendUnavailableError(f"the nixl backend needs NIXL, which is not installed: {INSTALL_HINT} ({e})") from None
+            raise BackendUnavailableError(f"the nixl backend needs NIXL, which is not installed: {INSTALL_HINT} ({e})") from e
     return nixl_agent, nixl_agent_config
 
 
@@ -103,7 +103,7 @@ class NixlTransport(Transport):
         try:
             self._reg = self._agent.register_memory(rows, self._mem)
         except Exception as e:
-            raise TransferError(f"NIXL could not register {len(rows)} KV regions ({self._mem}): {e}") from None
+            raise TransferError(f"NIXL could not register {len(rows)} KV regions ({self._mem}): {e}") from e
         self._local_bases = np.asarray([a for a, _ in regions], dtype=np.int64)
 
     def metadata(self) -> bytes:
@@ -113,13 +113,13 @@ class NixlTransport(Transport):
         try:
             blob = _BLOB_DECODER.decode(metadata)
         except (msgspec.DecodeError, TypeError) as e:
-            raise HandshakeError(f"NIXL refused the peer's agent metadata: not a kvconnect NIXL blob ({e})") from None
+            raise HandshakeError(f"NIXL refused the peer's agent metadata: not a kvconnect NIXL blob ({e})") from e
         if blob.mem not in ("DRAM", "VRAM"):
             raise HandshakeError(f"NIXL refused the peer's agent metadata: memory type {blob.mem!r} is not DRAM or VRAM")
         try:
             name = self._agent.add_remote_agent(blob.agent)
         except Exception as e:
-            raise HandshakeError(f"NIXL refused the peer's agent metadata: {type(e).__name__}: {e}") from None
+            raise HandshakeError(f"NIXL refused the peer's agent metadata: {type(e).__name__}: {e}") from e
         peer = name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
         self._peer_bases[peer] = np.asarray([a for a, _ in regions], dtype=np.int64)
         self._peer_mem[peer] = (blob.mem, blob.dev)
@@ -146,7 +146,7 @@ class NixlTransport(Transport):
         try:
             return self._agent.prep_xfer_dlist("NIXL_INIT_AGENT" if peer is None else peer, rows, mem)
         except Exception as e:
-            raise TransferError(f"NIXL could not prepare {len(rows)} {mem} descriptors for {peer or 'local'}: {e}") from None
+            raise TransferError(f"NIXL could not prepare {len(rows)} {mem} descriptors for {peer or 'local'}: {e}") from e
 
     def release_prepared(self, prepared: Any) -> None:
         self._agent.release_dlist_handle(prepared)
@@ -159,12 +159,12 @@ class NixlTransport(Transport):
                 skip_desc_merge=self._skip_merge,
             )
         except Exception as e:
-            raise TransferError(f"NIXL could not make a {op.value} with {peer}: {type(e).__name__}: {e}") from None
+            raise TransferError(f"NIXL could not make a {op.value} with {peer}: {type(e).__name__}: {e}") from e
         try:
             state = self._agent.transfer(h)
         except Exception as e:
             self.release(h)
-            raise TransferError(f"NIXL {op.value} with {peer} failed to start: {type(e).__name__}: {e}") from None
+            raise TransferError(f"NIXL {op.value} with {peer} failed to start: {type(e).__name__}: {e}") from e
         if state == "ERR":
             self.release(h)
             raise TransferError(f"NIXL {op.value} with {peer} failed to start")
@@ -192,7 +192,7 @@ class NixlTransport(Transport):
         try:
             self._agent.send_notif(peer, message)
         except Exception as e:
-            raise TransferError(f"NIXL could not notify {peer}: {type(e).__name__}: {e}") from None
+            raise TransferError(f"NIXL could not notify {peer}: {type(e).__name__}: {e}") from e
 
     def notifications(self) -> list[tuple[str, bytes]]:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import time
 import traceback
 from types import SimpleNamespace
@@ -90,6 +91,7 @@ def serve(role: str, specs: dict, inq, outq) -> None:
         outq.put(("stopped",))
     except Exception:
         outq.put(("error", traceback.format_exc()))
+        raise  # and exit non-zero, so close() sees it even if no one reads the queue again
 
 
 class Child:
@@ -99,6 +101,7 @@ class Child:
         self.proc.start()
         self.events: list[tuple] = []
         self._pid: int | None = None
+        self.killed = False  # by the test, on purpose: its exit code is the signal's
 
     @property
     def pid(self) -> int:
@@ -109,6 +112,11 @@ class Child:
 
     def send(self, *cmd) -> None:
         self.inq.put(cmd)
+
+    def signal(self, sig: int) -> None:
+        """Sends ``sig`` to the child; a SIGKILL is a deliberate death that close() accepts."""
+        self.killed |= sig == signal.SIGKILL
+        os.kill(self.pid, sig)
 
     def expect(self, kind: str, rid: str | None = None, timeout: float = DEADLINE_S) -> tuple:
         end = time.monotonic() + timeout
@@ -129,12 +137,29 @@ class Child:
         raise AssertionError(f"no {kind!r} event for {rid!r} within {timeout}s (got {self.events})")
 
     def close(self) -> None:
+        """Stops the child and checks it exited cleanly: exit code 0 unless the test killed it (a
+        crash at exit, e.g. in UCX's teardown, fails the test that ran it)."""
         if self.proc.is_alive():
             self.send("stop")
             self.proc.join(timeout=10)
-        if self.proc.is_alive():
+        hung = self.proc.is_alive()
+        if hung:
             self.proc.kill()
             self.proc.join(timeout=5)
+        if not self.killed:
+            assert not hung, f"child {self._pid} did not stop within 10 s of being told to"
+            assert self.proc.exitcode == 0, f"child {self._pid} exited with {self.proc.exitcode}"
+
+
+def close_all(children: list[Child]) -> None:
+    """Closes every child, then fails naming each that did not exit cleanly."""
+    errors = []
+    for c in children:
+        try:
+            c.close()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "; ".join(errors)
 
 
 def spawn_children(ctx, *specs: tuple[str, dict]) -> list[Child]:

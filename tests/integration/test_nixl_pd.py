@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.integration.nixl_procs import Child, spawn_children
+from tests.integration.nixl_procs import Child, close_all, spawn_children
 
 pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
@@ -34,8 +34,7 @@ def spawn():
         return made
 
     yield make
-    for c in children:
-        c.close()
+    close_all(children)
 
 
 CASES = {
@@ -53,8 +52,7 @@ def case_pair():
     ctx = mp.get_context("spawn")
     P, D = spawn_children(ctx, ("prefill", {k: v[0] for k, v in CASES.items()}), ("decode", {k: v[1] for k, v in CASES.items()}))
     yield P, D
-    P.close()
-    D.close()
+    close_all([P, D])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -82,7 +80,7 @@ def test_producer_killed_before_the_transfer_fails_the_load_in_time(spawn):
     P, D = spawn(("prefill", {"e": {}}), ("decode", {"e": {"options": FAULT}}))
     P.send("prefill", "e", "p1", 40, [[1, 2, 3]])
     _, _, params, _ = P.expect("params")
-    os.kill(P.pid, signal.SIGKILL)
+    P.signal(signal.SIGKILL)
     P.proc.join(timeout=5)
     t0 = time.monotonic()
     D.send("decode", "e", "d1", 40, params, [[4, 5, 6]])
@@ -100,13 +98,13 @@ def test_producer_killed_during_the_transfer_fails_the_load_in_time(spawn):
     assert D.expect("recv", "d0")[2] is False
     P.send("prefill", "e", "p1", 40, [[7, 8, 9]])
     _, _, params, _ = P.expect("params")
-    os.kill(P.pid, signal.SIGSTOP)  # the read is posted but cannot complete ...
+    P.signal(signal.SIGSTOP)  # the read is posted but cannot complete ...
     try:
         t0 = time.monotonic()
         D.send("decode", "e", "d1", 40, params, [[10, 11, 12]])
         time.sleep(0.3)
     finally:
-        os.kill(P.pid, signal.SIGKILL)  # ... and the producer dies while it is in flight
+        P.signal(signal.SIGKILL)  # ... and the producer dies while it is in flight
     ev = D.expect("recv", "d1", timeout=10)
     assert ev[2] is True and {10, 11, 12} <= set(ev[3])
     assert time.monotonic() - t0 < FAULT["handshake_timeout_s"] + FAULT["transfer_timeout_s"] + 2
