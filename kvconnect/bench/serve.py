@@ -68,6 +68,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kv-buffer-device", default="cpu", help="vLLM NixlConnector's kv_buffer_device")
+    p.add_argument("--kvc-config", default="{}", type=_json_object,
+                   help="JSON merged into kvconnect's config on both kvconnect stacks, e.g. '{\"poll_interval_s\":0.005}'")
     p.add_argument("--server-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     for side in ("single", "prefill", "decode"):
         p.add_argument(f"--{side}-env", action="append", default=[], metavar="K=V",
@@ -77,6 +79,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep server logs here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
     p.add_argument("--json-out", help="also write the JSON report here")
+    p.add_argument("--per-request", action="store_true",
+                   help="add every request's prompt length, TTFT, E2E and token count to the JSON report")
     p.add_argument("--out", default="docs/BENCHMARKS-SERVE.md", help="markdown report ('' for none)")
     p.add_argument("--plot", default="docs/bench-serve.png", help="PNG plot ('' for none)")
     a = p.parse_args(argv)
@@ -104,6 +108,16 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     # Stacks are compared with the single instance: it runs first when asked for.
     a.stacks.sort(key=STACKS.index)
     return a
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return v
 
 
 def _env(pairs: Sequence[str]) -> dict[str, str]:
@@ -142,12 +156,12 @@ class Stack:
     start_s: float
 
 
-def _kvc_config(mode: str, lease_s: float) -> dict[str, Any]:
+def _kvc_config(mode: str, lease_s: float, extra: dict[str, Any]) -> dict[str, Any]:
     from kvconnect.testing import servers as S
 
     return {"kv_connector": "KVConnect", "kv_role": "kv_both",
             "kv_connector_extra_config": {"backend": "nixl", "mode": mode, "side_channel_port": S.free_port(),
-                                          "lease_timeout_s": lease_s}}
+                                          "lease_timeout_s": lease_s, **extra}}
 
 
 @contextlib.contextmanager
@@ -170,8 +184,8 @@ def start_stack(name: str, a: argparse.Namespace, model: Path, work: Path) -> It
         kw: dict[str, Any] = dict(kv_transfer_config=cfg, nixl_env=True)
     else:
         mode = name.removeprefix("kvc-")
-        kw = dict(kv_transfer_config=_kvc_config(mode, a.lease_s),
-                  decode_kv_transfer_config=_kvc_config(mode, a.lease_s), nixl_env=False)
+        kw = dict(kv_transfer_config=_kvc_config(mode, a.lease_s, a.kvc_config),
+                  decode_kv_transfer_config=_kvc_config(mode, a.lease_s, a.kvc_config), nixl_env=False)
         pe, de = {**S.NIXL_CPU_ENV, **pe}, {**S.NIXL_CPU_ENV, **de}
     with S.pd_deployment(model, work / name, prefill_env=pe, decode_env=de, **kw, **common) as d:
         yield Stack(name, d.url, {"prefill": d.prefill.url, "decode": d.decode.url}, time.perf_counter() - t0)
@@ -252,6 +266,8 @@ def run_stack(stack: Stack, a: argparse.Namespace, base: Sequence[Any], referenc
                 reference.setdefault(k, v)
         held, waited = left_behind(stack.servers, a.lease_s + 30.0)
         row.update(hangups_sent=hang, left_behind=held, left_wait_s=waited)
+        if a.per_request:
+            row["per_request"] = [SS.request_record(r, len(q.prompt)) for q, r in zip(reqs, results)]
         rows.append(row)
         progress(SS.text_table([(stack.name, row)]).splitlines()[-1])
     return rows
@@ -361,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(), "versions": versions(),
         "config": {k: getattr(a, k) for k in ("model", "levels", "requests", "max_tokens", "min_tokens",
                                               "max_prompt", "hangup_fraction", "hangup_levels", "hangup_window",
-                                              "lease_s", "max_model_len", "dtype", "block_size")},
+                                              "lease_s", "max_model_len", "dtype", "block_size",
+                                              "kvc_config")},
         "stacks": ran, "rows": rows, "start_s": start_s, "errors": errors,
         "ratios": {n: SS.ratios(rows, n, "vllm-nixl") for n in ("kvc-pull", "kvc-push") if n in rows},
     }

@@ -131,6 +131,12 @@ def summarize(results: Sequence[ResultLike], wall_s: float, concurrency: int,
     return row
 
 
+def request_record(r: ResultLike, prompt_len: int) -> dict[str, Any]:
+    """One request, for ``--per-request`` (finding where a tail comes from)."""
+    return {"key": r.key, "prompt": prompt_len, "tokens": len(r.token_ids or ()), "hung_up": r.aborted,
+            "error": r.error, "ttft_ms": None if r.ttft_s is None else r.ttft_s * 1e3, "e2e_ms": r.latency_s * 1e3}
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------

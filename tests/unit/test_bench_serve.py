@@ -225,3 +225,9 @@ def test_load_driver_times_first_token_and_gaps_and_hangs_up():
     assert 0.14 <= s.ttft_s < s.latency_s
     assert len(s.itl_s) == 3 and all(0.03 <= g < 0.5 for g in s.itl_s)
     assert gone.aborted and gone.token_ids is None and gone.ttft_s is None and gone.itl_s == []
+
+
+def test_request_record_gives_milliseconds_and_prompt_length():
+    rec = SS.request_record(res("a", [1, 2], ttft=0.25, e2e=0.5), 37)
+    assert rec == {"key": "a", "prompt": 37, "tokens": 2, "hung_up": False, "error": None,
+                   "ttft_ms": 250.0, "e2e_ms": 500.0}
