@@ -312,8 +312,12 @@ def markdown(report: dict[str, Any], plot_rel: str | None) -> str:
         if rs:
             parts = ", ".join(f"{x['concurrency']}: {_r(x['ttft_p50_ratio'])}" for x in rs)
             top = rs[-1]
+            met = SS.targets_met(rs)
             lines.append(f"- {LABELS[num]} over vLLM NixlConnector: TTFT P50 ratio by concurrency {parts}; "
-                         f"output throughput at {top['concurrency']}: {_r(top['throughput_ratio'])}x.")
+                         f"output throughput at {top['concurrency']}: {_r(top['throughput_ratio'])}x. Targets "
+                         f"(TTFT P50 <= 0.5x at every level, throughput >= 1.5x at the top): "
+                         f"TTFT **{'met' if met['ttft'] else 'not met'}**, "
+                         f"throughput **{'met' if met['throughput'] else 'not met'}**.")
     held = [(s, r["concurrency"], r["left_behind"]) for s in report["stacks"] for r in report["rows"][s]
             if r["left_behind"]]
     lines.append("- Left behind after a level: " + ("nothing, on every server of every stack." if not held else

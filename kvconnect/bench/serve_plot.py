@@ -23,11 +23,12 @@ def plot(report: Mapping[str, Any], path: Path, labels: Mapping[str, str]) -> Pa
         conc = [r["concurrency"] for r in rows]
         color = f"C{i}"
         name = labels.get(stack, stack)
-        for q, style in (("p50", "-"), ("p99", "--")):
+        for q, style, face in (("p50", "-", color), ("p99", "--", "none")):
             ys = [r["ttft_ms"][q] for r in rows]
             pts = [(c, y) for c, y in zip(conc, ys) if y is not None]
             if pts:
-                ax_t.plot(*zip(*pts), style, marker="o", color=color, label=f"{name} {q.upper()}")
+                ax_t.plot(*zip(*pts), style, marker="o", color=color, markerfacecolor=face,
+                          label=f"{name} {q.upper()}")
         ax_x.plot(conc, [r["output_tokens_per_s"] for r in rows], "-", marker="o", color=color, label=name)
     for ax in (ax_t, ax_x):
         ax.set_xscale("log", base=2)

@@ -201,3 +201,12 @@ def ratios(rows_by_stack: Mapping[str, Sequence[Mapping[str, Any]]], num: str, d
                     "ttft_p50_ratio": t_n / t_d if t_n is not None and t_d else None,
                     "throughput_ratio": x_n / x_d if x_d else None})
     return out
+
+
+def targets_met(rs: Sequence[Mapping[str, Any]], ttft_max: float = 0.5, throughput_min: float = 1.5) -> dict[str, bool]:
+    """The issue's bars on :func:`ratios` output: TTFT P50 ratio at most ``ttft_max`` at every
+    level, output throughput ratio at least ``throughput_min`` at the highest level."""
+    ttft = bool(rs) and all(x["ttft_p50_ratio"] is not None and x["ttft_p50_ratio"] <= ttft_max for x in rs)
+    top = max(rs, key=lambda x: x["concurrency"]) if rs else None
+    tput = top is not None and top["throughput_ratio"] is not None and top["throughput_ratio"] >= throughput_min
+    return {"ttft": ttft, "throughput": tput}

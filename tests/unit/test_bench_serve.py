@@ -102,6 +102,16 @@ def test_ratios_pair_levels_both_stacks_ran():
     assert r[1]["ttft_p50_ratio"] == pytest.approx(0.25) and r[1]["throughput_ratio"] == pytest.approx(2.0)
 
 
+def test_targets_need_every_level_under_the_ttft_bar_and_the_top_level_over_the_throughput_bar():
+    def r(c: int, t: float | None, x: float | None) -> dict:
+        return {"concurrency": c, "ttft_p50_ratio": t, "throughput_ratio": x}
+
+    assert SS.targets_met([r(1, 0.4, 1.0), r(8, 0.5, 1.6)]) == {"ttft": True, "throughput": True}
+    assert SS.targets_met([r(1, 0.6, 9.0), r(8, 0.1, 1.4)]) == {"ttft": False, "throughput": False}
+    assert SS.targets_met([r(1, None, None)]) == {"ttft": False, "throughput": False}
+    assert SS.targets_met([]) == {"ttft": False, "throughput": False}
+
+
 def _report() -> dict:
     rows = {}
     for s, ttft in (("single", 0.02), ("vllm-nixl", 0.2), ("kvc-pull", 0.06)):
@@ -125,6 +135,7 @@ def test_markdown_report_names_the_command_the_plot_and_the_ratios():
     assert "`kvconnect bench serve --levels 1,4`" in md
     assert "![TTFT and throughput against concurrency](bench-serve.png)" in md
     assert "TTFT P50 ratio by concurrency 1: 0.30, 4: 0.30" in md
+    assert "TTFT **met**, throughput **not met**" in md
     assert "nothing, on every server of every stack" in md
     assert md.count("| P/D") == 0 and md.count("| kvc-pull |") == 2
 
