@@ -298,7 +298,8 @@ def markdown(report: dict[str, Any], plot_rel: str | None) -> str:
         "between streamed tokens; E2E: whole request), as `vllm bench serve` defines them. **req/s**, **out "
         "tok/s**: completed requests and their tokens over the level's wall time. **compared / differ**: "
         "completed outputs held token for token against the single instance's (`ref`: the reference run "
-        "itself). **left**: whether any server still held a KV block or a request after the level and the "
+        "itself). **1 chunk**: completed outputs of several tokens that reached the client in one chunk (a busy "
+        "server or a starved client bunched them: their TTFT is the whole request). **left**: whether any server still held a KV block or a request after the level and the "
         "lease deadline (read from its `/metrics`).", "",
     ]
     if plot_rel:

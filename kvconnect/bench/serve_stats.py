@@ -8,6 +8,8 @@ Definitions follow ``vllm bench serve`` so figures compare with what others publ
 * TPOT: per request, ``(e2e - ttft) / (output tokens - 1)`` (requests with more than one token).
 * ITL: every gap between consecutive token-carrying chunks, over all requests.
 * E2E: sending to the last byte of the response.
+* one chunk: completed outputs of several tokens that arrived in one streamed chunk (bunched by a
+  busy server or a starved client); TPOT and ITL do not see them.
 * requests/s and output tokens/s: completed requests (and their tokens) over the level's wall time.
 
 A request the client hung up on is counted as ``hung_up``, never as a failure, and takes no part
@@ -121,6 +123,9 @@ def summarize(results: Sequence[ResultLike], wall_s: float, concurrency: int,
         "tpot_ms": distribution_ms(tpot),
         "itl_ms": distribution_ms(itl),
         "e2e_ms": distribution_ms([r.latency_s for r in done]),
+        # Outputs of several tokens that reached the client in one chunk: the server (or a starved
+        # client) bunched them, so TTFT is the whole request and TPOT / ITL say nothing for them.
+        "one_chunk": sum(1 for r in done if r.ttft_s is not None and len(r.token_ids or ()) > 1 and not r.itl_s),
         "errors": sorted({r.error for r in results if r.error is not None})[:3],
     }
     if reference is None:
@@ -143,7 +148,7 @@ def request_record(r: ResultLike, prompt_len: int) -> dict[str, Any]:
 
 COLUMNS = ("stack", "conc", "done", "hung up", "failed", "req/s", "out tok/s",
            "TTFT p50", "p90", "p99", "TPOT p50", "p90", "p99", "ITL p50", "p99",
-           "E2E p50", "p90", "p99", "compared", "differ", "left")
+           "E2E p50", "p90", "p99", "1 chunk", "compared", "differ", "left")
 
 
 def _ms(v: float | None) -> str:
@@ -160,7 +165,7 @@ def row_cells(stack: str, r: Mapping[str, Any]) -> list[str]:
     return [stack, str(r["concurrency"]), str(r["completed"]), str(r["hung_up"]), str(r["failed"]),
             f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.1f}",
             _ms(t["p50"]), _ms(t["p90"]), _ms(t["p99"]), _ms(p["p50"]), _ms(p["p90"]), _ms(p["p99"]),
-            _ms(i["p50"]), _ms(i["p99"]), _ms(e["p50"]), _ms(e["p90"]), _ms(e["p99"]),
+            _ms(i["p50"]), _ms(i["p99"]), _ms(e["p50"]), _ms(e["p90"]), _ms(e["p99"]), str(r.get("one_chunk", "-")),
             _n(r.get("compared")), _n(r.get("differing")),
             "-" if left is None else ("none" if not left else "YES")]
 

@@ -56,6 +56,12 @@ def test_summarize_counts_hangups_apart_from_failures_and_keeps_them_out_of_late
     assert row["errors"] == ["HTTP 500"]
 
 
+def test_outputs_that_arrived_in_one_chunk_are_counted():
+    row = SS.summarize([res("a", [1, 2, 3], itl=[]), res("b", [1, 2], itl=[0.01]), res("c", [1], itl=[])],
+                       1.0, 1, {})
+    assert row["one_chunk"] == 1  # "a": three tokens, no gap; "c" has a single token
+
+
 def test_single_token_outputs_have_no_tpot():
     row = SS.summarize([res("a", [1], ttft=0.1, e2e=0.1)], 1.0, 1, {})
     assert row["tpot_ms"]["p50"] is None
@@ -85,7 +91,7 @@ def test_tables_and_json_carry_every_row():
     text = SS.text_table(rows).splitlines()
     assert text[0].startswith("stack") and len(text) == 4
     assert "ref" in text[2] and "none" in text[2]
-    assert text[3].split()[-3:] == ["1", "1", "YES"]  # compared, differing, something left
+    assert text[3].split()[-4:] == ["1", "1", "1", "YES"]  # one chunk, compared, differing, something left
     md = SS.markdown_table(rows).splitlines()
     assert len(md) == 4 and md[1].startswith("|---|")
     assert json.loads(SS.to_json({"rows": rows}))["rows"][1][1]["differing"] == 1
