@@ -191,13 +191,44 @@ def _bare(w: CpuOffloadWorker, kind: str, blocks: list[int], helpers: CopyHelper
     return time.perf_counter() - t0
 
 
-def _snapshot(caches: dict[str, tuple[torch.Tensor, KVLayout]], blocks: list[int]) -> list[torch.Tensor]:
-    """Some entries' bytes of ``blocks``, through each entry's own view (not the copy path's rows)."""
+def _snapshot(caches: dict[str, tuple[torch.Tensor, KVLayout]], blocks: list[int],
+              every: bool = False) -> list[torch.Tensor]:
+    """The first entries' (``every``: all entries') bytes of ``blocks``, through each entry's own
+    view (not the copy path's rows)."""
     out = []
-    for t, lay in list(caches.values())[:4]:
+    for t, lay in list(caches.values())[: None if every else 4]:
         view = t.movedim(lay.dims.index("block"), 0)[blocks]
         out.append(view.contiguous().view(torch.uint8).cpu())
     return out
+
+
+def verify(w: CpuOffloadWorker, caches: dict[str, tuple[torch.Tensor, KVLayout]], src: list[int],
+           dst: list[int], n: int, chunks: list[tuple[str, slice]], keys: list[bytes]) -> None:
+    """After the timed runs (whose reference copies overwrite both sides), the same jobs once more,
+    untimed, every byte of every entry: blocks ``src`` refilled with fresh random bytes are
+    stored, every block refilled again, the slots loaded into ``dst``; each entry's own view of
+    ``dst[i]`` must equal its view of ``src[i]`` before the store (independent of the copy path's
+    rows). Raises RuntimeError naming the first wrong block."""
+    cuda = w.layers[0].engine.is_cuda
+    for lc in w.layers:
+        assert lc.engine_rows is not None, "benchmark layouts split into rows"
+        lc.engine_rows.view(torch.uint8).random_()
+    want = _snapshot(caches, src, every=True)
+    for kind, ids in (("store", src), ("load", dst)):
+        jobs = [(StoreJob if kind == "store" else LoadJob)(request_id=f"verify-{kind}{rid}", block_ids=ids[s],
+                                                           slots=list(range(n))[s], keys=keys[s]) for rid, s in chunks]
+        meta = OffloadStepMetadata(stores=jobs, closed=[j.request_id for j in jobs]) if kind == "store" else \
+            OffloadStepMetadata(loads=jobs)
+        _run(w, meta, len(jobs))
+        _sync(cuda)
+        if kind == "store":
+            for lc in w.layers:  # bytes the load must overwrite
+                lc.engine_rows.view(torch.uint8).random_()  # type: ignore[union-attr]
+    for name, x, y in zip(caches, want, _snapshot(caches, dst, every=True)):
+        bad = (x != y).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise RuntimeError(f"offload benchmark: {len(bad)} of {n} blocks of {name} differ after a store and "
+                               f"a load (first: block {src[bad[0]]} -> slot {bad[0]} -> block {dst[bad[0]]})")
 
 
 def bandwidth(a: argparse.Namespace, layout: str, block_size: int) -> list[dict[str, float]]:
@@ -248,6 +279,7 @@ def _bandwidth_row(a: argparse.Namespace, caches: dict, n: int, nb: int, per_blo
         times["in"].append(_plain_copy(w, threads, to_engine=True))
         times["gather"].append(_bare(w, "store", src, helpers))
         times["scatter"].append(_bare(w, "load", dst, helpers))
+    verify(w, caches, src, dst, n, chunks, keys)
     runs = sum(lc.plan.rows_per_block for lc in w.layers if lc.plan is not None) / a.layers
     w.shutdown()
     w.layers.clear()  # free the pool now: the worker's copy thread holds it in a cycle until a gc pass
@@ -267,6 +299,7 @@ def _bandwidth_row(a: argparse.Namespace, caches: dict, n: int, nb: int, per_blo
         "memcpy_load_gbps": med["in"],
         "gather_gbps": med["gather"],
         "scatter_gbps": med["scatter"],
+        "verified_bytes": 2 * nbytes,  # by verify(): one more store and load
         # Ratios pair each copy with the reference taken next to it (the machine drifts between repeats).
         "store_ratio": statistics.median(r / t for r, t in zip(times["out"], times["store"])),
         "load_ratio": statistics.median(r / t for r, t in zip(times["in"], times["load"])),
