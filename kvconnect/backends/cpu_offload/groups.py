@@ -35,7 +35,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvconnect.errors import ConfigError
+from kvconnect.errors import UnsupportedModelError
 
 FULL = "full_attention"
 SLIDING = "sliding_window"
@@ -67,18 +67,18 @@ class GroupRule:
 
 def rules_of(engine, who: str = "cpu_offload") -> tuple[GroupRule, ...]:
     """One rule per KV-cache group of ``engine`` (:class:`kvconnect.api.EngineInfo`); a
-    ConfigError naming the group when this tier cannot serve it."""
+    :class:`UnsupportedModelError` naming the group when this tier cannot serve it."""
     n = max(len(engine.block_sizes), 1)
     if n == 1 and not engine.group_kinds:
         return (GroupRule(),)
     if len(set(engine.block_sizes)) > 1:
-        raise ConfigError(
+        raise UnsupportedModelError(
             f"{who}: KV-cache groups have different block sizes {list(engine.block_sizes)}; this "
             "tier stores one block of one group per slot and needs one block size"
         )
     kinds = engine.group_kinds
     if len(kinds) != n:
-        raise ConfigError(
+        raise UnsupportedModelError(
             f"{who}: the engine has {n} KV-cache groups but names the attention of "
             f"{len(kinds)} (EngineInfo.group_kinds); without it a sliding-window group cannot be "
             "told from a full-attention one"
@@ -87,13 +87,13 @@ def rules_of(engine, who: str = "cpu_offload") -> tuple[GroupRule, ...]:
     rules = []
     for g, kind in enumerate(kinds):
         if kind not in KINDS:
-            raise ConfigError(
+            raise UnsupportedModelError(
                 f"{who}: KV-cache group {g} uses {kind!r} attention; this tier serves "
                 f"{' and '.join(KINDS)} groups only"
             )
         window = int(windows[g]) if g < len(windows) else 0
         if kind == SLIDING and window <= 0:
-            raise ConfigError(f"{who}: KV-cache group {g} is sliding-window but its window is {window}")
+            raise UnsupportedModelError(f"{who}: KV-cache group {g} is sliding-window but its window is {window}")
         rules.append(GroupRule(kind, window if kind == SLIDING else 0))
     return tuple(rules)
 
