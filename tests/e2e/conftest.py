@@ -49,7 +49,9 @@ SWEEP: tuple[SweepConfig, ...] = (
                 "hundreds of requests, some hung up mid-flight: completed == single, no block or request left"),
     SweepConfig("mla-pull-router", "mla", "P/D pull", "P16->D16", "== vLLM NixlConnector MLA P/D"),
     SweepConfig("hybrid-pull-router", "hybrid", "P/D pull", "P32->D32",
-                "3 KV-cache groups (2 sliding + full); == single"),
+                "3 KV-cache groups (2 sliding + full), decode [nixl, cpu_offload]; == single"),
+    SweepConfig("hybrid-pull+offload-decode", "hybrid", "P/D pull + cpu_offload (decode)", "P32->D32",
+                "long prompts via router (NIXL), then to decode alone: from its CPU tier; == single"),
     SweepConfig("mqa-bf16-pull-uneven-bs", "mqa", "P/D pull, bfloat16", "P96->D64",
                 "1 KV head, head dim 80, 3 layers; block sizes neither dividing the other; == single"),
 )
