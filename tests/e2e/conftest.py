@@ -52,6 +52,12 @@ SWEEP: tuple[SweepConfig, ...] = (
                 "3 KV-cache groups (2 sliding + full), decode [nixl, cpu_offload]; == single"),
     SweepConfig("hybrid-pull+offload-decode", "hybrid", "P/D pull + cpu_offload (decode)", "P32->D32",
                 "long prompts via router (NIXL), then to decode alone: from its CPU tier; == single"),
+    SweepConfig("hybrid-pull-tp2to1", "hybrid", "P/D pull, prefill TP 2", "P32->D32",
+                "prefill TP 2 (both ranks on core 0) -> decode TP 1; == single"),
+    SweepConfig("hybrid-pull-tp2to2", "hybrid", "P/D pull, TP 2 both", "P32->D32", "TP 2 -> TP 2; == single"),
+    SweepConfig("hybrid-pull-tp1to2", "hybrid", "P/D pull, decode TP 2", "P32->D32", "TP 1 -> TP 2; == single"),
+    SweepConfig("hybrid-tp2-decode-rank-fail", "hybrid", "P/D pull, decode TP 2, policy fail", "P32->D32",
+                "one decode rank's load fails: the request fails once, at once; the decode serves on"),
     SweepConfig("mqa-bf16-pull-uneven-bs", "mqa", "P/D pull, bfloat16", "P96->D64",
                 "1 KV head, head dim 80, 3 layers; block sizes neither dividing the other; == single"),
 )
