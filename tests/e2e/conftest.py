@@ -39,6 +39,8 @@ SWEEP: tuple[SweepConfig, ...] = (
     SweepConfig("hybrid-pull-tp1to2", "hybrid", "P/D pull, decode TP 2", "P32->D32", "TP 1 -> TP 2; == single"),
     SweepConfig("hybrid-tp2-decode-rank-fail", "hybrid", "P/D pull, decode TP 2, policy fail", "P32->D32",
                 "one decode rank's load fails: the request fails once, at once; the decode serves on"),
+    SweepConfig("gqa-pull-2p2d-router", "gqa", "P/D pull, 2 prefill + 2 decode", "P32->D32",
+                "one router, concurrent clients: == single, every instance a share, nothing left"),
     SweepConfig("mqa-bf16-pull-uneven-bs", "mqa", "P/D pull, bfloat16", "P96->D64",
                 "1 KV head, head dim 80, 3 layers; block sizes neither dividing the other; == single"),
 )

@@ -97,7 +97,7 @@ def tp(tmp_path_factory):
 def _pd(tp, request, prefill_tp: int, decode_tp: int) -> None:
     dep, want, extra = tp
     p, d, router = dep.use(prefill_tp, decode_tp)
-    loads0 = kvc.kvc_stat(d.url, "nixl.loads_done")
+    loads0 = kvc.kvc_stat_before(d.url, "nixl.loads_done")
     got = kvc.request_set(router.url, small=True)
     got["long"] = S.completion(router.url, kvc.prompt_ids(7001, 180)).token_ids
     kvc.assert_same(got, {**want, **extra}, f"kvconnect hybrid P/D TP {prefill_tp} -> {decode_tp} vs single", p, d)
@@ -130,7 +130,7 @@ def test_a_failed_load_on_one_decode_rank_fails_the_request_once(tp, request):
     dep, want, _ = tp
     p, d, _ = dep.use(1, 2)
     prompt = kvc.prompt_ids(7002, 120)
-    failed0 = kvc.kvc_stat(d.url, "nixl.loads_failed")
+    failed0 = kvc.kvc_stat_before(d.url, "nixl.loads_failed")
     params = kvc.prefill_direct(p.url, prompt)
     dep.fail_flag.touch()
     t0 = time.perf_counter()
