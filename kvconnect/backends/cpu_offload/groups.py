@@ -24,6 +24,11 @@ The rule follows vLLM 0.32's hybrid allocator (``v1/core/single_type_kv_cache_ma
   window (the rest are null blocks), so only those blocks are stored; null blocks are skipped.
   A sliding-window hit can therefore end where a stored request ended (or, with
   ``store_mode="fill"``, at any block stored while it was inside the window).
+* vLLM's own SimpleCPUOffloadConnector (``v1/simple_kv_offload/manager.py``) does the same: it
+  runs the hybrid coordinator's ``find_longest_cache_hit`` over its CPU pool, pins and loads only
+  non-null blocks, and skips null blocks when storing. It also recovers window blocks that left
+  the window from the engine's prefix cache (still hashed in the free queue); this tier sees block
+  ids only and stores what the request holds, so ``store_mode="fill"`` is its way to keep them.
 * **Keys cover every group**: block ``i`` of group ``g > 0`` is stored under the prefix key of block
   ``i`` folded with ``g`` (group 0 keeps the plain prefix key, so one-group models are unchanged);
   a block of one group never stands for another's.
