@@ -131,7 +131,7 @@ def test_a_failed_load_on_one_decode_rank_fails_the_request_once(tp, request):
     p, d, _ = dep.use(1, 2)
     prompt = kvc.prompt_ids(7002, 120)
     failed0 = kvc.kvc_stat_before(d.url, "nixl.loads_failed")
-    done0 = kvc.kvc_stat(d.url, "nixl.loads_done")  # the TP tests before loaded on both ranks
+    done0 = kvc.kvc_stat_before(d.url, "nixl.loads_done")
     params = kvc.prefill_direct(p.url, prompt)
     dep.fail_flag.touch()
     t0 = time.perf_counter()
