@@ -53,12 +53,11 @@ class _Lookup:
     start: int
     #: Block index after the hit's last block.
     end: int
-    #: (group, block index, slot, key) of every block the hit loads.
-    entries: list[tuple[int, int, int, bytes]]
-
-    @property
-    def slots(self) -> list[int]:
-        return [e[2] for e in self.entries]
+    #: Pinned slot and key of every block the hit loads.
+    slots: list[int]
+    keys: list[bytes]
+    #: (group, block index) of each slot; None: group 0, blocks ``start, start + 1, ...``.
+    where: list[tuple[int, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -82,6 +81,8 @@ class _Req:
 
 def per_group(block_ids: BlockIds, n_groups: int, what: str) -> list[list[int]]:
     """The engine's block ids as one list per group; an empty ``block_ids`` gives empty lists."""
+    if n_groups == 1 and len(block_ids) == 1:
+        return [list(block_ids[0])]
     if not len(block_ids):
         return [[] for _ in range(n_groups)]
     if len(block_ids) != n_groups:
@@ -108,6 +109,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         self.block_size = engine.block_size
         self.rules = G.rules_of(engine)
         self.n_groups = len(self.rules)
+        self._simple = self.n_groups == 1 and self.rules[0].kind == G.FULL
         self._null = engine.null_block_id
         self._keys = KeyCache(config.hash_salt, self.block_size)
         self.index: SlotIndex | None = None
@@ -192,19 +194,21 @@ class CpuOffloadScheduler(SchedulerConnector):
         start = num_computed_tokens // bs
         if limit <= start:
             return 0, False
-        if self.n_groups == 1 and self.rules[0].kind == G.FULL:  # the common case, without the walk
+        if self._simple:  # one full-attention group: the common case, without the walk
             keys = self._keys.keys(request, limit)
             slots = self.index.ready_prefix(keys, start, limit)
             end = start + len(slots)
-            entries = [(0, start + j, s, keys[start + j]) for j, s in enumerate(slots)]
+            lk = _Lookup(num_computed_tokens, start, end, slots, keys[start:end])
         else:
             end, entries = G.longest_hit(
                 self.index, lambda g, n: self._keys.group_keys(request, n, g), self.rules, start, limit, bs
             )
+            lk = _Lookup(num_computed_tokens, start, end, [e[2] for e in entries], [e[3] for e in entries],
+                         [(e[0], e[1]) for e in entries])
         if end <= start:
             return 0, False
-        self.index.pin([e[2] for e in entries])
-        self._lookups[rid] = _Lookup(num_computed_tokens, start, end, entries)
+        self.index.pin(lk.slots)
+        self._lookups[rid] = lk
         return end * bs - num_computed_tokens, True
 
     def update_state_after_alloc(
@@ -238,39 +242,45 @@ class CpuOffloadScheduler(SchedulerConnector):
                 f"blocks {lk.start}..{lk.end - 1} are pinned and {min(map(len, blocks))} allocated",
             )
             return
-        kept = {id(e) for e, _ in take}
-        self.index.unpin([e[2] for e in lk.entries if id(e) not in kept])
-        slots = [e[2] for e, _ in take]
-        keys = [e[3] for e, _ in take]
+        js, block_list, groups = take
+        if len(js) < len(lk.slots):
+            kept = set(js)
+            self.index.unpin([s for j, s in enumerate(lk.slots) if j not in kept])
+        slots = [lk.slots[j] for j in js]
+        keys = [lk.keys[j] for j in js]
         self.index.touch(slots)
         st.load_slots, st.load_keys = slots, keys
         st.load_tokens = (end - lk.start) * bs
         st.planned = [max(p, end) for p in st.planned]
-        self._loads.append(
-            LoadJob(request_id=rid, block_ids=[b for _, b in take], slots=slots, keys=keys,
-                    groups=[e[0] for e, _ in take] if self.n_groups > 1 else [])
-        )
+        self._loads.append(LoadJob(request_id=rid, block_ids=block_list, slots=slots, keys=keys, groups=groups))
         self._counters["hits"] += 1
         self._counters["hit_tokens"] += num_external_tokens
 
     def _entries_for(self, lk: _Lookup, end: int, blocks: list[list[int]]):
-        """The pinned entries a load ending at block ``end`` copies, each with its engine block;
-        None when the pins do not cover what the engine allocated (it took more tokens than
-        offered, or fewer and a sliding window then reaches blocks that were not pinned)."""
+        """What a load ending at block ``end`` copies: the indices into the lookup's pins, the
+        engine block of each and their groups (empty for one group); None when the pins do not
+        cover what the engine allocated (it took more tokens than offered, or fewer and a sliding
+        window then reaches blocks that were not pinned)."""
         if end > lk.end or end <= lk.start or any(len(b) < end for b in blocks):
             return None
-        have = {(e[0], e[1]): e for e in lk.entries}
-        take = []
+        if lk.where is None:
+            return list(range(end - lk.start)), blocks[0][lk.start : end], []
+        have = {w: j for j, w in enumerate(lk.where)}
+        js: list[int] = []
+        ids: list[int] = []
+        groups: list[int] = []
         for g, rule in enumerate(self.rules):
             for i in range(max(lk.start, rule.first_needed(end, self.block_size)), end):
                 b = blocks[g][i]
                 if b == self._null:
                     continue  # the engine keeps nothing there
-                e = have.get((g, i))
-                if e is None:
+                j = have.get((g, i))
+                if j is None:
                     return None
-                take.append((e, b))
-        return take
+                js.append(j)
+                ids.append(b)
+                groups.append(g)
+        return js, ids, groups
 
     def _real(self, blocks: list[list[int]], lo: int, hi: int) -> list[int]:
         return [b for ids in blocks for b in ids[lo:hi] if b != self._null]
@@ -328,12 +338,19 @@ class CpuOffloadScheduler(SchedulerConnector):
             st = self._reqs.get(sr.request_id)
             if st is None or st.finished:
                 continue
-            new = per_group(sr.new_block_ids, self.n_groups, "a scheduled request")
-            if sr.is_new:
-                st.blocks = new
+            ids = sr.new_block_ids
+            if self.n_groups == 1 and len(ids) == 1:  # every step of every request: kept lean
+                if sr.is_new:
+                    st.blocks = [list(ids[0])]
+                elif ids[0]:
+                    st.blocks[0].extend(ids[0])
             else:
-                for have, more in zip(st.blocks, new):
-                    have.extend(more)
+                new = per_group(ids, self.n_groups, "a scheduled request")
+                if sr.is_new:
+                    st.blocks = new
+                else:
+                    for have, more in zip(st.blocks, new):
+                        have.extend(more)
             st.computed = sr.num_computed_tokens + sr.num_scheduled_tokens
             if fill:
                 # The engine freed sliding-window blocks outside the window at the computed count
