@@ -208,8 +208,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
             key, path = m.group(1), m.group(2) or "$"
             raise ConfigError(
                 f"unknown config key '{key}' at {path}" + _suggest(key, _fields_at(path, data))
-            ) from None
-        raise ConfigError(f"invalid config: {msg}") from None
+            ) from e
+        raise ConfigError(f"invalid config: {msg}") from e
     _validate(cfg)
     return cfg
 

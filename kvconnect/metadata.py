@@ -42,9 +42,9 @@ def decode(data: bytes, type_: type[T], *, what: str, max_bytes: int = MAX_WIRE_
     try:
         return dec.decode(data)
     except msgspec.ValidationError as e:
-        raise WireError(f"{what}: {e}") from None
+        raise WireError(f"{what}: {e}") from e
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise WireError(f"{what}: not a valid message ({e})") from None
+        raise WireError(f"{what}: not a valid message ({e})") from e
 
 
 def convert(obj: Any, type_: type[T], *, what: str) -> T:
@@ -52,7 +52,7 @@ def convert(obj: Any, type_: type[T], *, what: str) -> T:
     try:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as e:
-        raise WireError(f"{what}: {e}") from None
+        raise WireError(f"{what}: {e}") from e
 
 
 def compat_hash(signature: Mapping[str, Any]) -> str:
@@ -142,7 +142,7 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
     try:  # msgspec checks every field in C, ids and port ranges included
         p = msgspec.convert(params if type(params) is dict else dict(params), KVTransferParams)
     except msgspec.ValidationError as e:
-        raise WireError(f"kv_transfer_params: {e}") from None
+        raise WireError(f"kv_transfer_params: {e}") from e
     if p.do_remote_prefill:
         if p.remote_engine_id is None or p.remote_block_ids is None or p.remote_host is None or p.remote_port is None:
             missing = [k for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")

@@ -26,16 +26,18 @@ step() {  # step "what" command...: runs the command quietly; on failure prints 
 have() { "$@" >/dev/null 2>&1; }
 pip_i() { python -m pip install --disable-pip-version-check "$@"; }
 
-apt_rdma() {  # libibverbs1 (with ibverbs-providers): Mooncake's wheel links it, and RDMA hosts have it
+RDMA_PKGS="libibverbs1 ibverbs-providers"
+apt_rdma() {  # Mooncake's wheel links libibverbs; every RDMA host has the providers, and with them
+  # the tests prove kvconnect's guard against UCX's crash at exit (kvconnect/ucx_env.py)
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $RDMA_PKGS
   else
-    sudo -n apt-get update -q && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1
+    sudo -n apt-get update -q && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $RDMA_PKGS
   fi
 }
 
-if ! ldconfig -p | grep -q 'libibverbs\.so\.1'; then
-  step "apt: libibverbs1 (RDMA verbs, as on every RDMA host)" apt_rdma
+if command -v dpkg >/dev/null && ! dpkg -s $RDMA_PKGS >/dev/null 2>&1; then
+  step "apt: $RDMA_PKGS (RDMA verbs, as on every RDMA host)" apt_rdma
 fi
 [ -x .venv/bin/python ] || step "virtual environment .venv" "$PY" -m venv .venv
 . .venv/bin/activate

@@ -655,7 +655,7 @@ def post_json(url: str, body: Mapping[str, Any], timeout: float = REQUEST_TIMEOU
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", "replace")[:2000]
-        raise ServerError(f"POST {url} -> HTTP {e.code}: {detail}") from None
+        raise ServerError(f"POST {url} -> HTTP {e.code}: {detail}") from e
 
 
 def _iter_sse(url: str, body: Mapping[str, Any], timeout: float) -> Iterator[dict]:
@@ -669,7 +669,7 @@ def _iter_sse(url: str, body: Mapping[str, Any], timeout: float) -> Iterator[dic
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", "replace")[:2000]
-        raise ServerError(f"POST {url} (stream) -> HTTP {e.code}: {detail}") from None
+        raise ServerError(f"POST {url} (stream) -> HTTP {e.code}: {detail}") from e
     with resp:
         for raw in resp:
             line = raw.decode("utf-8", "replace").strip()
