@@ -338,11 +338,13 @@ class CpuOffloadScheduler(SchedulerConnector):
             st = self._reqs.get(sr.request_id)
             if st is None or st.finished:
                 continue
-            ids = sr.new_block_ids
-            if self.n_groups == 1 and len(ids) == 1:  # every step of every request: kept lean
+            ids = sr.new_block_ids  # () when the engine added no block (most steps)
+            if not ids and not sr.is_new:
+                pass
+            elif self.n_groups == 1 and len(ids) == 1:  # every step of every request: kept lean
                 if sr.is_new:
                     st.blocks = [list(ids[0])]
-                elif ids[0]:
+                else:
                     st.blocks[0].extend(ids[0])
             else:
                 new = per_group(ids, self.n_groups, "a scheduled request")
