@@ -119,6 +119,39 @@ def _plain_copy(w: CpuOffloadWorker, threads: int, to_engine: bool) -> float:
     return time.perf_counter() - t0
 
 
+def _differ(what: str, engine: torch.Tensor, pool: torch.Tensor, li: int, block_ids: Sequence[int]) -> None:
+    """Raise unless every byte of ``engine`` (blocks first) equals ``pool``."""
+    e, p = engine.contiguous().view(torch.uint8).cpu(), pool.contiguous().view(torch.uint8)
+    bad = (e != p).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(f"offload benchmark: {what}: {len(bad)} of {len(e)} blocks of layer {li} differ "
+                           f"from the host pool (first: engine block {block_ids[bad[0]]}, slot {bad[0]})")
+
+
+def verify(w: CpuOffloadWorker, src: list[int], dst: list[int], n: int,
+           chunks: list[tuple[str, slice]], keys: list[bytes]) -> None:
+    """After the timed runs (whose reference copies overwrite both sides), the same jobs once more,
+    untimed, every byte of every layer: a store of fresh random bytes must put block ``src[i]``
+    in slot ``i``, and a load into blocks refilled with other bytes must bring slot ``i`` back
+    into block ``dst[i]``. Raises RuntimeError naming the first wrong block."""
+    def sync() -> None:
+        if w.layers[0].engine.is_cuda:
+            torch.cuda.synchronize()
+
+    for kind, ids in (("store", src), ("load", dst)):
+        for lc in w.layers:  # store: new bytes to store; load: bytes the load must overwrite
+            lc.engine.view(torch.uint8).random_()
+        sync()
+        jobs = [(StoreJob if kind == "store" else LoadJob)(request_id=f"verify-{kind}{rid}", block_ids=ids[s],
+                                                           slots=list(range(n))[s], keys=keys[s]) for rid, s in chunks]
+        meta = OffloadStepMetadata(stores=jobs, closed=[j.request_id for j in jobs]) if kind == "store" else \
+            OffloadStepMetadata(loads=jobs)
+        _run(w, meta, len(jobs))
+        sync()
+        for li, lc in enumerate(w.layers):
+            _differ(f"the verification {kind}", lc.engine.movedim(lc.block_dim, 0)[ids], lc.pool[:n], li, ids)
+
+
 def bandwidth(a: argparse.Namespace, block_size: int, threads: int) -> dict[str, float]:
     dtype = DTYPES[a.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -158,6 +191,7 @@ def bandwidth(a: argparse.Namespace, block_size: int, threads: int) -> dict[str,
                     raise RuntimeError("benchmark round trip corrupted data")
         out_t.append(min(before, _plain_copy(w, threads, to_engine=False)))  # the faster: a strict reference
         in_t.append(_plain_copy(w, threads, to_engine=True))
+    verify(w, src, dst, n, chunks, keys)
     w.shutdown()
     out = {
         "threads": threads,
@@ -168,6 +202,7 @@ def bandwidth(a: argparse.Namespace, block_size: int, threads: int) -> dict[str,
         "load_gbps": nbytes / statistics.median(load_t) / 1e9,
         "memcpy_gbps": nbytes / statistics.median(out_t) / 1e9,
         "memcpy_load_gbps": nbytes / statistics.median(in_t) / 1e9,
+        "verified_bytes": 2 * nbytes,  # by verify(): one more store and load
     }
     # Ratios pair each copy with the reference taken next to it (the machine drifts between repeats).
     out["store_ratio"] = statistics.median(r / t for r, t in zip(out_t, store_t))

@@ -235,6 +235,10 @@ def md_offload(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {v['block_size']} | {v['threads']} | {v['blocks']} | {v['bytes'] / 1e9:.2f} | "
                      f"{v['store_gbps']:.2f} | {v['load_gbps']:.2f} | {v['memcpy_gbps']:.2f} | "
                      f"{v['memcpy_load_gbps']:.2f} | {v['store_ratio']:.2f} | {v['load_ratio']:.2f} |")
+    ver = sum(v.get("verified_bytes", 0) for v in r["rows"])
+    if ver:
+        lines += ["", f"Verified after the timed runs: {ver / 1e9:.2f} GB of random KV compared byte for byte "
+                  "(the same jobs once more, untimed: a store, then a load into refilled blocks), all equal."]
     lines += ["", "| stored blocks | prefix blocks | lookup us | first lookup us |", "|---:|---:|---:|---:|"]
     for x in r.get("lookup", []):
         lines.append(f"| {x['stored_blocks']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | {x['first_lookup_us']:.1f} |")
@@ -252,6 +256,10 @@ def md_transfer(r: dict[str, Any]) -> list[str]:
     for x in r["rows"]:
         lines.append(f"| {x['blocks']} | {'on' if x['merge_runs'] else 'off'} | {x['descriptors']} | "
                      f"{x['kvconnect_gbps']:.2f} | {x['raw_nixl_gbps']:.2f} | {x['ratio']:.2f} |")
+    if r.get("verified_bytes"):
+        lines += ["", f"Verified after each row's timed runs: {r['verified_bytes'] / 2**20:.0f} MiB of random KV "
+                  "compared byte for byte (what the last timed batch left, then one more kvconnect batch and one "
+                  "more raw batch into refilled blocks), all equal."]
     return lines
 
 
