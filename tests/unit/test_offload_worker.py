@@ -207,11 +207,11 @@ def test_worker_capacity_below_one_block_is_a_config_error():
         worker(caches, capacity=caches["l0"][1].block_bytes - 1)
 
 
-def test_worker_refuses_several_kv_cache_groups():
+def test_worker_refuses_a_layer_in_a_group_the_engine_did_not_announce():
     t1, t2 = make_cache("mha", 4, BS), make_cache("mha", 4, BS)
     caches = {"a": (t1, KVLayout.of_tensor(t1, LAYOUTS["mha"])),
               "b": (t2, KVLayout.of_tensor(t2, LAYOUTS["mha"], group=1))}
-    with pytest.raises(LayoutError, match="one group"):
+    with pytest.raises(LayoutError, match="layer b is in KV-cache group 1; the engine has 1"):
         worker(caches)
 
 

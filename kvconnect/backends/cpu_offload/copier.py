@@ -130,6 +130,8 @@ class CopyTask:
     slots: list[int]
     keys: list[bytes]
     nbytes: int = 0
+    #: KV-cache group of each block (hybrid models); empty: all in group 0.
+    groups: list[int] = field(default_factory=list)
     error: str | None = None
     #: A counter to bump for the failure (``key_mismatches``, ``checksum_failures``), if any.
     failure_stat: str | None = None
