@@ -54,7 +54,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvconnect bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--stacks", default=",".join(STACKS), help=f"comma-separated, from {', '.join(STACKS)}")
     p.add_argument("--levels", default="1,8,32,128,256", help="concurrency levels, comma-separated")
-    p.add_argument("--requests", type=int, default=256, help="requests per level (the same set at every level)")
+    p.add_argument("--requests", type=int, default=128, help="requests per level (the same set at every level)")
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request, at most")
     p.add_argument("--min-tokens", type=int, default=8, help="output tokens per request, at least")
     p.add_argument("--max-prompt", type=int, default=300, help="prompt tokens, at most")
