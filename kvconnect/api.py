@@ -174,6 +174,9 @@ class EngineInfo:
     num_kv_heads: int = 0
     #: Layer names of each KV-cache group, in group order.
     layer_groups: tuple[tuple[str, ...], ...] = ()
+    #: The model the engine serves (vLLM: its path or hub name). A shared tier keys objects by it;
+    #: kept out of ``model_signature`` so P/D peers serving one model from different paths agree.
+    model_name: str = ""
 
     @property
     def block_size(self) -> int:

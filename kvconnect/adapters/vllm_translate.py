@@ -333,6 +333,7 @@ def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> Eng
         kv_bytes_per_block=bytes_per_block,
         num_kv_heads=int(model.get_total_num_kv_heads()),
         layer_groups=tuple(tuple(g.layer_names) for g in groups),
+        model_name=str(model.model),
     )
 
 
