@@ -229,3 +229,21 @@ def test_accepting_tokens_without_a_known_hit_fails_the_load_cleanly(instances):
     b.sched.update_state_after_alloc(RequestView("r9", PROMPT), (blocks,), 2 * BS)
     out = b.wait_for(lambda r: "r9" in r.finished_recving)
     assert out.invalid_block_ids == set(blocks)
+
+
+def test_batches_pipelined_two_objects_at_a_time_round_trip_and_stop_at_the_bad_block(instances):
+    a, b = instances(batch_objects=2), instances(batch_objects=2)
+    a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
+    assert len(fake_mooncake.cluster.objects) == 6
+    n, out = _load(b, RequestView("r2", PROMPT), list(range(10, 17)))
+    assert n == 6 * BS and not out.invalid_block_ids
+    for la, lb in zip(a.kv, b.kv):
+        assert torch.equal(la[1:7], lb[10:16])
+    victim = next(k for k, v in fake_mooncake.cluster.objects.items()
+                  if v[:16] == a.kv[0][5].numpy().tobytes()[:16])  # block 4: the third batch
+    data = bytearray(fake_mooncake.cluster.objects[victim])
+    data[-50] ^= 1  # a payload byte of its last layer
+    fake_mooncake.cluster.objects[victim] = bytes(data)
+    blocks = list(range(20, 27))
+    n, out = _load(b, RequestView("r3", PROMPT), blocks)
+    assert out.invalid_block_ids == set(blocks[4:6])

@@ -21,11 +21,13 @@ Per job, in batches of ``batch_objects`` objects:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,10 @@ from kvconnect.backends.mooncake import objects as ob
 from kvconnect.backends.mooncake.store import RPC_FAIL, TRANSFER_FAIL, SharedStore
 
 logger = logging.getLogger(__name__)
+
+
+class _StoreDown(Exception):
+    """A batch cannot be stored because the store did not answer."""
 
 
 @dataclass(eq=False)
@@ -106,20 +112,23 @@ class StoreIO:
         self.batch = batch_objects
         self.payload = blocks.payload_bytes
         self.object_bytes = self.payload + ob.HEADER_BYTES
-        # One header pool per lane (lanes run concurrently).
-        self._headers = {k: ob.HeaderPool(batch_objects) for k in ("load", "save")}
+        # Per lane (lanes run concurrently): header buffers for two batches (one in flight, one
+        # being prepared or verified) and a helper thread for CRC-32 work.
+        self._headers = {k: ob.HeaderPool(2 * batch_objects) for k in ("load", "save")}
+        self._pools = {k: ThreadPoolExecutor(1, thread_name_prefix=f"kvc-mooncake-crc-{k}")
+                       for k in ("load", "save")}
         for hp in self._headers.values():
             shared.register(hp.base, hp.nbytes)
 
     def _key(self, k: bytes) -> str:
         return self.prefix + k.hex()
 
-    def _buffers(self, kind: str, block_ids: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    def _buffers(self, kind: str, block_ids: list[int], half: int) -> tuple[list[list[int]], list[list[int]]]:
         hp = self._headers[kind]
         ptrs, sizes = [], []
         for i, b in enumerate(block_ids):
             p, s = self.blocks.runs(b)
-            p.append(hp.ptr(i))
+            p.append(hp.ptr(half * self.batch + i))
             s.append(ob.HEADER_BYTES)
             ptrs.append(p)
             sizes.append(s)
@@ -130,75 +139,108 @@ class StoreIO:
             self.sh.health.failed(f"{what} returned {sorted(set(codes))[:3]}")
 
     # -- save -------------------------------------------------------------------------------------
+    def _prepare_save(self, job: Job, lo: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+        """Existence query, then buffers, CRC-32 and header of each missing block of one batch."""
+        keys = [self._key(k) for k in job.keys[lo : lo + self.batch]]
+        blocks = job.block_ids[lo : lo + self.batch]
+        exist = self.store.batch_is_exist(keys)
+        if any(e < 0 for e in exist):
+            self._store_failed(list(exist), "batch_is_exist")
+            raise _StoreDown(f"existence query failed ({min(exist)})")
+        todo = [i for i, e in enumerate(exist) if e != 1]
+        job.add("objects_present", len(keys) - len(todo))
+        hp = self._headers["save"]
+        ptrs, sizes = self._buffers("save", [blocks[i] for i in todo], half)
+        for j, i in enumerate(todo):
+            crc = ob.crc_of(ptrs[j][:-1], sizes[j][:-1])
+            ob.pack_header(hp.array[half * self.batch + j], self.payload, crc, self.layout, job.keys[lo + i])
+        return [keys[i] for i in todo], ptrs, sizes
+
     def save(self, job: Job) -> None:
-        for lo in range(0, len(job.keys), self.batch):
+        """Batch k+1 is prepared (existence, CRC-32) on the helper thread while batch k is put."""
+        starts = list(range(0, len(job.keys), self.batch))
+        if not starts:
+            return
+        nxt = self._pools["save"].submit(self._prepare_save, job, starts[0], 0)
+        for n, lo in enumerate(starts):
+            try:
+                keys, ptrs, sizes = nxt.result()
+            except _StoreDown as e:
+                job.error = str(e)
+                job.add("saves_dropped", len(job.keys) - lo)
+                return
+            if n + 1 < len(starts):
+                nxt = self._pools["save"].submit(self._prepare_save, job, starts[n + 1], (n + 1) % 2)
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
                 job.add("deadline_misses")
-                return
-            if not self.sh.health.usable():
-                job.error = "store unavailable"
-                job.add("saves_dropped", len(job.keys) - lo)
-                return
-            keys = [self._key(k) for k in job.keys[lo : lo + self.batch]]
-            blocks = job.block_ids[lo : lo + self.batch]
-            exist = self.store.batch_is_exist(keys)
-            if any(e < 0 for e in exist):
-                self._store_failed(list(exist), "batch_is_exist")
-                job.error = f"existence query failed ({exist[0]})"
-                job.add("saves_dropped", len(job.keys) - lo)
-                return
-            todo = [i for i, e in enumerate(exist) if e != 1]
-            job.add("objects_present", len(keys) - len(todo))
-            if todo:
-                hp = self._headers["save"]
-                ptrs, sizes = self._buffers("save", [blocks[i] for i in todo])
-                for j, i in enumerate(todo):
-                    crc = ob.crc_of(ptrs[j][:-1], sizes[j][:-1])
-                    ob.pack_header(hp.array[j], self.payload, crc, self.layout, job.keys[lo + i])
-                codes = self.store.batch_put_from_multi_buffers(
-                    [keys[i] for i in todo], ptrs, sizes, self.sh.replicate
-                )
+                break
+            if keys:
+                codes = self.store.batch_put_from_multi_buffers(keys, ptrs, sizes, self.sh.replicate)
                 bad = [c for c in codes if c != 0]
                 if bad:
                     self._store_failed(bad, "batch_put_from_multi_buffers")
                     job.add("put_failures", len(bad))
-                    job.error = f"{len(bad)} of {len(todo)} puts failed (code {bad[0]})"
-                    return
+                    job.error = f"{len(bad)} of {len(keys)} puts failed (code {bad[0]})"
+                    break
                 self.sh.health.ok()
-                job.nbytes += len(todo) * self.object_bytes
-                job.add("objects_stored", len(todo))
-            job.good = lo + len(keys)
+                job.nbytes += len(keys) * self.object_bytes
+                job.add("objects_stored", len(keys))
+            job.good = min(len(job.keys), lo + self.batch)
+        with contextlib.suppress(Exception):
+            nxt.result()  # never leave the helper writing a header half the next job reuses
 
     # -- load -------------------------------------------------------------------------------------
-    def load(self, job: Job) -> None:
+    def _verify(self, job: Job, lo: int, half: int, got: list[int],
+                ptrs: list[list[int]], sizes: list[list[int]]) -> tuple[int, str | None]:
+        """Verified blocks of one fetched batch, in order, and why the first bad one is bad."""
         hp = self._headers["load"]
-        for lo in range(0, len(job.keys), self.batch):
+        bkeys = job.keys[lo : lo + self.batch]
+        for j, n in enumerate(got):
+            why = ""
+            if n != self.object_bytes:
+                why = f"object missing or of another size (get returned {n})"
+                self._store_failed([n], "batch_get_into_multi_buffers")
+                job.add("objects_missing")
+            else:
+                crc, why = ob.check_header(hp.array[half * self.batch + j], self.payload, self.layout, bkeys[j])
+                if crc is not None and ob.crc_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
+                    why = "checksum mismatch"
+                if why:
+                    job.add("objects_corrupt")
+                    self._remove(bkeys[j])
+            if why:
+                return j, f"block {lo + j} of {len(job.keys)}: {why}"
+        return len(got), None
+
+    def load(self, job: Job) -> None:
+        """Batch k+1 is fetched while batch k is verified on the helper thread."""
+        pending = None  # (lo, future of _verify)
+
+        def settle() -> bool:
+            lo, fut = pending
+            ok, why = fut.result()
+            job.good = lo + ok
+            job.nbytes += ok * self.object_bytes
+            if why is not None:
+                job.error = why
+                return False
+            return True
+
+        for n, lo in enumerate(range(0, len(job.keys), self.batch)):
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
                 job.add("deadline_misses")
-                return
+                break
+            half = n % 2
             bkeys = job.keys[lo : lo + self.batch]
-            ptrs, sizes = self._buffers("load", job.block_ids[lo : lo + self.batch])
+            ptrs, sizes = self._buffers("load", job.block_ids[lo : lo + self.batch], half)
             got = self.store.batch_get_into_multi_buffers([self._key(k) for k in bkeys], ptrs, sizes)
-            for j, n in enumerate(got):
-                why = ""
-                if n != self.object_bytes:
-                    why = f"object missing or of another size (get returned {n})"
-                    self._store_failed([n], "batch_get_into_multi_buffers")
-                    job.add("objects_missing")
-                else:
-                    crc, why = ob.check_header(hp.array[j], self.payload, self.layout, bkeys[j])
-                    if crc is not None and ob.crc_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
-                        why = "checksum mismatch"
-                    if why:
-                        job.add("objects_corrupt")
-                        self._remove(bkeys[j])
-                if why:
-                    job.error = f"block {lo + j} of {len(job.keys)}: {why}"
-                    return
-                job.good = lo + j + 1
-                job.nbytes += self.object_bytes
+            if pending is not None and not settle():
+                pending = None
+                break
+            pending = (lo, self._pools["load"].submit(self._verify, job, lo, half, list(got), ptrs, sizes))
+        if pending is not None and settle():
             self.sh.health.ok()
 
     def _remove(self, key: bytes) -> None:
@@ -206,6 +248,11 @@ class StoreIO:
             self.store.batch_remove([self._key(key)], True)
         except Exception:
             logger.debug("mooncake: removing a bad object failed", exc_info=True)
+
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)
 
 
 def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

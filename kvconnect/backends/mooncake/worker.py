@@ -194,4 +194,6 @@ class MooncakeWorker(WorkerConnector):
         for lane in self._lanes.values():
             lane.close()
         self._lanes = {}
+        if self.io is not None:
+            self.io.close()
         release_store(self._shared)
