@@ -162,9 +162,13 @@ PD_BACKENDS = frozenset({"nixl", "mori"})
 
 
 class KVConnectConfig(_Base, frozen=True):
-    """The whole connector: backends in priority order (load first-wins, store to all)."""
+    """The whole connector: backends in priority order (store to all)."""
 
     backends: tuple[BackendConfig, ...]
+    #: Which child loads a prefix in a composition: ``first`` (the first child in order with any
+    #: hit, vLLM's rule) or ``longest`` (every child is asked and the longest hit wins, the
+    #: earlier child on a tie: a two-block host-tier hit does not hide a forty-block shared hit).
+    load_rule: Literal["first", "longest"] = "first"
 
     @property
     def names(self) -> list[str]:
@@ -194,7 +198,7 @@ def _fields_at(path: str, raw: Mapping[str, Any]) -> list[str]:
             t = BACKEND_TYPES.get(entries[i].get("backend"))
             if t is not None:
                 return list(t.__struct_fields__) + ["backend"]
-    return ["backends"]
+    return ["backends", "load_rule"]
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
@@ -218,7 +222,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
                 "config needs 'backend' (one backend) or 'backends' (a list)"
                 + _suggest(next(iter(data)), ["backend", "backends"])
             )
-        data = {"backends": [data]}
+        top = {k: data.pop(k) for k in ("load_rule",) if k in data}
+        data = {"backends": [data], **top}
     elif "backend" in data:
         raise ConfigError("config has both 'backend' and 'backends': give one of them")
     data["backends"] = [dict(e) if isinstance(e, Mapping) else e for e in data["backends"]]
@@ -315,7 +320,7 @@ def validate_mooncake(b: MooncakeConfig, where: str = "mooncake") -> None:
 
 def defaults_table() -> str:
     """Every option with its default, for ``kvconnect config``."""
-    lines = []
+    lines = ["[composition] (top level, next to 'backends')", "  load_rule = 'first'"]
     for name, t in BACKEND_TYPES.items():
         lines.append(f"[{name}]")
         for f, d in zip(t.__struct_fields__, _defaults(t)):

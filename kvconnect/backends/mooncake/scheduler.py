@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: Lookups kept for requests the engine has not come back for (bounded, oldest dropped).
 MAX_LOOKUPS = 16384
+#: What every step with nothing for the workers carries (read-only: never mutated).
+_EMPTY = MooncakeStepMetadata()
 
 
 @dataclass(slots=True, eq=False)
@@ -79,6 +81,7 @@ def longest_present(flags: list[int], n_blocks: int, n_ranks: int) -> int:
 
 class MooncakeScheduler(SchedulerConnector):
     supports_hybrid = False
+    empty_step_metadata = _EMPTY
 
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
                  store_factory: Callable[[], Any] | None = None) -> None:
@@ -234,6 +237,8 @@ class MooncakeScheduler(SchedulerConnector):
             st = self._reqs.get(rid)
             if st is not None:
                 st.blocks, st.computed, st.loaded = [], 0, (0, 0)
+        if not (self._loads or self._saves or self._closed):
+            return _EMPTY
         meta = MooncakeStepMetadata(loads=self._loads, saves=self._saves, closed=self._closed)
         self._loads, self._saves, self._closed = [], [], []
         return meta
