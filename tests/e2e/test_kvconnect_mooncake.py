@@ -63,10 +63,11 @@ def _loopback_only(pids: list[int]) -> int:
     out = subprocess.run(["ss", "-tnp", "state", "established"], capture_output=True, text=True,
                          timeout=10).stdout.splitlines()
     mine = [ln for ln in out if any(f"pid={p}," in ln for p in pids)]
+    loop = ("127.0.0.1:", "[::ffff:127.0.0.1]:")  # Mooncake's sockets are IPv6, v4-mapped
     for ln in mine:
         cols = ln.split()
         local, peer = cols[2], cols[3]
-        assert local.startswith("127.0.0.1:") and peer.startswith("127.0.0.1:"), ln
+        assert local.startswith(loop) and peer.startswith(loop), ln
     return len(mine)
 
 
