@@ -60,6 +60,9 @@ def _delta(url: str, before: dict[str, float]) -> dict[str, float]:
 def _loopback_only(pids: list[int]) -> int:
     """Established TCP connections of these processes (and their children); asserts each has
     127.0.0.1 at both ends. Returns how many were seen."""
+    import psutil
+
+    pids = list(pids) + [c.pid for p in pids for c in psutil.Process(p).children(recursive=True)]
     out = subprocess.run(["ss", "-tnp", "state", "established"], capture_output=True, text=True,
                          timeout=10).stdout.splitlines()
     mine = [ln for ln in out if any(f"pid={p}," in ln for p in pids)]
