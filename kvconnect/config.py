@@ -148,7 +148,7 @@ class MooncakeConfig(_Base, frozen=True, tag="mooncake", tag_field="backend"):
     #: store is tried again (Mooncake reconnects to a restarted master by itself).
     retry_interval_s: float = 2.0
     #: Objects (blocks) per Mooncake batch call.
-    batch_objects: int = 128
+    batch_objects: int = 32
 
 
 BackendConfig = Union[NixlConfig, MoriConfig, CpuOffloadConfig, MooncakeConfig]
