@@ -44,7 +44,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--gb", type=float, default=0.5, help="GB moved per direction per repeat")
-    p.add_argument("--batch-objects", type=int, default=MooncakeConfig.batch_objects,
+    p.add_argument("--batch-objects", type=int, default=MooncakeConfig(master_server_address="h:1").batch_objects,
                    help="blocks per Mooncake batch call (the config's batch_objects)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lookup-stored", type=int, nargs="+", default=[1_000, 10_000, 50_000])
