@@ -117,3 +117,14 @@ def test_a_client_in_another_metadata_mode_is_a_config_error(tmp_path):
                              connect_timeout_s=8.0)
         with pytest.raises(ConfigError, match="metadata_server"):
             make_instance(cfg, store_factory=None)
+
+
+def test_bench_store_measures_kvconnect_next_to_raw_mooncake(capsys):
+    import json
+
+    from kvconnect.bench.store import main
+
+    assert main(["--quick", "--json", "--lookup-stored", "200", "--lookup-prefix-blocks", "8"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["put_gbps"] > 0 and r["raw_put_gbps"] > 0 and r["get_gbps"] > 0 and r["raw_get_gbps"] > 0
+    assert r["lookup"][0]["stored_objects"] == 200 and r["lookup"][0]["lookup_us"] > 0
