@@ -56,7 +56,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.gb, a.repeats = min(a.layers, 4), min(a.gb, 0.05), min(a.repeats, 2)
-        a.lookup_stored = [1_000]
+        a.lookup_stored = [s for s in a.lookup_stored if s <= 1_000] or [1_000]
     return a
 
 
