@@ -266,7 +266,10 @@ def md_store(r: dict[str, Any]) -> list[str]:
              "the paired ratios.", "",
              "| | kvconnect GB/s | raw Mooncake GB/s | ratio |", "|---|---:|---:|---:|",
              f"| put | {r['put_gbps']:.2f} | {r['raw_put_gbps']:.2f} | {r['put_ratio']:.2f} |",
-             f"| get | {r['get_gbps']:.2f} | {r['raw_get_gbps']:.2f} | {r['get_ratio']:.2f} |",
+             f"| get | {r['get_gbps']:.2f} | {r['raw_get_gbps']:.2f} | {r['get_ratio']:.2f} |", "",
+             "Per repeat (GB/s, kvconnect / raw): " + "; ".join(
+                 f"put {x['put_gbps']:.2f}/{x['raw_put_gbps']:.2f}, get {x['get_gbps']:.2f}/{x['raw_get_gbps']:.2f}"
+                 for x in r["rows"]) + ".",
              "", "| stored objects | prefix blocks | lookup us | raw batch_is_exist us |", "|---:|---:|---:|---:|"]
     for x in r.get("lookup", []):
         lines.append(f"| {x['stored_objects']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | {x['raw_exist_us']:.1f} |")
