@@ -260,7 +260,7 @@ def md_store(r: dict[str, Any]) -> list[str]:
     lines = [f"{m['layers']} layers, {m['kv_heads']} KV heads, head dim {m['head_dim']}, {m['block_size']}-token "
              f"blocks, {m['dtype']} (vLLM CPU layout); {r0['blocks']} blocks = {r0['bytes'] / 1e9:.2f} GB per "
              f"direction, on {r['device']}, a master and one memory holder started by the bench; median of "
-             f"{len(r['rows'])}. kvconnect: one object per block (every layer's run + a CRC-32 checked header), "
+             f"{len(r['rows'])}. kvconnect: one object per block (every layer's run + a header with a 64-bit checksum), "
              "an existence query before each put batch; reference: raw `batch_put_from` / `batch_get_into` of "
              "each block x layer run on the same bytes, right before kvconnect's; **ratio** is the median of "
              "the paired ratios.", "",

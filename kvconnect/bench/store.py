@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'':>6} {'kvconnect GB/s':>15} {'raw GB/s':>9} {'ratio':>6}")
     print(f"{'put':>6} {result['put_gbps']:>15.2f} {result['raw_put_gbps']:>9.2f} {result['put_ratio']:>6.2f}")
     print(f"{'get':>6} {result['get_gbps']:>15.2f} {result['raw_get_gbps']:>9.2f} {result['get_ratio']:>6.2f}")
-    print("(kvconnect: one object per block, CRC-32 checked header, existence query before put; raw: "
+    print("(kvconnect: one object per block, checksummed header, existence query before put; raw: "
           "batch_put_from / batch_get_into of each block x layer run)")
     print(f"\nLookup of a {lookups[0]['prefix_blocks']}-block prefix (scheduler: hand-off to the lookup "
           "thread + one batch_is_exist)")

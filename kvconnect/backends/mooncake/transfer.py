@@ -9,11 +9,11 @@ its deadline is failed without a call.
 
 Per job, in batches of ``batch_objects`` objects:
 
-* **store**: one existence query, then CRC-32 and header of each missing block, then
+* **store**: one existence query, then checksum and header of each missing block, then
   ``batch_put_from_multi_buffers`` straight from the engine's blocks. A failed put is counted;
   nothing is retried (the next request with the prefix stores it again).
 * **load**: ``batch_get_into_multi_buffers`` straight into the engine's blocks, then each object is
-  verified in chain order (length, header, CRC-32). The first object that is missing or fails
+  verified in chain order (length, header, checksum). The first object that is missing or fails
   ends the load there: the blocks before it are good, the rest are reported invalid. An object
   that fails verification is removed from the store so that a later store can replace it.
 """
@@ -113,7 +113,7 @@ class StoreIO:
         self.payload = blocks.payload_bytes
         self.object_bytes = self.payload + ob.HEADER_BYTES
         # Per lane (lanes run concurrently): header buffers for two batches (one in flight, one
-        # being prepared or verified) and a helper thread for CRC-32 work.
+        # being prepared or verified) and a helper thread for checksum work.
         self._headers = {k: ob.HeaderPool(2 * batch_objects) for k in ("load", "save")}
         self._pools = {k: ThreadPoolExecutor(1, thread_name_prefix=f"kvc-mooncake-crc-{k}")
                        for k in ("load", "save")}
@@ -140,7 +140,7 @@ class StoreIO:
 
     # -- save -------------------------------------------------------------------------------------
     def _prepare_save(self, job: Job, lo: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
-        """Existence query, then buffers, CRC-32 and header of each missing block of one batch."""
+        """Existence query, then buffers, checksum and header of each missing block of one batch."""
         keys = [self._key(k) for k in job.keys[lo : lo + self.batch]]
         blocks = job.block_ids[lo : lo + self.batch]
         exist = self.store.batch_is_exist(keys)
@@ -152,12 +152,12 @@ class StoreIO:
         hp = self._headers["save"]
         ptrs, sizes = self._buffers("save", [blocks[i] for i in todo], half)
         for j, i in enumerate(todo):
-            crc = ob.crc_of(ptrs[j][:-1], sizes[j][:-1])
+            crc = ob.checksum_of(ptrs[j][:-1], sizes[j][:-1])
             ob.pack_header(hp.array[half * self.batch + j], self.payload, crc, self.layout, job.keys[lo + i])
         return [keys[i] for i in todo], ptrs, sizes
 
     def save(self, job: Job) -> None:
-        """Batch k+1 is prepared (existence, CRC-32) on the helper thread while batch k is put."""
+        """Batch k+1 is prepared (existence, checksum) on the helper thread while batch k is put."""
         starts = list(range(0, len(job.keys), self.batch))
         if not starts:
             return
@@ -204,7 +204,7 @@ class StoreIO:
                 job.add("objects_missing")
             else:
                 crc, why = ob.check_header(hp.array[half * self.batch + j], self.payload, self.layout, bkeys[j])
-                if crc is not None and ob.crc_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
+                if crc is not None and ob.checksum_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
                     why = "checksum mismatch"
                 if why:
                     job.add("objects_corrupt")
