@@ -166,6 +166,10 @@ class KVConnectConfig(_Base, frozen=True):
     """The whole connector: backends in priority order (store to all)."""
 
     backends: tuple[BackendConfig, ...]
+    #: A composition on a model whose KV-cache groups a child cannot serve (see DESIGN.md, hybrid
+    #: row): ``fail`` the start naming the child and why, or ``skip`` that child (logged) and run
+    #: with the others.
+    unsupported_model: Literal["fail", "skip"] = "fail"
     #: Which child loads a prefix in a composition: ``first`` (the first child in order with any
     #: hit, vLLM's rule) or ``longest`` (every child is asked and the longest hit wins, the
     #: earlier child on a tie: a two-block host-tier hit does not hide a forty-block shared hit).
@@ -199,7 +203,7 @@ def _fields_at(path: str, raw: Mapping[str, Any]) -> list[str]:
             t = BACKEND_TYPES.get(entries[i].get("backend"))
             if t is not None:
                 return list(t.__struct_fields__) + ["backend"]
-    return ["backends", "load_rule"]
+    return ["backends", "unsupported_model", "load_rule"]
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:

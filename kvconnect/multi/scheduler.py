@@ -88,12 +88,13 @@ class MultiScheduler(SchedulerConnector):
     """Scheduler half composing ``children`` (highest load priority first)."""
 
     def __init__(self, config: KVConnectConfig | Sequence[SchedulerConnector], engine: EngineInfo, *,
-                 names: Sequence[str] | None = None, load_rule: str | None = None) -> None:
+                 names: Sequence[str] | None = None, unsupported_model: str = "fail",
+                 load_rule: str | None = None) -> None:
         """Build the children from ``config`` through the registry, in order; or compose a list of
         already-built children (named ``names``, by default after their classes)."""
         from kvconnect.registry import create_backend_scheduler
 
-        children, names = resolve_children(config, engine, names, create_backend_scheduler)
+        children, names = resolve_children(config, engine, names, create_backend_scheduler, unsupported_model)
         self._setup(children, names, engine)
         rule = load_rule or getattr(config, "load_rule", "first")
         if rule not in ("first", "longest"):
@@ -102,9 +103,10 @@ class MultiScheduler(SchedulerConnector):
 
     @classmethod
     def from_children(cls, children: Sequence[SchedulerConnector], engine: EngineInfo,
-                      names: Sequence[str] | None = None, load_rule: str = "first") -> MultiScheduler:
+                      names: Sequence[str] | None = None, unsupported_model: str = "fail",
+                      load_rule: str = "first") -> MultiScheduler:
         """Compose already-built children (tests, embedders)."""
-        return cls(children, engine, names=names, load_rule=load_rule)
+        return cls(children, engine, names=names, unsupported_model=unsupported_model, load_rule=load_rule)
 
     def _setup(self, children: list[SchedulerConnector], names: list[str], engine: EngineInfo) -> None:
         self.children = children

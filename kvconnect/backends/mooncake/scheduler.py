@@ -33,12 +33,12 @@ from typing import Any
 
 from kvconnect.api import BlockIds, EngineInfo, RequestView, SchedulerConnector, StepView, TransferResults
 from kvconnect.backends.cpu_offload.hashing import KeyCache
-from kvconnect.backends.cpu_offload.scheduler import known_kv_tokens, single_group
+from kvconnect.backends.cpu_offload.scheduler import known_kv_tokens
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata, StoreLoad, StoreSave
 from kvconnect.backends.mooncake.store import RPC_FAIL, SharedStore, release_store, shared_store
 from kvconnect.config import MooncakeConfig, validate_mooncake
-from kvconnect.errors import ConfigError, WireError
+from kvconnect.errors import ConfigError, LayoutError, WireError
 from kvconnect.metadata import convert, decode
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,15 @@ class _Req:
     loaded: tuple[int, int] = (0, 0)
     load_blocks: tuple[int, ...] = ()
     had_load: bool = False
+
+
+def single_group(block_ids: BlockIds, what: str) -> list[int]:
+    if len(block_ids) > 1:
+        raise LayoutError(
+            f"mooncake: {what} has {len(block_ids)} KV-cache groups; this backend supports one "
+            "group only (supports_hybrid=False)"
+        )
+    return list(block_ids[0]) if len(block_ids) else []
 
 
 def longest_present(flags: list[int], n_blocks: int, n_ranks: int) -> int:
