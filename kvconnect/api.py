@@ -182,6 +182,9 @@ class EngineInfo:
     #: The block id the engine hands for a block it does not keep (vLLM's null block: positions
     #: outside a sliding window), if it has one. Never stored to or loaded into.
     null_block_id: int | None = None
+    #: The model the engine serves (vLLM: its path or hub name). A shared tier keys objects by it;
+    #: kept out of ``model_signature`` so P/D peers serving one model from different paths agree.
+    model_name: str = ""
 
     @property
     def block_size(self) -> int:

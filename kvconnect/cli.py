@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_cmd_config)
     s = sub.add_parser("selfcheck", help="check the installation: layouts, wire types, side channel, backends")
     s.set_defaults(fn=_cmd_selfcheck)
-    b = sub.add_parser("bench", help="run a benchmark (offload, transfer, scheduler, serve) or all but serve")
+    b = sub.add_parser("bench", help="run a benchmark (offload, transfer, scheduler, serve, store) or all but serve")
     b.add_argument("name", nargs="?")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_cmd_bench)

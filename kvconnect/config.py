@@ -109,24 +109,71 @@ class CpuOffloadConfig(_Base, frozen=True, tag="cpu_offload", tag_field="backend
     copy_threads: int = 1
 
 
-BackendConfig = Union[NixlConfig, MoriConfig, CpuOffloadConfig]
+class MooncakeConfig(_Base, frozen=True, tag="mooncake", tag_field="backend"):
+    """Shared KV tier on a Mooncake Store (``pip install kvconnect[mooncake]``): prefixes stored by
+    any instance are served to every instance that uses the same master and namespace."""
+
+    #: The Mooncake master's RPC address, ``host:port`` (required).
+    master_server_address: str
+    #: Where transfer-engine metadata lives: ``P2PHANDSHAKE`` or the master's HTTP metadata server
+    #: (``http://host:port/metadata``). Must be the same on every party of the store.
+    metadata_server: str = "P2PHANDSHAKE"
+    #: The address this process's transfer engine advertises to the store.
+    local_hostname: str = "127.0.0.1"
+    #: ``tcp`` or ``rdma``.
+    protocol: Literal["tcp", "rdma"] = "tcp"
+    #: RDMA device names (``protocol="rdma"``), comma-separated; empty lets Mooncake choose.
+    rdma_devices: str = ""
+    #: Bytes of store memory this process contributes (0: objects live in memory holders,
+    #: ``mooncake_client --global_segment_size=...``, which outlive engines).
+    global_segment_size: int = 0
+    #: Mooncake's local staging buffer (kvconnect moves bytes zero-copy and needs none).
+    local_buffer_size: int = 0
+    #: Names the deployment in every key instead of the model path (use the same value on every
+    #: instance that should share; instances of different models must not share one).
+    namespace: str = ""
+    #: Folded into every prefix key (isolates tenants sharing one store).
+    hash_salt: str = ""
+    #: Replicas of each object in the store.
+    replica_num: int = 1
+    #: Deadline for connecting to the master at start (an unreachable master is a ConfigError).
+    connect_timeout_s: float = 10.0
+    #: A lookup not answered within this counts as a miss.
+    lookup_timeout_s: float = 1.0
+    #: A load not complete (and verified) within this fails (the engine's failure policy applies).
+    load_timeout_s: float = 10.0
+    #: A store not complete within this is dropped and counted.
+    store_timeout_s: float = 30.0
+    #: After a failed store call, lookups miss and stores are dropped for this long before the
+    #: store is tried again (Mooncake reconnects to a restarted master by itself).
+    retry_interval_s: float = 2.0
+    #: Objects (blocks) per Mooncake batch call.
+    batch_objects: int = 32
+
+
+BackendConfig = Union[NixlConfig, MoriConfig, CpuOffloadConfig, MooncakeConfig]
 BACKEND_TYPES: dict[str, type[_Base]] = {
     "nixl": NixlConfig,
     "mori": MoriConfig,
     "cpu_offload": CpuOffloadConfig,
+    "mooncake": MooncakeConfig,
 }
 #: Backends that move KV between instances; a composition may hold at most one.
 PD_BACKENDS = frozenset({"nixl", "mori"})
 
 
 class KVConnectConfig(_Base, frozen=True):
-    """The whole connector: backends in priority order (load first-wins, store to all)."""
+    """The whole connector: backends in priority order (store to all)."""
 
     backends: tuple[BackendConfig, ...]
     #: A composition on a model whose KV-cache groups a child cannot serve (see DESIGN.md, hybrid
     #: row): ``fail`` the start naming the child and why, or ``skip`` that child (logged) and run
     #: with the others.
     unsupported_model: Literal["fail", "skip"] = "fail"
+    #: Which child loads a prefix in a composition: ``first`` (the first child in order with any
+    #: hit, vLLM's rule) or ``longest`` (every child is asked and the longest hit wins, the
+    #: earlier child on a tie: a two-block host-tier hit does not hide a forty-block shared hit).
+    load_rule: Literal["first", "longest"] = "first"
 
     @property
     def names(self) -> list[str]:
@@ -156,7 +203,7 @@ def _fields_at(path: str, raw: Mapping[str, Any]) -> list[str]:
             t = BACKEND_TYPES.get(entries[i].get("backend"))
             if t is not None:
                 return list(t.__struct_fields__) + ["backend"]
-    return ["backends", "unsupported_model"]
+    return ["backends", "unsupported_model", "load_rule"]
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
@@ -180,7 +227,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
                 "config needs 'backend' (one backend) or 'backends' (a list)"
                 + _suggest(next(iter(data)), ["backend", "backends"])
             )
-        data = {"backends": [data]}
+        top = {k: data.pop(k) for k in ("load_rule",) if k in data}
+        data = {"backends": [data], **top}
     elif "backend" in data:
         raise ConfigError("config has both 'backend' and 'backends': give one of them")
     data["backends"] = [dict(e) if isinstance(e, Mapping) else e for e in data["backends"]]
@@ -193,12 +241,13 @@ def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
                 f"backends[{i}].backend: unknown backend {name!r}; known: {sorted(BACKEND_TYPES)}"
                 + _suggest(str(name), list(BACKEND_TYPES))
             )
-    # JSON has no integer/float split for sizes: accept 4e9 for cpu_bytes_to_use.
+    # JSON has no integer/float split for sizes: accept 4e9 for byte counts.
     for entry in data.get("backends") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("cpu_bytes_to_use"), float):
-            v = entry["cpu_bytes_to_use"]
-            if v.is_integer():
-                entry["cpu_bytes_to_use"] = int(v)
+        for key in ("cpu_bytes_to_use", "global_segment_size", "local_buffer_size"):
+            if isinstance(entry, dict) and isinstance(entry.get(key), float):
+                v = entry[key]
+                if v.is_integer():
+                    entry[key] = int(v)
     try:
         cfg = msgspec.convert(data, KVConnectConfig)
     except msgspec.ValidationError as e:
@@ -245,11 +294,38 @@ def _validate(cfg: KVConnectConfig) -> None:
                 raise ConfigError(f"{where}.cpu_bytes_to_use must be > 0, got {b.cpu_bytes_to_use}")
             if b.copy_threads <= 0:
                 raise ConfigError(f"{where}.copy_threads must be > 0, got {b.copy_threads}")
+        if isinstance(b, MooncakeConfig):
+            validate_mooncake(b, where)
+
+
+def validate_mooncake(b: MooncakeConfig, where: str = "mooncake") -> None:
+    """Checks that need no store (the backend runs them too, for configs built directly)."""
+    host, sep, port = b.master_server_address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{where}.master_server_address must be 'host:port', got {b.master_server_address!r}"
+        )
+    md = b.metadata_server
+    if md != "P2PHANDSHAKE" and not md.startswith(("http://", "etcd://", "redis://")):
+        raise ConfigError(
+            f"{where}.metadata_server must be 'P2PHANDSHAKE' or a metadata URL "
+            f"(http://host:port/metadata), got {md!r}"
+        )
+    for key in ("connect_timeout_s", "lookup_timeout_s", "load_timeout_s", "store_timeout_s",
+                "retry_interval_s"):
+        if not getattr(b, key) > 0:
+            raise ConfigError(f"{where}.{key} must be > 0, got {getattr(b, key)}")
+    for key in ("global_segment_size", "local_buffer_size"):
+        if getattr(b, key) < 0:
+            raise ConfigError(f"{where}.{key} must be >= 0 bytes, got {getattr(b, key)}")
+    for key in ("replica_num", "batch_objects"):
+        if getattr(b, key) < 1:
+            raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(b, key)}")
 
 
 def defaults_table() -> str:
     """Every option with its default, for ``kvconnect config``."""
-    lines = []
+    lines = ["[composition] (top level, next to 'backends')", "  load_rule = 'first'"]
     for name, t in BACKEND_TYPES.items():
         lines.append(f"[{name}]")
         for f, d in zip(t.__struct_fields__, _defaults(t)):

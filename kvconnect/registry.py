@@ -14,6 +14,7 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "nixl": ("kvconnect.backends.nixl", "NixlScheduler", "NixlWorker"),
     "mori": ("kvconnect.backends.mori", "MoriScheduler", "MoriWorker"),
     "cpu_offload": ("kvconnect.backends.cpu_offload", "CpuOffloadScheduler", "CpuOffloadWorker"),
+    "mooncake": ("kvconnect.backends.mooncake", "MooncakeScheduler", "MooncakeWorker"),
 }
 
 

@@ -339,6 +339,7 @@ def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> Eng
         ),
         # vLLM's BlockPool takes block 0 off its free queue as the null block at start.
         null_block_id=0,
+        model_name=str(model.model),
     )
 
 

@@ -1,6 +1,6 @@
 """``kvconnect bench`` (no name): run every benchmark and write one markdown report.
 
-Each benchmark module (``offload``, ``transfer``, ``scheduler``) runs in its own process with
+Each benchmark module (``offload``, ``transfer``, ``scheduler``, ``store``) runs in its own process with
 ``--json`` (plus ``--quick`` when given); optionally an end-to-end time to first token of P/D
 (prefill + decode + vllm-router, on this CPU, through :mod:`kvconnect.testing.servers`) against a
 single instance. The report names the machine, the versions and the exact command, and every
@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-MODULES = ("offload", "transfer", "scheduler")
+MODULES = ("offload", "transfer", "scheduler", "store")
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -271,12 +271,33 @@ def md_transfer(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def md_store(r: dict[str, Any]) -> list[str]:
+    m, r0 = r["model"], r["rows"][0]
+    lines = [f"{m['layers']} layers, {m['kv_heads']} KV heads, head dim {m['head_dim']}, {m['block_size']}-token "
+             f"blocks, {m['dtype']} (vLLM CPU layout); {r0['blocks']} blocks = {r0['bytes'] / 1e9:.2f} GB per "
+             f"direction, on {r['device']}, a master and one memory holder started by the bench; median of "
+             f"{len(r['rows'])}. kvconnect: one object per block (every layer's run + a header with a 64-bit checksum), "
+             "an existence query before each put batch; reference: raw `batch_put_from` / `batch_get_into` of "
+             "each block x layer run on the same bytes, right before kvconnect's; **ratio** is the median of "
+             "the paired ratios.", "",
+             "| | kvconnect GB/s | raw Mooncake GB/s | ratio |", "|---|---:|---:|---:|",
+             f"| put | {r['put_gbps']:.2f} | {r['raw_put_gbps']:.2f} | {r['put_ratio']:.2f} |",
+             f"| get | {r['get_gbps']:.2f} | {r['raw_get_gbps']:.2f} | {r['get_ratio']:.2f} |", "",
+             "Per repeat (GB/s, kvconnect / raw): " + "; ".join(
+                 f"put {x['put_gbps']:.2f}/{x['raw_put_gbps']:.2f}, get {x['get_gbps']:.2f}/{x['raw_get_gbps']:.2f}"
+                 for x in r["rows"]) + ".",
+             "", "| stored objects | prefix blocks | lookup us | raw batch_is_exist us |", "|---:|---:|---:|---:|"]
+    for x in r.get("lookup", []):
+        lines.append(f"| {x['stored_objects']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | {x['raw_exist_us']:.1f} |")
+    return lines
+
+
 def md_generic(r: Any) -> list[str]:
     return ["```json", json.dumps(r, indent=1, sort_keys=True)[:20000], "```"]
 
 
 TITLES = {"scheduler": "Connector scheduler half (vLLM hot path)", "offload": "CPU offload bandwidth",
-          "transfer": "P/D transfer (NIXL)"}
+          "transfer": "P/D transfer (NIXL)", "store": "Shared tier (Mooncake Store)"}
 E2E_TITLE = "End to end: P/D TTFT against one instance"
 
 
@@ -312,7 +333,7 @@ def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dic
              f"- OS: {mach['os']}", "",
              "## Versions", ""]
     lines += [f"- {k}: {v}" for k, v in vers.items()]
-    render = {"scheduler": md_scheduler, "offload": md_offload, "transfer": md_transfer}
+    render = {"scheduler": md_scheduler, "offload": md_offload, "transfer": md_transfer, "store": md_store}
     for name, res in results.items():
         lines += ["", f"## {TITLES.get(name, name)}", "", f"Command: `{res.get('command', '')}`", ""]
         if "error" in res:

@@ -3,7 +3,9 @@
 Rules (DESIGN.md, "MultiConnector semantics"), and the choices made where it leaves room:
 
 Load lookup
-    Children are asked in order. The first child with a non-zero hit owns the load; the children
+    With ``load_rule: "longest"`` (config) every child is asked; the longest hit owns the load
+    (the earlier child on a tie) and any "ask again later" makes the answer None. Otherwise
+    (``first``, the default) children are asked in order. The first child with a non-zero hit owns the load; the children
     after it are **not asked**. vLLM asks every child and keeps the first hit; we stop because a
     lower-priority child cannot change the answer, because its "ask again later" (None) would
     stall a request that a higher tier can serve now, and because a lookup that is never used
@@ -86,19 +88,25 @@ class MultiScheduler(SchedulerConnector):
     """Scheduler half composing ``children`` (highest load priority first)."""
 
     def __init__(self, config: KVConnectConfig | Sequence[SchedulerConnector], engine: EngineInfo, *,
-                 names: Sequence[str] | None = None, unsupported_model: str = "fail") -> None:
+                 names: Sequence[str] | None = None, unsupported_model: str = "fail",
+                 load_rule: str | None = None) -> None:
         """Build the children from ``config`` through the registry, in order; or compose a list of
         already-built children (named ``names``, by default after their classes)."""
         from kvconnect.registry import create_backend_scheduler
 
         children, names = resolve_children(config, engine, names, create_backend_scheduler, unsupported_model)
         self._setup(children, names, engine)
+        rule = load_rule or getattr(config, "load_rule", "first")
+        if rule not in ("first", "longest"):
+            raise ConfigError(f"load_rule must be 'first' or 'longest', got {rule!r}")
+        self._longest = rule == "longest"
 
     @classmethod
     def from_children(cls, children: Sequence[SchedulerConnector], engine: EngineInfo,
-                      names: Sequence[str] | None = None, unsupported_model: str = "fail") -> MultiScheduler:
+                      names: Sequence[str] | None = None, unsupported_model: str = "fail",
+                      load_rule: str = "first") -> MultiScheduler:
         """Compose already-built children (tests, embedders)."""
-        return cls(children, engine, names=names, unsupported_model=unsupported_model)
+        return cls(children, engine, names=names, unsupported_model=unsupported_model, load_rule=load_rule)
 
     def _setup(self, children: list[SchedulerConnector], names: list[str], engine: EngineInfo) -> None:
         self.children = children
@@ -135,6 +143,8 @@ class MultiScheduler(SchedulerConnector):
     ) -> tuple[int | None, bool]:
         rid = request.request_id
         self._lookup.pop(rid, None)
+        if self._longest:
+            return self._longest_hit(request, num_computed_tokens)
         for i, c in enumerate(self.children):
             try:
                 n, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
@@ -149,6 +159,27 @@ class MultiScheduler(SchedulerConnector):
                 self._lookup[rid] = (i, bool(is_async), num_computed_tokens)
                 return n, is_async
         return 0, False
+
+    def _longest_hit(self, request: RequestView, num_computed_tokens: int) -> tuple[int | None, bool]:
+        rid = request.request_id
+        best, best_async, owner, later = 0, False, -1, False
+        for i, c in enumerate(self.children):
+            try:
+                n, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
+            except ConfigError:
+                raise
+            except Exception:
+                self._failed(i, "get_num_new_matched_tokens", rid)
+                continue
+            if n is None:
+                later = True
+            elif n > best:
+                best, best_async, owner = n, bool(is_async), i
+        if later:
+            return None, False
+        if owner >= 0:
+            self._lookup[rid] = (owner, best_async, num_computed_tokens)
+        return best, best_async
 
     def update_state_after_alloc(
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int

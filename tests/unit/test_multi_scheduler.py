@@ -351,3 +351,36 @@ def test_step_metadata_survives_pickling():
     meta = s.build_step_metadata(StepView())
     assert pickle.loads(pickle.dumps(meta)) == meta
     assert meta.loads["q"].blocks == (3,) and meta.deferred == {"r": (0,)}
+
+
+# -- load rule "longest" --------------------------------------------------------------------------
+
+
+def test_longest_rule_gives_the_load_to_the_longest_hit():
+    a, b = FakeScheduler("a", default_hit=64), FakeScheduler("b", default_hit=1280)
+    s = MultiScheduler.from_children([a, b], ENGINE, ["a", "b"], load_rule="longest")
+    assert s.get_num_new_matched_tokens(request("r"), 0) == (1280, True)
+    s.update_state_after_alloc(request("r"), ([1, 2],), 1280)
+    assert a.calls_to("update_state_after_alloc")[-1][-1] == 0
+    assert b.calls_to("update_state_after_alloc")[-1][-1] == 1280
+
+
+def test_longest_rule_keeps_the_earlier_child_on_a_tie():
+    a, b = FakeScheduler("a", default_hit=64, is_async=False), FakeScheduler("b", default_hit=64)
+    s = MultiScheduler.from_children([a, b], ENGINE, ["a", "b"], load_rule="longest")
+    assert s.get_num_new_matched_tokens(request("r"), 0) == (64, False)
+
+
+def test_longest_rule_waits_for_a_child_that_asks_again_later():
+    a, b = FakeScheduler("a", default_hit=64), FakeScheduler("b", default_hit=None)
+    s = MultiScheduler.from_children([a, b], ENGINE, ["a", "b"], load_rule="longest")
+    assert s.get_num_new_matched_tokens(request("r"), 0) == (None, False)
+
+
+def test_first_rule_is_the_default_and_load_rule_parses_from_the_config():
+    assert parse_config({"backends": [{"backend": "nixl"}]}).load_rule == "first"
+    cfg = parse_config({"load_rule": "longest", "backends": [
+        {"backend": "cpu_offload", "cpu_bytes_to_use": 1 << 20}, {"backend": "nixl"}]})
+    assert cfg.load_rule == "longest"
+    with pytest.raises(ConfigError, match="load_rule"):
+        parse_config({"load_rule": "biggest", "backends": [{"backend": "nixl"}]})

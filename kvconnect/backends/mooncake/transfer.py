@@ -1,0 +1,270 @@
+"""The worker's store I/O: jobs, the threads that run them, and the put / get of one job.
+
+Every Mooncake call blocks (measured: a dead master makes a put or get return an error after about
+4 s, a stopped memory holder holds a get for 13-60 s), so no call runs on the engine thread.
+Each :class:`Lane` is one thread with a queue; the worker keeps one for loads and one for stores,
+so a slow store never delays a load. A job carries its deadline: the worker reports a load that
+ran past it as failed without waiting for it, and a job that reaches the front of its queue after
+its deadline is failed without a call.
+
+Per job, in batches of ``batch_objects`` objects:
+
+* **store**: one existence query, then checksum and header of each missing block, then
+  ``batch_put_from_multi_buffers`` straight from the engine's blocks. A failed put is counted;
+  nothing is retried (the next request with the prefix stores it again).
+* **load**: ``batch_get_into_multi_buffers`` straight into the engine's blocks, then each object is
+  verified in chain order (length, header, checksum). The first object that is missing or fails
+  ends the load there: the blocks before it are good, the rest are reported invalid. An object
+  that fails verification is removed from the store so that a later store can replace it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvconnect.backends.mooncake import objects as ob
+from kvconnect.backends.mooncake.store import RPC_FAIL, TRANSFER_FAIL, SharedStore
+
+logger = logging.getLogger(__name__)
+
+
+class _StoreDown(Exception):
+    """A batch cannot be stored because the store did not answer."""
+
+
+@dataclass(eq=False)
+class Job:
+    kind: str  # "load" or "save"
+    request_id: str
+    block_ids: list[int]
+    keys: list[bytes]
+    deadline: float
+    #: Leading blocks loaded and verified (loads), or stored / already present (saves).
+    good: int = 0
+    error: str | None = None
+    done: bool = False
+    #: The engine was told about this load already (it ran past its deadline).
+    reported: bool = False
+    nbytes: int = 0
+    seconds: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, v: float = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + v
+
+
+class Lane:
+    """One I/O thread running jobs in order; finished jobs wait in ``done`` for the engine."""
+
+    def __init__(self, name: str, run: Callable[[Job], None]) -> None:
+        self._run = run
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self.done: collections.deque[Job] = collections.deque()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._q.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            t0 = time.monotonic()
+            if t0 > job.deadline:
+                job.error = "deadline passed while queued (the store is slow or down)"
+                job.add("deadline_misses")
+            else:
+                try:
+                    self._run(job)
+                except Exception as e:  # a bug or a library error must not kill the lane
+                    logger.exception("mooncake: %s job for %s raised", job.kind, job.request_id)
+                    job.error = f"{type(e).__name__}: {e}"
+            job.seconds = time.monotonic() - t0
+            job.done = True
+            self.done.append(job)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout_s)
+
+
+class StoreIO:
+    """Put and get of jobs against one rank's KV caches."""
+
+    def __init__(self, shared: SharedStore, blocks: ob.BlockObjects, prefix: str, layout: bytes,
+                 batch_objects: int) -> None:
+        self.sh = shared
+        self.store = shared.store
+        self.blocks = blocks
+        self.prefix = prefix
+        self.layout = layout
+        self.batch = batch_objects
+        self.payload = blocks.payload_bytes
+        self.object_bytes = self.payload + ob.HEADER_BYTES
+        # Per lane (lanes run concurrently): header buffers for two batches (one in flight, one
+        # being prepared or verified) and a helper thread for checksum work.
+        self._headers = {k: ob.HeaderPool(2 * batch_objects) for k in ("load", "save")}
+        self._pools = {k: ThreadPoolExecutor(1, thread_name_prefix=f"kvc-mooncake-crc-{k}")
+                       for k in ("load", "save")}
+        for hp in self._headers.values():
+            shared.register(hp.base, hp.nbytes)
+
+    def _key(self, k: bytes) -> str:
+        return self.prefix + k.hex()
+
+    def _buffers(self, kind: str, block_ids: list[int], half: int) -> tuple[list[list[int]], list[list[int]]]:
+        hp = self._headers[kind]
+        ptrs, sizes = [], []
+        for i, b in enumerate(block_ids):
+            p, s = self.blocks.runs(b)
+            p.append(hp.ptr(half * self.batch + i))
+            s.append(ob.HEADER_BYTES)
+            ptrs.append(p)
+            sizes.append(s)
+        return ptrs, sizes
+
+    def _store_failed(self, codes: list[int], what: str) -> None:
+        if any(c in (RPC_FAIL, TRANSFER_FAIL) for c in codes):
+            self.sh.health.failed(f"{what} returned {sorted(set(codes))[:3]}")
+
+    # -- save -------------------------------------------------------------------------------------
+    def _prepare_save(self, job: Job, lo: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+        """Existence query, then buffers, checksum and header of each missing block of one batch."""
+        keys = [self._key(k) for k in job.keys[lo : lo + self.batch]]
+        blocks = job.block_ids[lo : lo + self.batch]
+        exist = self.store.batch_is_exist(keys)
+        if any(e < 0 for e in exist):
+            self._store_failed(list(exist), "batch_is_exist")
+            raise _StoreDown(f"existence query failed ({min(exist)})")
+        todo = [i for i, e in enumerate(exist) if e != 1]
+        job.add("objects_present", len(keys) - len(todo))
+        hp = self._headers["save"]
+        ptrs, sizes = self._buffers("save", [blocks[i] for i in todo], half)
+        for j, i in enumerate(todo):
+            crc = ob.checksum_of(ptrs[j][:-1], sizes[j][:-1])
+            ob.pack_header(hp.array[half * self.batch + j], self.payload, crc, self.layout, job.keys[lo + i])
+        return [keys[i] for i in todo], ptrs, sizes
+
+    def save(self, job: Job) -> None:
+        """Batch k+1 is prepared (existence, checksum) on the helper thread while batch k is put."""
+        starts = list(range(0, len(job.keys), self.batch))
+        if not starts:
+            return
+        nxt = self._pools["save"].submit(self._prepare_save, job, starts[0], 0)
+        for n, lo in enumerate(starts):
+            try:
+                keys, ptrs, sizes = nxt.result()
+            except _StoreDown as e:
+                job.error = str(e)
+                job.add("saves_dropped", len(job.keys) - lo)
+                return
+            if n + 1 < len(starts):
+                nxt = self._pools["save"].submit(self._prepare_save, job, starts[n + 1], (n + 1) % 2)
+            if time.monotonic() > job.deadline:
+                job.error = "deadline passed"
+                job.add("deadline_misses")
+                break
+            if keys:
+                codes = self.store.batch_put_from_multi_buffers(keys, ptrs, sizes, self.sh.replicate)
+                bad = [c for c in codes if c != 0]
+                if bad:
+                    self._store_failed(bad, "batch_put_from_multi_buffers")
+                    job.add("put_failures", len(bad))
+                    job.error = f"{len(bad)} of {len(keys)} puts failed (code {bad[0]})"
+                    break
+                self.sh.health.ok()
+                job.nbytes += len(keys) * self.object_bytes
+                job.add("objects_stored", len(keys))
+            job.good = min(len(job.keys), lo + self.batch)
+        with contextlib.suppress(Exception):
+            nxt.result()  # never leave the helper writing a header half the next job reuses
+
+    # -- load -------------------------------------------------------------------------------------
+    def _verify(self, job: Job, lo: int, half: int, got: list[int],
+                ptrs: list[list[int]], sizes: list[list[int]]) -> tuple[int, str | None]:
+        """Verified blocks of one fetched batch, in order, and why the first bad one is bad."""
+        hp = self._headers["load"]
+        bkeys = job.keys[lo : lo + self.batch]
+        for j, n in enumerate(got):
+            why = ""
+            if n != self.object_bytes:
+                why = f"object missing or of another size (get returned {n})"
+                self._store_failed([n], "batch_get_into_multi_buffers")
+                job.add("objects_missing")
+            else:
+                crc, why = ob.check_header(hp.array[half * self.batch + j], self.payload, self.layout, bkeys[j])
+                if crc is not None and ob.checksum_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
+                    why = "checksum mismatch"
+                if why:
+                    job.add("objects_corrupt")
+                    self._remove(bkeys[j])
+            if why:
+                return j, f"block {lo + j} of {len(job.keys)}: {why}"
+        return len(got), None
+
+    def load(self, job: Job) -> None:
+        """Batch k+1 is fetched while batch k is verified on the helper thread."""
+        pending = None  # (lo, future of _verify)
+
+        def settle() -> bool:
+            lo, fut = pending
+            ok, why = fut.result()
+            job.good = lo + ok
+            job.nbytes += ok * self.object_bytes
+            if why is not None:
+                job.error = why
+                return False
+            return True
+
+        for n, lo in enumerate(range(0, len(job.keys), self.batch)):
+            if time.monotonic() > job.deadline:
+                job.error = "deadline passed"
+                job.add("deadline_misses")
+                break
+            half = n % 2
+            bkeys = job.keys[lo : lo + self.batch]
+            ptrs, sizes = self._buffers("load", job.block_ids[lo : lo + self.batch], half)
+            got = self.store.batch_get_into_multi_buffers([self._key(k) for k in bkeys], ptrs, sizes)
+            if pending is not None and not settle():
+                pending = None
+                break
+            pending = (lo, self._pools["load"].submit(self._verify, job, lo, half, list(got), ptrs, sizes))
+        if pending is not None and settle():
+            self.sh.health.ok()
+
+    def _remove(self, key: bytes) -> None:
+        try:
+            self.store.batch_remove([self._key(key)], True)
+        except Exception:
+            logger.debug("mooncake: removing a bad object failed", exc_info=True)
+
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)
+
+
+def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching ``(ptr, size)`` ranges merged (layers may share one allocation)."""
+    out: list[list[int]] = []
+    for p, n in sorted(ranges):
+        if out and p <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], p + n - out[-1][0])
+        else:
+            out.append([p, n])
+    return [(p, n) for p, n in out]
+
+
+def run_job(io: StoreIO) -> Callable[[Job], Any]:
+    return lambda job: io.load(job) if job.kind == "load" else io.save(job)

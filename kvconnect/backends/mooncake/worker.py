@@ -1,0 +1,199 @@
+"""Worker half of the shared tier: registers the rank's KV memory with the store and runs the
+loads and stores the scheduler half plans, off the engine thread (:mod:`transfer`).
+
+Reporting, per request:
+
+* a load that verified every block: ``finished_recving``;
+* a load that ended early (an object missing, evicted, corrupt) or ran past ``load_timeout_s``:
+  ``finished_recving`` with the blocks from the first bad one on in ``invalid_block_ids``; vLLM
+  then keeps the good prefix and recomputes the rest (``kv_load_failure_policy=recompute``) or
+  fails the request (``fail``). A load past its deadline is reported at the deadline; its
+  request's blocks stay held (``finished_sending`` waits) until the store call returns, so a late
+  write never lands in blocks the engine gave to someone else;
+* ``finished_sending`` once the request is closed and every job issued for it has returned;
+  ``failed_sending`` too when a store of it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
+from kvconnect.backends.mooncake import keys as ks
+from kvconnect.backends.mooncake import objects as ob
+from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata
+from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
+from kvconnect.backends.mooncake.transfer import Job, Lane, StoreIO, merged_ranges, run_job
+from kvconnect.config import MooncakeConfig, validate_mooncake
+from kvconnect.errors import LayoutError
+from kvconnect.layout import KVLayout
+from kvconnect.metadata import decode
+
+logger = logging.getLogger(__name__)
+
+
+class MooncakeWorker(WorkerConnector):
+    supports_hybrid = False
+
+    def __init__(self, config: MooncakeConfig, engine: EngineInfo,
+                 store_factory: Callable[[], Any] | None = None) -> None:
+        validate_mooncake(config)
+        self.cfg = config
+        self.engine = engine
+        self._shared: SharedStore = shared_store(config, store_factory)
+        self.io: StoreIO | None = None
+        self.layout = b""
+        self._lanes: dict[str, Lane] = {}
+        self._meta: MooncakeStepMetadata | None = None
+        self._inflight: dict[str, list[Job]] = {}
+        self._closed: set[str] = set()
+        self._save_failed: set[str] = set()
+        self._out = TransferResults()
+        self._stats: dict[str, float] = {}
+
+    # -- registration ---------------------------------------------------------------------------
+    def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
+        if not caches:
+            raise LayoutError("mooncake: register_kv_caches got no layers")
+        if len({lay.group for _, lay in caches.values()}) > 1:
+            raise LayoutError("mooncake: layers span several KV-cache groups; this backend supports "
+                              "one group only (supports_hybrid=False)")
+        runs = []
+        for name, (t, lay) in caches.items():
+            if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
+                raise LayoutError(f"mooncake: layer {name}: tensor {tuple(t.shape)} does not match its layout")
+            runs.append(ob.layer_runs(t, lay))
+        blocks = ob.BlockObjects(runs)
+        for ptr, size in merged_ranges([(t.data_ptr(), lay.span_bytes) for t, lay in caches.values()]):
+            self._shared.register(ptr, size)
+        self.layout = ks.layout_digest(ob.layout_parts(caches))
+        ns = ks.namespace(self.cfg, self.engine)
+        prefix = ks.rank_prefix(ns, self.layout, self.engine.tp_size, self.engine.tp_rank)
+        self.io = StoreIO(self._shared, blocks, prefix, self.layout, self.cfg.batch_objects)
+        job = run_job(self.io)
+        self._lanes = {k: Lane(f"kvc-mooncake-{k}", job) for k in ("load", "save")}
+        logger.info("mooncake: rank %d registered %d blocks of %d bytes (keys %s...)",
+                    self.engine.tp_rank, blocks.num_blocks, blocks.payload_bytes, prefix)
+
+    def get_handshake_metadata(self) -> MooncakeHandshake | None:
+        if self.io is None:
+            return None
+        return MooncakeHandshake(tp_rank=self.engine.tp_rank, layout=self.layout,
+                                 object_bytes=self.io.object_bytes)
+
+    # -- per step ---------------------------------------------------------------------------------
+    def bind_step_metadata(self, metadata: Any) -> None:
+        if isinstance(metadata, (bytes, bytearray, memoryview)):
+            metadata = decode(bytes(metadata), MooncakeStepMetadata, what="mooncake step metadata")
+        if not isinstance(metadata, MooncakeStepMetadata):
+            raise TypeError(f"mooncake: unexpected step metadata {type(metadata).__name__}")
+        self._meta = metadata
+        self._closed.update(metadata.closed)
+
+    def clear_step_metadata(self) -> None:
+        self._meta = None
+
+    def _submit(self, kind: str, request_id: str, block_ids: list[int], keys: list[bytes],
+                error: str | None = None) -> None:
+        timeout = self.cfg.load_timeout_s if kind == "load" else self.cfg.store_timeout_s
+        job = Job(kind, request_id, list(block_ids), list(keys), time.monotonic() + timeout)
+        if error is None and self.io is None:
+            error = "KV caches were never registered"
+        if error is None and kind == "save" and not self._shared.health.usable():
+            error = "store unavailable"
+            job.add("saves_dropped", len(keys))
+        if error is None and len(block_ids) != len(keys):
+            error = "block and key lists differ in length"
+        if error is None and self.io is not None:
+            nb = self.io.blocks.num_blocks
+            if any(not 0 <= b < nb for b in block_ids):
+                error = f"block id outside [0, {nb})"
+        if error is not None:
+            job.error, job.done = error, True
+            self._complete(job)
+            return
+        self._inflight.setdefault(request_id, []).append(job)
+        self._lanes[kind].submit(job)
+
+    def start_load_kv(self) -> None:
+        meta = self._meta
+        if meta is None:
+            return
+        for ld in meta.loads:
+            self._submit("load", ld.request_id, ld.block_ids, ld.keys, ld.error)
+        for sv in meta.saves:
+            self._submit("save", sv.request_id, sv.block_ids, sv.keys)
+
+    # -- results ----------------------------------------------------------------------------------
+    def _report_load(self, job: Job) -> None:
+        job.reported = True
+        self._out.finished_recving.add(job.request_id)
+        if job.error is not None:
+            bad = job.block_ids[job.good :]
+            self._out.invalid_block_ids.update(bad)
+            logger.warning("mooncake: load for %s ended after %d of %d blocks: %s", job.request_id,
+                           job.good, len(job.block_ids), job.error)
+            self._add("load_failures", 1)
+
+    def _complete(self, job: Job) -> None:
+        for k, v in job.stats.items():
+            self._add(k, v)
+        if job.kind == "load":
+            if job.good:
+                self._add("load_blocks", job.good)
+                self._add("load_bytes", job.nbytes)
+                self._add("load_seconds", job.seconds)
+            if not job.reported:
+                self._report_load(job)
+        else:
+            self._add("save_bytes", job.nbytes)
+            self._add("save_seconds", job.seconds)
+            if job.error is not None:
+                self._add("save_failures", 1)
+                self._save_failed.add(job.request_id)
+                logger.info("mooncake: store for %s dropped: %s", job.request_id, job.error)
+        lst = self._inflight.get(job.request_id)
+        if lst is not None:
+            lst[:] = [j for j in lst if j is not job]
+            if not lst:
+                del self._inflight[job.request_id]
+
+    def _add(self, key: str, v: float) -> None:
+        self._stats[key] = self._stats.get(key, 0) + v
+
+    def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:
+        for lane in self._lanes.values():
+            while lane.done:
+                self._complete(lane.done.popleft())
+        now = time.monotonic()
+        for jobs in self._inflight.values():
+            for job in jobs:
+                if job.kind == "load" and not job.reported and now > job.deadline:
+                    job.error = job.error or f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
+                    job.good = 0  # what landed so far is not verified
+                    self._add("deadline_misses", 1)
+                    self._report_load(job)
+        out, self._out = self._out, TransferResults()
+        for rid in list(self._closed):
+            if rid not in self._inflight:
+                self._closed.discard(rid)
+                out.finished_sending.add(rid)
+                if rid in self._save_failed:
+                    self._save_failed.discard(rid)
+                    out.failed_sending.add(rid)
+        if self._stats:
+            out.stats, self._stats = self._stats, {}
+        return out
+
+    def shutdown(self) -> None:
+        for lane in self._lanes.values():
+            lane.close()
+        self._lanes = {}
+        if self.io is not None:
+            self.io.close()
+        release_store(self._shared)
