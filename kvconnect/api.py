@@ -36,6 +36,9 @@ Scheduler half, in the order an engine calls it for one request
     ``finished_sending``; ``transfer_params`` go back to the client/router (P/D).
 ``update_worker_output(results)``
     The aggregated :class:`TransferResults` of all workers for one step.
+``take_events()``, ``get_gauges()``
+    Once per step, after the worker output: KV cache events of a storage tier
+    (:mod:`kvconnect.events`), and levels such as the blocks and bytes a tier holds.
 
 Worker half, in the order an engine calls it for one step
 ---------------------------------------------------------
@@ -174,6 +177,9 @@ class EngineInfo:
     num_kv_heads: int = 0
     #: Layer names of each KV-cache group, in group order.
     layer_groups: tuple[tuple[str, ...], ...] = ()
+    #: The engine publishes KV cache events: storage tiers report what they hold
+    #: (:meth:`SchedulerConnector.take_events`).
+    kv_events: bool = False
 
     @property
     def block_size(self) -> int:
@@ -228,6 +234,17 @@ class SchedulerConnector(abc.ABC):
         return None
 
     def get_stats(self) -> dict[str, Any]:
+        return {}
+
+    def take_events(self) -> list[Any]:
+        """KV cache events (:mod:`kvconnect.events`) recorded since the last call: blocks that
+        landed in or left a storage tier. Called once per engine step; empty when the engine
+        publishes no events (``EngineInfo.kv_events``) or the backend stores nothing."""
+        return []
+
+    def get_gauges(self) -> dict[str, Any]:
+        """Current levels (e.g. ``held_blocks``, ``held_bytes`` of a storage tier; a composition
+        keys them by child name); cheap, called once per engine step."""
         return {}
 
     def shutdown(self) -> None:

@@ -100,6 +100,11 @@ class VllmRequestView(RequestView):
     def num_prompt_tokens(self) -> int:
         return self._r.num_prompt_tokens  # every vLLM Request sets it (prompt embeds too)
 
+    @property
+    def engine_request(self) -> Any:
+        """vLLM's ``Request`` (the adapter's KV-event builder reads LoRA and extra keys from it)."""
+        return self._r
+
 
 def block_ids_of(blocks: Any) -> tuple[list[int], ...]:
     """vLLM ``KVCacheBlocks`` (or a ready tuple of per-group lists) to per-group id lists."""
@@ -333,6 +338,7 @@ def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> Eng
         kv_bytes_per_block=bytes_per_block,
         num_kv_heads=int(model.get_total_num_kv_heads()),
         layer_groups=tuple(tuple(g.layer_names) for g in groups),
+        kv_events=bool(getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False)),
     )
 
 

@@ -67,6 +67,7 @@ class OffloadEngine:
     num_layers: int = 2
     tp_size: int = 1
     use_hint: bool = False
+    kv_events: bool = False
     requests: dict[str, SimRequest] = field(default_factory=dict)
     results: list[TransferResults] = field(default_factory=list)
 
@@ -84,7 +85,7 @@ class OffloadEngine:
         sig = {"kv_bytes_per_block": per_block} if self.use_hint else {}
         self.infos = [
             EngineInfo("sim", tp_size=self.tp_size, tp_rank=r, block_sizes=(self.block_size,),
-                       model_signature=sig)
+                       model_signature=sig, kv_events=self.kv_events)
             for r in range(self.tp_size)
         ]
         self.sched = CpuOffloadScheduler(self.config, self.infos[0])
