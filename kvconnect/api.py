@@ -202,6 +202,14 @@ class SchedulerConnector(abc.ABC):
     #: The one object ``build_step_metadata`` returns for every step with nothing to send, if it
     #: has one (P/D): an engine adapter may wrap it once instead of every step.
     empty_step_metadata: Any = None
+    #: The cache tier this backend's loads come from, in vLLM's cache-hit-source words (``host``,
+    #: ``p2p``, ``disk``); None: unspecified.
+    hit_source: str | None = None
+
+    def hit_source_of(self, request_id: str) -> str | None:
+        """The tier supplying ``request_id``'s external tokens (asked right after
+        ``update_state_after_alloc`` accepted some)."""
+        return self.hit_source
 
     @abc.abstractmethod
     def get_num_new_matched_tokens(

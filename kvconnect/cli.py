@@ -49,6 +49,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from kvconnect.top import main as top_main
+
+    return top_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="kvconnect",
@@ -68,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="P/D on this CPU with a tiny model, side by side with one instance")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_cmd_demo)
-    # Flags after `bench NAME` / `demo` belong to that command, not to this parser.
+    t = sub.add_parser("top", help="live view of running servers from their /metrics (--once: one snapshot)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=_cmd_top)
+    # Flags after `bench NAME` / `demo` / `top` belong to that command, not to this parser.
     args, extra = p.parse_known_args(argv)
     if extra:
-        if getattr(args, "cmd", None) not in ("bench", "demo"):
+        if getattr(args, "cmd", None) not in ("bench", "demo", "top"):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.rest = list(args.rest or []) + extra
     if args.version:

@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
     SupportsHMA,
 )
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvconnect.adapters import vllm_translate as tr
 from kvconnect.adapters.vllm_events import to_vllm_events
@@ -232,6 +233,16 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
             if not params or not params.get(key):
                 return 0, False
         return self._sched.get_num_new_matched_tokens(tr.VllmRequestView(request, False), num_computed_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        if num_external_tokens <= 0:
+            return {}
+        src = self._sched.hit_source_of(request.request_id)
+        try:
+            source = CacheHitSource(src) if src else CacheHitSource.EXTERNAL_UNSPECIFIED
+        except ValueError:
+            source = CacheHitSource.EXTERNAL_UNSPECIFIED
+        return {source: num_external_tokens}
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         key = self._load_key

@@ -116,6 +116,8 @@ class MultiScheduler(SchedulerConnector):
         self._new_deferred: dict[str, tuple[int, ...]] = {}
         self._new_loads: dict[str, LoadNote] = {}
         self._errors = dict.fromkeys(names, 0)
+        #: (request, owner) of the latest allocation notice with external tokens.
+        self._last_owner: tuple[str, int] | None = None
 
     @property  # type: ignore[override]
     def supports_hybrid(self) -> bool:
@@ -175,6 +177,7 @@ class MultiScheduler(SchedulerConnector):
         if lookup is None or num_external_tokens <= 0:
             return
         i, is_async, num_computed = lookup
+        self._last_owner = (rid, i)
         blocks = external_blocks(block_ids, self.engine.block_sizes, num_computed, num_external_tokens)
         note = LoadNote(child=i, is_async=is_async, blocks=blocks, failed=owner == -2)
         self._new_loads[rid] = note
@@ -326,6 +329,12 @@ class MultiScheduler(SchedulerConnector):
                 s["multi_child_errors"] = self._errors[name]
             out[name] = s
         return out
+
+    def hit_source_of(self, request_id: str) -> str | None:
+        last = self._last_owner
+        if last is None or last[0] != request_id:
+            return None
+        return self.children[last[1]].hit_source_of(request_id)
 
     def take_events(self) -> list[Any]:
         out: list[Any] = []

@@ -109,3 +109,38 @@ def test_a_composition_publishes_the_cpu_childs_events(env):
     tier.dropped([b"k0"])
     kinds = [type(e).__name__ for e in conn.take_events()]
     assert kinds == ["BlockStored", "BlockRemoved"]
+
+
+def test_hits_are_attributed_to_the_tier_that_served_them(env):
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    conn = _connector(env, {"backend": "cpu_offload", "cpu_bytes_to_use": 64 * env.bytes_per_block}, events=False)
+    req = _request(env, "r5", 2 * BS)
+    assert conn.get_external_cache_hit_sources(req, 32) == {CacheHitSource.HOST: 32}
+    assert conn.get_external_cache_hit_sources(req, 0) == {}
+
+
+def test_a_composition_names_the_source_of_the_child_that_owns_the_load():
+    from kvconnect.api import EngineInfo, RequestView, SchedulerConnector
+    from kvconnect.multi import MultiScheduler
+
+    class Child(SchedulerConnector):
+        def __init__(self, hit: int, source: str) -> None:
+            self.hit, self.hit_source = hit, source
+
+        def get_num_new_matched_tokens(self, request, num_computed_tokens):
+            return self.hit, self.hit > 0
+
+        def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+            return None
+
+        def build_step_metadata(self, step):
+            return None
+
+    m = MultiScheduler.from_children([Child(0, "p2p"), Child(32, "host")], EngineInfo("e", block_sizes=(16,)),
+                                     names=["nixl", "cpu_offload"])
+    view = RequestView("r", list(range(40)))
+    assert m.get_num_new_matched_tokens(view, 0) == (32, True)
+    m.update_state_after_alloc(view, [[1, 2, 3]], 32)
+    assert m.hit_source_of("r") == "host"
+    assert m.hit_source_of("other") is None

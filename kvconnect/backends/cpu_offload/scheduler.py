@@ -93,6 +93,7 @@ def known_kv_tokens(view: RequestView) -> int:
 
 class CpuOffloadScheduler(SchedulerConnector):
     supports_hybrid = False
+    hit_source = "host"
 
     def __init__(self, config: CpuOffloadConfig, engine: EngineInfo) -> None:
         sizing.validate(config)
