@@ -18,7 +18,8 @@ same scripted request lifecycle by a small engine model that calls it in vLLM's 
 * finish (``FINISHED_LENGTH_CAPPED``): ``request_finished_all_groups`` (``request_finished`` for a
   connector without HMA support), blocks kept while the connector defers;
 * ``update_connector_output`` with a real ``KVConnectorOutput``: loads reported received and
-  deferred sends/stores reported sent a fixed number of steps later.
+  deferred sends/stores reported sent a fixed number of steps later; then, as vLLM's scheduler does
+  every step, ``get_kv_connector_stats`` and ``take_events`` (timed with the output phase).
 
 Requests are real vLLM ``Request`` objects; their block hashes are computed by vLLM's own block
 hasher (prompt hashes once per request spec, output blocks as tokens are appended). Each connector
@@ -470,6 +471,10 @@ class Engine:
                                     kv_connector_worker_meta=_aggregate(wmeta))
             t0 = pc()
             conn.update_connector_output(out)
+            # vLLM's scheduler asks every connector for its stats and KV cache events right after
+            # (scheduler.update_from_output), every step
+            conn.get_kv_connector_stats()
+            conn.take_events()
             t["output"] += pc() - t0
             collect_between_steps()
             if self.steps > 100_000:
