@@ -49,13 +49,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
-def _cmd_top(args: argparse.Namespace) -> int:
-    from kvconnect.top import main as top_main
-
-    return top_main(args.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["top"]:
+        # Its own parser takes every argument in place (options may come before the URLs).
+        from kvconnect.top import main as top_main
+
+        return top_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="kvconnect",
         description="One KV-cache connector for vLLM and SGLang: NIXL/MoRI P/D transfer, CPU offload, composed.",
@@ -74,14 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="P/D on this CPU with a tiny model, side by side with one instance")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_cmd_demo)
-    t = sub.add_parser("top", help="live view of running servers from their /metrics (--once: one snapshot)",
-                       add_help=False)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(fn=_cmd_top)
-    # Flags after `bench NAME` / `demo` / `top` belong to that command, not to this parser.
+    sub.add_parser("top", help="live view of running servers from their /metrics (--once: one snapshot)")
+    # Flags after `bench NAME` / `demo` belong to that command, not to this parser.
     args, extra = p.parse_known_args(argv)
     if extra:
-        if getattr(args, "cmd", None) not in ("bench", "demo", "top"):
+        if getattr(args, "cmd", None) not in ("bench", "demo"):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.rest = list(args.rest or []) + extra
     if args.version:

@@ -123,14 +123,19 @@ def parse(text: str, t: float | None = None) -> Snapshot:
     return snap
 
 
-def failures(snap: Snapshot) -> dict[str, float]:
-    """backend -> failures counted by its kvconnect counters."""
-    out: dict[str, float] = {}
+def failures(snap: Snapshot) -> dict[str, dict[str, float]]:
+    """backend -> its failure counters (stat name -> value)."""
+    out: dict[str, dict[str, float]] = {}
     for stat, v in snap.counters.items():
         backend, _, name = stat.partition(".")
         if name.endswith(FAILURE_SUFFIXES):
-            out[backend] = out.get(backend, 0.0) + v
+            out.setdefault(backend, {})[name] = v
     return out
+
+
+def _of_direction(name: str, direction: str) -> bool:
+    """``load_failures`` / ``loads_failed`` are the ``load`` row's; ``store_failures`` the store row's."""
+    return name.split("_", 1)[0].rstrip("s") == direction
 
 
 def _ms(x: float | None) -> str:
@@ -171,10 +176,15 @@ def render_server(url: str, cur: Snapshot, prev: Snapshot | None) -> list[str]:
         rate = f"{(h.count - old.count) / dt:.1f}" if old is not None and dt > 0 else "-"
         moved = cur.nbytes.get((b, d), 0.0) - (prev.nbytes.get((b, d), 0.0) if prev else 0.0)
         mibs = f"{moved / dt / 2**20:.1f}" if prev is not None and dt > 0 else "-"
+        row_fails = sum(v for n, v in fails.get(b, {}).items() if _of_direction(n, d))
         lines.append(f"  {b:<14}{d:<7}{h.count:>10.0f}{rate:>8}{_ms(window.quantile(0.5)):>9}"
-                     f"{_ms(window.quantile(0.99)):>9}{mibs:>9}{fails.get(b, 0.0):>10.0f}")
+                     f"{_ms(window.quantile(0.99)):>9}{mibs:>9}{row_fails:>10.0f}")
     if not cur.seconds:
         lines.append("  (no kvconnect transfer histograms on this server)")
+    other = [f"{b}.{n} {v:.0f}" for b, fs in sorted(fails.items()) for n, v in sorted(fs.items())
+             if v > 0 and not any(_of_direction(n, d) for bb, d in cur.seconds if bb == b)]
+    if other:
+        lines.append("  other failures: " + "  ".join(other))
     return lines
 
 

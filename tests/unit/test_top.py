@@ -67,7 +67,7 @@ def test_parse_reads_counters_histograms_gauges_and_hits():
     assert s.nbytes[("cpu_offload", "load")] == 4 * 393216
     assert s.gauges[("cpu_offload", "held_blocks")] == 12
     assert s.hits == {"device": 640, "host": 384, "p2p": 0}
-    assert failures(s) == {"cpu_offload": 1}  # key_mismatches 1, load_failures 0
+    assert failures(s) == {"cpu_offload": {"load_failures": 0, "key_mismatches": 1}}
 
 
 def test_without_hits_by_source_the_device_and_external_counters_are_shown():
@@ -93,7 +93,14 @@ def test_view_shows_transfers_rates_and_percentiles_of_the_last_interval():
     # the 4 new loads all fell in (0.01, 0.1]: P50 is inside that bucket, not the old fast ones
     assert 10.0 < float(cols[4]) < 100.0
     assert "cpu_offload holds 12/12 blocks" in out
+    assert "other failures: cpu_offload.key_mismatches 1" in out
     assert "device 640  host 384" in out and "p2p" not in out  # tiers that served nothing are left out
+
+
+def test_failures_are_shown_on_their_directions_row():
+    out = render({"s": parse(metrics_text(4, {"0.01": 4}, load_fail=2), t=0.0)})
+    rows = {tuple(ln.split()[:2]): ln.split() for ln in out.splitlines() if ln.strip()}
+    assert rows[("cpu_offload", "load")][-1] == "2" and rows[("cpu_offload", "store")][-1] == "0"
 
 
 def test_once_prints_one_snapshot_and_fails_for_an_unreachable_server(capsys):
