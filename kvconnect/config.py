@@ -13,6 +13,7 @@ An unknown key is an error that names it and suggests the closest known key.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Literal, Union
@@ -203,8 +204,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:
             key, path = m.group(1), m.group(2) or "$"
             raise ConfigError(
                 f"unknown config key '{key}' at {path}" + _suggest(key, _fields_at(path, data))
-            ) from None
-        raise ConfigError(f"invalid config: {msg}") from None
+            ) from e
+        raise ConfigError(f"invalid config: {msg}") from e
     _validate(cfg)
     return cfg
 
@@ -223,8 +224,8 @@ def _validate(cfg: KVConnectConfig) -> None:
         if isinstance(b, PDConfig):
             for key in ("handshake_timeout_s", "transfer_timeout_s", "lease_timeout_s",
                         "poll_interval_s", "idle_poll_interval_s"):
-                if not getattr(b, key) > 0:
-                    raise ConfigError(f"{where}.{key} must be > 0, got {getattr(b, key)}")
+                if not 0 < getattr(b, key) < math.inf:  # a deadline of inf (or nan) is no deadline
+                    raise ConfigError(f"{where}.{key} must be > 0 and finite, got {getattr(b, key)}")
             if not 0 <= b.side_channel_port < 65536:
                 raise ConfigError(f"{where}.side_channel_port {b.side_channel_port} is not a TCP port")
         if isinstance(b, MoriConfig):

@@ -22,6 +22,11 @@ class HandshakeError(KVConnectError):
     """The side-channel exchange with a peer failed: unreachable, timed out, refused or garbled."""
 
 
+class PeerRefusedError(HandshakeError):
+    """The peer answered, refusing the request: it did not act on it (unlike a timeout, after
+    which the peer may or may not have)."""
+
+
 class CompatibilityError(HandshakeError):
     """The peer's model/layout compatibility hash differs from ours: its KV cannot be used."""
 

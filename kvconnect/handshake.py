@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from kvconnect.errors import HandshakeError, WireError
+from kvconnect.errors import HandshakeError, PeerRefusedError, WireError
 from kvconnect.metadata import decode, encode
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class SideChannelServer:
                 self.port = port
         except zmq.ZMQError as e:
             self._sock.close()
-            raise HandshakeError(f"side channel cannot listen on {host}:{port}: {e}") from None
+            raise HandshakeError(f"side channel cannot listen on {host}:{port}: {e}") from e
         self.host = host
         self.stats = {"requests": 0, "rejected_auth": 0, "rejected_garbage": 0, "handler_errors": 0}
         self._wake_addr = f"inproc://kvconnect-side-channel-{id(self)}-{os.getpid()}"
@@ -272,7 +272,7 @@ class SideChannelClient:
             sock.send(_sign(self._secret, Request(kind, nonce, body)), zmq.NOBLOCK)
         except zmq.ZMQError as e:
             self._drop(host, port)
-            raise HandshakeError(f"side channel {where}: cannot send {kind!r}: {e}") from None
+            raise HandshakeError(f"side channel {where}: cannot send {kind!r}: {e}") from e
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
@@ -286,11 +286,11 @@ class SideChannelClient:
                 reply = _open(self._secret, frame, Reply, f"reply from {where}")
             except (PermissionError, WireError) as e:
                 self._drop(host, port)
-                raise HandshakeError(f"side channel {where}: {e}") from None
+                raise HandshakeError(f"side channel {where}: {e}") from e
             if reply.nonce != nonce:
                 continue  # a late reply to an earlier request: skip it
             if not reply.ok:
-                raise HandshakeError(f"side channel {where} refused {kind!r}: {reply.error}")
+                raise PeerRefusedError(f"side channel {where} refused {kind!r}: {reply.error}")
             return reply.body
 
     def close(self) -> None:

@@ -42,9 +42,9 @@ def decode(data: bytes, type_: type[T], *, what: str, max_bytes: int = MAX_WIRE_
     try:
         return dec.decode(data)
     except msgspec.ValidationError as e:
-        raise WireError(f"{what}: {e}") from None
+        raise WireError(f"{what}: {e}") from e
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise WireError(f"{what}: not a valid message ({e})") from None
+        raise WireError(f"{what}: not a valid message ({e})") from e
 
 
 def convert(obj: Any, type_: type[T], *, what: str) -> T:
@@ -52,7 +52,7 @@ def convert(obj: Any, type_: type[T], *, what: str) -> T:
     try:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as e:
-        raise WireError(f"{what}: {e}") from None
+        raise WireError(f"{what}: {e}") from e
 
 
 def compat_hash(signature: Mapping[str, Any]) -> str:
@@ -62,29 +62,40 @@ def compat_hash(signature: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
+#: Bounds checked in C where a peer's bytes are decoded.
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(gt=0, lt=65536)]
+
+
 class LayerRegion(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One registered KV tensor as a peer sees it."""
 
     name: str
-    base_addr: int
+    base_addr: NonNegative
     dims: tuple[str, ...]
-    shape: tuple[int, ...]
+    shape: tuple[NonNegative, ...]
     strides: tuple[int, ...]
-    itemsize: int
+    itemsize: Positive
     dtype: str
-    group: int = 0
+    group: NonNegative = 0
+
+    def __post_init__(self) -> None:
+        if not len(self.dims) == len(self.shape) == len(self.strides):
+            raise ValueError(f"layer {self.name!r}: {len(self.dims)} dims, {len(self.shape)} sizes and "
+                             f"{len(self.strides)} strides")
 
 
 class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What a worker publishes about itself on the side channel."""
 
     engine_id: str
-    tp_rank: int
-    tp_size: int
+    tp_rank: NonNegative
+    tp_size: Positive
     #: :func:`compat_hash` of the model/layout signature; peers refuse a mismatch.
     compat_hash: str
     #: Tokens per block, per KV-cache group.
-    block_sizes: tuple[int, ...]
+    block_sizes: tuple[Positive, ...]
     layers: tuple[LayerRegion, ...]
     #: Which transport the opaque blob belongs to ("nixl", "mori").
     transport: str
@@ -93,6 +104,10 @@ class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     #: Transport-level name of this worker (NIXL agent name, MoRI engine key).
     agent_name: str
     kvconnect_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tp_rank >= self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} is not below tp_size {self.tp_size}")
 
 
 class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -110,7 +125,7 @@ class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True, gc=Fals
     #: and fails the load naming them (:func:`kvconnect.pd.plan`), so a pass here would repeat it.
     remote_block_ids: Any = None
     remote_host: str | None = None
-    remote_port: Annotated[int, msgspec.Meta(gt=0, lt=65536)] | None = None
+    remote_port: Port | None = None
     remote_request_id: str | None = None
     tp_size: int | None = None
     #: kvconnect extras (ignored by routers): producer block size and push-mode flag.
@@ -127,7 +142,7 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
     try:  # msgspec checks every field in C, ids and port ranges included
         p = msgspec.convert(params if type(params) is dict else dict(params), KVTransferParams)
     except msgspec.ValidationError as e:
-        raise WireError(f"kv_transfer_params: {e}") from None
+        raise WireError(f"kv_transfer_params: {e}") from e
     if p.do_remote_prefill:
         if p.remote_engine_id is None or p.remote_block_ids is None or p.remote_host is None or p.remote_port is None:
             missing = [k for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")

@@ -26,6 +26,7 @@ import numpy as np
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("UCX_LOG_LEVEL", "error")
+os.environ.setdefault("UCX_MODULES", "^efa")  # kvconnect.ucx_env: without it, a crash at exit on RDMA hosts
 
 POLL_S = 50e-6
 DEADLINE_S = 60.0

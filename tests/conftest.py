@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 
+from kvconnect.testing import environment
 from kvconnect.ucx_env import apply_ucx_defaults
 
 # NIXL/UCX read these themselves; set before any test imports nixl. kvconnect's own agents apply
@@ -14,6 +15,18 @@ from kvconnect.ucx_env import apply_ucx_defaults
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("UCX_LOG_LEVEL", "error")
 apply_ucx_defaults()
+
+pytest_plugins = ["pytester"]  # tests of the test machinery itself (the sweep's enforcement)
+
+
+def pytest_configure(config):
+    """In CI and under scripts/test.sh every tier must run: a package a tier imports that does not
+    import stops the session here, naming it, instead of letting that tier skip and exit 0."""
+    if environment.required() and not config.option.collectonly:
+        bad = environment.missing_modules()
+        if bad:
+            pytest.exit(environment.describe_missing(bad), returncode=pytest.ExitCode.USAGE_ERROR)
+
 
 _TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e", "gpu": "gpu"}
 

@@ -39,7 +39,7 @@ def load_nixl() -> tuple[Callable[..., Any], Callable[..., Any]]:
         try:
             from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[no-redef]
         except ImportError as e:
-            raise BackendUnavailableError(f"the nixl backend needs NIXL, which is not installed: {INSTALL_HINT} ({e})") from None
+            raise BackendUnavailableError(f"the nixl backend needs NIXL, which is not installed: {INSTALL_HINT} ({e})") from e
     return nixl_agent, nixl_agent_config
 
 
@@ -86,7 +86,7 @@ class NixlTransport(Transport):
         try:
             self._reg = self._agent.register_memory(rows, self._mem)
         except Exception as e:
-            raise TransferError(f"NIXL could not register {len(rows)} KV regions ({self._mem}): {e}") from None
+            raise TransferError(f"NIXL could not register {len(rows)} KV regions ({self._mem}): {e}") from e
         self._local_bases = np.asarray([a for a, _ in regions], dtype=np.int64)
 
     def metadata(self) -> bytes:
@@ -96,7 +96,7 @@ class NixlTransport(Transport):
         try:
             name = self._agent.add_remote_agent(metadata)
         except Exception as e:
-            raise HandshakeError(f"NIXL refused the peer's agent metadata: {type(e).__name__}: {e}") from None
+            raise HandshakeError(f"NIXL refused the peer's agent metadata: {type(e).__name__}: {e}") from e
         peer = name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
         self._peer_bases[peer] = np.asarray([a for a, _ in regions], dtype=np.int64)
         return peer
@@ -120,7 +120,7 @@ class NixlTransport(Transport):
         try:
             return self._agent.prep_xfer_dlist("NIXL_INIT_AGENT" if peer is None else peer, rows, self._mem)
         except Exception as e:
-            raise TransferError(f"NIXL could not prepare {len(rows)} descriptors for {peer or 'local'}: {e}") from None
+            raise TransferError(f"NIXL could not prepare {len(rows)} descriptors for {peer or 'local'}: {e}") from e
 
     def release_prepared(self, prepared: Any) -> None:
         self._agent.release_dlist_handle(prepared)
@@ -133,12 +133,12 @@ class NixlTransport(Transport):
                 skip_desc_merge=self._skip_merge,
             )
         except Exception as e:
-            raise TransferError(f"NIXL could not make a {op.value} with {peer}: {type(e).__name__}: {e}") from None
+            raise TransferError(f"NIXL could not make a {op.value} with {peer}: {type(e).__name__}: {e}") from e
         try:
             state = self._agent.transfer(h)
         except Exception as e:
             self.release(h)
-            raise TransferError(f"NIXL {op.value} with {peer} failed to start: {type(e).__name__}: {e}") from None
+            raise TransferError(f"NIXL {op.value} with {peer} failed to start: {type(e).__name__}: {e}") from e
         if state == "ERR":
             self.release(h)
             raise TransferError(f"NIXL {op.value} with {peer} failed to start")
@@ -166,7 +166,7 @@ class NixlTransport(Transport):
         try:
             self._agent.send_notif(peer, message)
         except Exception as e:
-            raise TransferError(f"NIXL could not notify {peer}: {type(e).__name__}: {e}") from None
+            raise TransferError(f"NIXL could not notify {peer}: {type(e).__name__}: {e}") from e
 
     def notifications(self) -> list[tuple[str, bytes]]:
         try:

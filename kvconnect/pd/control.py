@@ -51,7 +51,7 @@ class ControlThread:
                         try:
                             result = decode(reply, HandshakeMetadata, what=f"handshake metadata from {host}:{port}")
                         except WireError as e:
-                            raise HandshakeError(str(e)) from None
+                            raise HandshakeError(str(e)) from e
                     else:
                         result = reply
                 except KVConnectError as e:

@@ -140,7 +140,7 @@ class Peers:
             regions, placed = P.place_layers(meta.layers)
             P.check_heads(me.num_heads, meta.tp_size, meta.tp_rank, placed, f"peer {engine}")
         except LayoutError as e:
-            raise CompatibilityError(f"peer {where}: {e}") from None
+            raise CompatibilityError(f"peer {where}: {e}") from e
         peer.agent = self._t.add_peer(meta.transport_metadata, regions)
         for route in peer.routes.values():  # a re-handshake replaces stale prepared lists
             if route.remote is not None:

@@ -40,7 +40,7 @@ from typing import Any
 
 from kvconnect.api import TransferResults
 from kvconnect.config import PDConfig
-from kvconnect.errors import KVConnectError, LayoutError, TransferError, WireError
+from kvconnect.errors import KVConnectError, LayoutError, PeerRefusedError, TransferError, WireError
 from kvconnect.metadata import decode, encode
 from kvconnect.pd import checksums as C
 from kvconnect.pd import plan as P
@@ -73,6 +73,8 @@ class _Load:
     sums: dict[int, W.ChecksumReply] = field(default_factory=dict)
     #: every byte arrived; only the checksums are awaited
     arrived: bool = False
+    #: why the load failed, while transfers it posted are still settling (see ``_fail_load``)
+    failure: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -298,6 +300,8 @@ class ProgressLoop:
         if self._loads.get(rid) is not ld:
             return
         if err is not None:
+            if isinstance(err, PeerRefusedError):  # it will not write; after a timeout it still may
+                ld.awaiting.discard(rank)
             self._fail_load(rid, f"producer rank {rank} refused the write request: {err}")
             return
         ld.waiting.discard(rank)
@@ -370,14 +374,19 @@ class ProgressLoop:
             if st is Status.DONE:
                 ld.done_ranks.add(p)
             elif st is Status.FAILED:
-                self._fail_load(rid, f"read from producer rank {p} failed")
+                ld.done_ranks.add(p)  # settled: it moves no more bytes
+                ld.failure = ld.failure or f"read from producer rank {p} failed"
                 self._peers.forget(peer.key)
-                return
         if len(ld.done_ranks) == len(ld.handles):
-            self._arrived(rid)
+            if ld.failure is not None:  # every status must succeed, whatever the order
+                self._fail_load(rid, ld.failure)
+            else:
+                self._arrived(rid)
 
     def _maybe_finish_push(self, rid: str, ld: _Load) -> None:
-        if not ld.waiting and not ld.awaiting:
+        if ld.failure is not None:
+            self._fail_load(rid, ld.failure)  # reported once no producer rank may still write
+        elif not ld.waiting and not ld.awaiting:
             self._arrived(rid)
 
     def _arrived(self, rid: str) -> None:
@@ -458,11 +467,26 @@ class ProgressLoop:
             s["transfer_s"] = s.get("transfer_s", 0) + took
             record_transfer(s, "load", took, ld.nbytes)
 
-    def _fail_load(self, rid: str, why: str) -> None:
-        ld = self._loads.pop(rid, None)
+    @staticmethod
+    def _in_flight(ld: _Load) -> bool:
+        """Whether a transfer of the load may still write into its blocks: a posted read not yet
+        ended (pull), or a producer rank that may be writing and has not said it ended (push)."""
+        if ld.spec.mode == "push":
+            return bool(ld.awaiting)
+        return any(p not in ld.done_ranks for _, _, p in ld.handles)
+
+    def _fail_load(self, rid: str, why: str, *, at_deadline: bool = False) -> None:
+        """Fail the load once none of its transfers can still write into its blocks: the engine
+        reuses blocks reported invalid, and a straggling read or write would corrupt their next
+        owner. Until then the first reason is kept; the load's deadline ends the wait."""
+        ld = self._loads.get(rid)
         if ld is None:
             return
-        spec = ld.spec
+        ld.failure = ld.failure or why
+        if not at_deadline and self._in_flight(ld):
+            return  # finished by _poll_load (pull) or the producers' notices (push)
+        del self._loads[rid]
+        why, spec = ld.failure, ld.spec
         # Tell the producer ranks we read from that we are done with their blocks.
         for h, peer, _ in ld.handles:
             self._release(h)
@@ -638,6 +662,7 @@ class ProgressLoop:
         if ld is None or ld.spec.mode != "push":
             return
         if n.kind == W.FAILED:
+            ld.awaiting.discard(n.rank)  # settled: it writes no more
             self._fail_load(n.request_id, f"producer rank {n.rank} could not write the blocks")
             return
         ld.awaiting.discard(n.rank)
@@ -648,7 +673,7 @@ class ProgressLoop:
         if kind == "load" and self._loads.get(rid) is obj:
             ld: _Load = obj  # type: ignore[assignment]
             stuck = [peer.key for _, peer, p in ld.handles if p not in ld.done_ranks]
-            self._fail_load(rid, "deadline passed (transfer_timeout_s / handshake_timeout_s)")
+            self._fail_load(rid, "deadline passed (transfer_timeout_s / handshake_timeout_s)", at_deadline=True)
             for key in stuck:  # a peer that stopped answering (or came back as another process)
                 self._peers.forget(key)  # is handshaken afresh by the next load
         elif kind == "lease" and self._leases.get(rid) is obj:

@@ -15,13 +15,15 @@ the forward pass."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from kvconnect.errors import WireError
-from kvconnect.metadata import decode, encode
+from kvconnect.metadata import NonNegative, Port, Positive, decode, encode
 
-#: Per-group engine block ids, as they travel.
-Groups = tuple[tuple[int, ...], ...]
+#: Per-group engine block ids, as they travel (bounds are checked where a peer's bytes are decoded).
+Groups = tuple[tuple[Annotated[int, msgspec.Meta(ge=0)], ...], ...]
 
 
 class Remote(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
@@ -142,12 +144,18 @@ class WriteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     consumer_request_id: str
     consumer_engine_id: str
     consumer_host: str
-    consumer_port: int
-    consumer_tp_size: int
-    consumer_rank: int
+    consumer_port: Port
+    consumer_tp_size: Positive
+    consumer_rank: NonNegative
     block_ids: Groups
-    token_start: int
-    token_end: int
+    token_start: NonNegative
+    token_end: NonNegative
+
+    def __post_init__(self) -> None:  # msgspec reports these as the message's validation error
+        if self.consumer_rank >= self.consumer_tp_size:
+            raise ValueError(f"consumer_rank {self.consumer_rank} is not below consumer_tp_size {self.consumer_tp_size}")
+        if self.token_start > self.token_end:
+            raise ValueError(f"token_start {self.token_start} is after token_end {self.token_end}")
 
 
 # -- integrity (verify_checksums) -----------------------------------------------------------------

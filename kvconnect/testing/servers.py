@@ -655,7 +655,7 @@ def post_json(url: str, body: Mapping[str, Any], timeout: float = REQUEST_TIMEOU
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", "replace")[:2000]
-        raise ServerError(f"POST {url} -> HTTP {e.code}: {detail}") from None
+        raise ServerError(f"POST {url} -> HTTP {e.code}: {detail}") from e
 
 
 def _iter_sse(url: str, body: Mapping[str, Any], timeout: float) -> Iterator[dict]:
@@ -669,7 +669,7 @@ def _iter_sse(url: str, body: Mapping[str, Any], timeout: float) -> Iterator[dic
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", "replace")[:2000]
-        raise ServerError(f"POST {url} (stream) -> HTTP {e.code}: {detail}") from None
+        raise ServerError(f"POST {url} (stream) -> HTTP {e.code}: {detail}") from e
     with resp:
         for raw in resp:
             line = raw.decode("utf-8", "replace").strip()
@@ -865,12 +865,23 @@ def _parse_labels(s: str) -> dict[str, str]:
     return labels
 
 
+class MetricMissing(KeyError):
+    """The server exposes no sample of that metric with those labels (renamed, never declared, or
+    the wrong server): an error, so that a check such as ``== 0`` cannot pass on a metric that is
+    not there."""
+
+
 def metric_value(metrics: Metrics, name: str, **labels: str) -> float:
     """Sum of all samples called ``name`` whose labels include ``labels``. Counters are exposed
-    as ``<name>_total``; pass either spelling. 0.0 when there is none."""
+    as ``<name>_total``; pass either spelling. Raises :class:`MetricMissing` when there is none."""
     names = {name, name + "_total"} if not name.endswith("_total") else {name}
     want = set(labels.items())
-    return sum(v for (n, lab), v in metrics.items() if n in names and want <= set(lab))
+    found = [v for (n, lab), v in metrics.items() if n in names and want <= set(lab)]
+    if not found:
+        near = sorted({n for (n, _) in metrics if n.split("_total")[0] == name.split("_total")[0]})
+        raise MetricMissing(f"no sample of {name!r} with labels {labels or '{}'} on this server"
+                            + (f" (samples of {near} exist with other labels)" if near else ""))
+    return sum(found)
 
 
 def metric_names(metrics: Metrics, prefix: str = "") -> list[str]:

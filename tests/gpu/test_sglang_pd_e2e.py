@@ -10,9 +10,12 @@ Design:
    memory), both with ``--disaggregation-transfer-backend kvconnect``, NIXL over UCX;
 4. drive them the way SGLang's PD router does: each request goes to prefill and decode at once,
    carrying the same ``bootstrap_host`` / ``bootstrap_port`` / ``bootstrap_room``;
-5. the decode instance's greedy outputs must equal the single instance's token for token.
-A random model changes its output completely when any KV page is wrong, so equality proves every
-page (and the first-token metadata row) arrived.
+5. the decode instance's greedy output token ids must equal the single instance's, token for token.
+Generation ignores EOS, so every output has exactly ``MAX_NEW`` tokens (an empty or early-stopped
+output cannot match by accident), and the single instance's outputs must differ from each other
+(a model that says the same thing to every prompt would prove nothing). A random model changes its
+output completely when any KV page is wrong, so equality proves every page (and the first-token
+metadata row) arrived.
 """
 
 from __future__ import annotations
@@ -56,9 +59,14 @@ def _sglang(name: str, model: str, workdir, port: int, extra: list[str], env: di
     return ServerProcess(name=name, argv=argv, env=e, port=port, log_path=workdir / f"{name}.log")
 
 
-def _greedy(url: str, prompt: str, extra: dict | None = None) -> str:
-    body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW}, **(extra or {})}
-    return _post(f"{url}/generate", body)["text"]
+def _greedy(url: str, prompt: str, extra: dict | None = None) -> list[int]:
+    """Greedy output token ids: exactly ``MAX_NEW`` of them (EOS ignored)."""
+    body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+            **(extra or {})}
+    out = _post(f"{url}/generate", body)
+    ids = out.get("output_ids")
+    assert isinstance(ids, list) and len(ids) == MAX_NEW, f"{url}: expected {MAX_NEW} output ids, got {out}"
+    return ids
 
 
 def test_kvconnect_pd_matches_a_single_instance_token_for_token(tmp_path):
@@ -70,6 +78,7 @@ def test_kvconnect_pd_matches_a_single_instance_token_for_token(tmp_path):
     single = _sglang("single", model, tmp_path, free_port(), [])
     with running(single, timeout_s=START_S):
         want = [_greedy(single.url, p) for p in PROMPTS]
+    assert len({tuple(w) for w in want}) == len(PROMPTS), f"the baseline does not vary by prompt: {want}"
 
     bootstrap = free_port()
     pd = ["--disaggregation-transfer-backend", "kvconnect", "--disaggregation-bootstrap-port", str(bootstrap)]

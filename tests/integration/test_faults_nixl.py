@@ -15,7 +15,7 @@ pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not insta
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from kvconnect.testing.servers import free_port_range  # noqa: E402
-from tests.integration.test_nixl_pd import Child  # noqa: E402
+from tests.integration.test_nixl_pd import Child, close_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
 FAULT = {"handshake_timeout_s": 1.0, "transfer_timeout_s": 2.0, "verify_checksums": True}
@@ -39,7 +39,7 @@ def spawn():
             os.kill(c.pid, signal.SIGCONT)
         except (ProcessLookupError, AssertionError):
             pass
-        c.close()
+    close_all(children)
 
 
 def _idle(child: Child, name: str = "e", timeout: float = 10.0) -> None:
@@ -66,7 +66,7 @@ def test_producer_killed_after_a_transfer_then_a_new_producer_is_served(spawn):
     _good(P, D, "0", [[1, 2, 3]], [[4, 5, 6]])
     P.send("prefill", "e", "p1", 40, [[7, 8, 9]])
     _, _, params, _ = P.expect("params", "p1")
-    os.kill(P.pid, signal.SIGKILL)  # gone after the first transfer, before the second
+    P.signal(signal.SIGKILL)  # gone after the first transfer, before the second
     P.proc.join(timeout=5)
     t0 = time.monotonic()
     D.send("decode", "e", "d1", 40, params, [[10, 11, 12]])
@@ -86,7 +86,7 @@ def test_producer_restarted_under_the_same_engine_id_and_port_is_served_again(sp
     fixed = {"engine_id": "prefill-pinned", "options": {**FAULT, "side_channel_port": port}}
     P, D = spawn(("prefill", {"e": dict(fixed)}), ("decode", {"e": {"options": FAULT}}))
     _good(P, D, "0", [[1, 2, 3]], [[4, 5, 6]])
-    os.kill(P.pid, signal.SIGKILL)
+    P.signal(signal.SIGKILL)
     P.proc.join(timeout=5)
     (P2,) = spawn(("prefill", {"e": dict(fixed)}))
     P2.send("prefill", "e", "p1", 40, [[7, 8, 9]])
@@ -109,7 +109,7 @@ def test_abort_while_the_read_is_in_flight_frees_only_after_the_transfer_ended(s
     _good(P, D, "0", [[1, 2, 3]], [[4, 5, 6]])  # handshaken and connected
     P.send("prefill", "e", "p1", 40, [[7, 8, 9]])
     _, _, params, _ = P.expect("params", "p1")
-    os.kill(P.pid, signal.SIGSTOP)  # the READ is posted but cannot complete
+    P.signal(signal.SIGSTOP)  # the READ is posted but cannot complete
     try:
         t0 = time.monotonic()
         D.send("decode", "e", "d1", 40, params, [[10, 11, 12]])
@@ -119,7 +119,7 @@ def test_abort_while_the_read_is_in_flight_frees_only_after_the_transfer_ended(s
         with pytest.raises(AssertionError):
             D.expect("sent", "d1", timeout=0.5)  # still in flight: the blocks stay allocated
     finally:
-        os.kill(P.pid, signal.SIGCONT)
+        P.signal(signal.SIGCONT)
     D.expect("sent", "d1", timeout=10)  # the transfer ended (done or failed): now freed
     assert time.monotonic() - t0 < FAULT["handshake_timeout_s"] + FAULT["transfer_timeout_s"] + 3
     P.expect("sent", "p1", timeout=10)

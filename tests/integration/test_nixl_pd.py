@@ -94,6 +94,7 @@ def _serve(role: str, specs: dict, inq, outq) -> None:
         outq.put(("stopped",))
     except Exception:
         outq.put(("error", traceback.format_exc()))
+        raise  # and exit non-zero, so close() sees it even if no one reads the queue again
 
 
 class Child:
@@ -103,6 +104,7 @@ class Child:
         self.proc.start()
         self.events: list[tuple] = []
         self._pid: int | None = None
+        self.killed = False  # by the test, on purpose: its exit code is the signal's
 
     @property
     def pid(self) -> int:
@@ -113,6 +115,11 @@ class Child:
 
     def send(self, *cmd) -> None:
         self.inq.put(cmd)
+
+    def signal(self, sig: int) -> None:
+        """Sends ``sig`` to the child; a SIGKILL is a deliberate death that close() accepts."""
+        self.killed |= sig == signal.SIGKILL
+        os.kill(self.pid, sig)
 
     def expect(self, kind: str, rid: str | None = None, timeout: float = DEADLINE_S) -> tuple:
         end = time.monotonic() + timeout
@@ -133,12 +140,29 @@ class Child:
         raise AssertionError(f"no {kind!r} event for {rid!r} within {timeout}s (got {self.events})")
 
     def close(self) -> None:
+        """Stops the child and checks it exited cleanly: exit code 0 unless the test killed it (a
+        crash at exit, e.g. in UCX's teardown, fails the test that ran it)."""
         if self.proc.is_alive():
             self.send("stop")
             self.proc.join(timeout=10)
-        if self.proc.is_alive():
+        hung = self.proc.is_alive()
+        if hung:
             self.proc.kill()
             self.proc.join(timeout=5)
+        if not self.killed:
+            assert not hung, f"child {self._pid} did not stop within 10 s of being told to"
+            assert self.proc.exitcode == 0, f"child {self._pid} exited with {self.proc.exitcode}"
+
+
+def close_all(children: list[Child]) -> None:
+    """Closes every child, then fails naming each that did not exit cleanly."""
+    errors = []
+    for c in children:
+        try:
+            c.close()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "; ".join(errors)
 
 
 def _spawn(ctx, *specs: tuple[str, dict]) -> list[Child]:
@@ -159,8 +183,7 @@ def spawn():
         return made
 
     yield make
-    for c in children:
-        c.close()
+    close_all(children)
 
 
 CASES = {
@@ -178,8 +201,7 @@ def case_pair():
     ctx = mp.get_context("spawn")
     P, D = _spawn(ctx, ("prefill", {k: v[0] for k, v in CASES.items()}), ("decode", {k: v[1] for k, v in CASES.items()}))
     yield P, D
-    P.close()
-    D.close()
+    close_all([P, D])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -207,7 +229,7 @@ def test_producer_killed_before_the_transfer_fails_the_load_in_time(spawn):
     P, D = spawn(("prefill", {"e": {}}), ("decode", {"e": {"options": FAULT}}))
     P.send("prefill", "e", "p1", 40, [[1, 2, 3]])
     _, _, params, _ = P.expect("params")
-    os.kill(P.pid, signal.SIGKILL)
+    P.signal(signal.SIGKILL)
     P.proc.join(timeout=5)
     t0 = time.monotonic()
     D.send("decode", "e", "d1", 40, params, [[4, 5, 6]])
@@ -225,13 +247,13 @@ def test_producer_killed_during_the_transfer_fails_the_load_in_time(spawn):
     assert D.expect("recv", "d0")[2] is False
     P.send("prefill", "e", "p1", 40, [[7, 8, 9]])
     _, _, params, _ = P.expect("params")
-    os.kill(P.pid, signal.SIGSTOP)  # the read is posted but cannot complete ...
+    P.signal(signal.SIGSTOP)  # the read is posted but cannot complete ...
     try:
         t0 = time.monotonic()
         D.send("decode", "e", "d1", 40, params, [[10, 11, 12]])
         time.sleep(0.3)
     finally:
-        os.kill(P.pid, signal.SIGKILL)  # ... and the producer dies while it is in flight
+        P.signal(signal.SIGKILL)  # ... and the producer dies while it is in flight
     ev = D.expect("recv", "d1", timeout=10)
     assert ev[2] is True and {10, 11, 12} <= set(ev[3])
     assert time.monotonic() - t0 < FAULT["handshake_timeout_s"] + FAULT["transfer_timeout_s"] + 2

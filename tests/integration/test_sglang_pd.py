@@ -43,6 +43,7 @@ class Pair:
         self.port = free_port()
         e = {**BASE_ENV, **(env or {})}
         self.q = {r: (ctx.Queue(), ctx.Queue()) for r in ("prefill", "decode")}
+        self.killed: set[str] = set()
         self.p = {r: ctx.Process(target=H.serve, args=(r, self.port, e, *self.q[r]), daemon=True) for r in self.q}
         # Both import SGLang at once; the decode rank asks the bootstrap server only when driven.
         for proc in self.p.values():
@@ -57,9 +58,12 @@ class Pair:
         return H.expect(self.q[role][1], kind, timeout)
 
     def kill(self, role: str, sig=signal.SIGKILL) -> None:
+        if sig == signal.SIGKILL:
+            self.killed.add(role)  # a deliberate death: close() accepts its exit code
         os.kill(self.p[role].pid, sig)
 
     def close(self) -> None:
+        """Stops both ranks; each the test did not kill must exit with code 0."""
         for role, proc in self.p.items():
             if proc.is_alive():
                 try:
@@ -67,11 +71,16 @@ class Pair:
                 except OSError:
                     pass
                 self.send(role, "stop")
-        for proc in self.p.values():
+        bad = []
+        for role, proc in self.p.items():
             proc.join(15)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+                bad.append(f"{role} did not stop within 15 s")
+            elif role not in self.killed and proc.exitcode != 0:
+                bad.append(f"{role} exited with {proc.exitcode}")
+        assert not bad, "; ".join(bad)
 
 
 @pytest.fixture(scope="module")

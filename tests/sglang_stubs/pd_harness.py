@@ -140,6 +140,7 @@ def serve(role: str, port: int, env: dict, inq, outq, seed: int = 7) -> None:
         outq.put(("stopped", role))
     except BaseException:
         outq.put(("error", role, traceback.format_exc()))
+        raise  # and exit non-zero: the test checks every rank's exit code
 
 
 def _poll_until(obj, want, deadline, seen):

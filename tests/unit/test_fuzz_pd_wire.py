@@ -1,7 +1,8 @@
 """Fuzzing (hypothesis) of everything the P/D core decodes from outside: notifications, push
 write requests, checksum messages, handshake metadata, side-channel frames sent to a worker's real
 listener, and router transfer params through the P/D scheduler. Only the documented errors come
-out (WireError / HandshakeError / ConfigError), never another exception, and nothing hangs."""
+out (WireError / HandshakeError / ConfigError), never another exception, and nothing hangs; what
+is accepted is well-formed: within its bounds, and it round-trips to the same value."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def test_notices_only_raise_wire_error(data):
     except WireError:
         return
     assert n.kind in W.NOTICE_KINDS and 0 <= n.rank < n.tp_size
+    assert W.decode_notice(W.encode_notice(n)) == n
 
 
 def _mutations(valid: bytes) -> st.SearchStrategy[bytes]:
@@ -74,13 +76,27 @@ _WRITE = encode(W.WriteRequest(producer_request_id="p", consumer_request_id="d",
 _SUMS = encode(W.ChecksumReply(heads=2, tables=(b"\x01" * 32,)))
 
 
+_WRITE_FIELDS = msgspec.msgpack.decode(_WRITE)
+small_ints = st.integers(-2, 6) | st.sampled_from([0, 65535, 65536, 2**31])
+#: Well-typed write requests with small, often out-of-range numbers: where bounds checks bite.
+near_valid_writes = st.builds(
+    lambda port, tp, rank, t0, t1, ids: msgspec.msgpack.encode(
+        {**_WRITE_FIELDS, "consumer_port": port, "consumer_tp_size": tp, "consumer_rank": rank,
+         "token_start": t0, "token_end": t1, "block_ids": ids}),
+    small_ints, small_ints, small_ints, small_ints, small_ints, st.lists(st.lists(small_ints, max_size=3), max_size=2))
+
+
 @FAST
-@given(_mutations(_WRITE))
+@given(st.one_of(_mutations(_WRITE), near_valid_writes))
 def test_write_requests_only_raise_wire_error(data):
     try:
-        decode_write_request(data)
+        wr = decode_write_request(data)
     except WireError:
-        pass
+        return
+    assert 0 < wr.consumer_port < 65536 and 0 <= wr.consumer_rank < wr.consumer_tp_size
+    assert 0 <= wr.token_start <= wr.token_end
+    assert all(b >= 0 for group in wr.block_ids for b in group)
+    assert decode_write_request(encode(wr)) == wr
 
 
 @FAST
@@ -90,16 +106,50 @@ def test_checksum_replies_only_raise_wire_error(data):
         r = W.decode_checksum_reply(data)
     except WireError:
         return
-    assert all(len(t) % (8 * r.heads) == 0 for t in r.tables)
+    assert r.heads > 0 and all(len(t) % (8 * r.heads) == 0 for t in r.tables)
+    assert W.decode_checksum_reply(encode(r)) == r
 
 
 @FAST
 @given(mp_values)
 def test_handshake_metadata_from_any_msgpack_only_raises_wire_error(v):
     try:
-        decode(msgspec.msgpack.encode(v), HandshakeMetadata, what="handshake metadata")
+        md = decode(msgspec.msgpack.encode(v), HandshakeMetadata, what="handshake metadata")
     except WireError:
-        pass
+        return
+    _assert_well_formed_metadata(md)
+
+
+def _assert_well_formed_metadata(md: HandshakeMetadata) -> None:
+    assert 0 <= md.tp_rank < md.tp_size and all(b > 0 for b in md.block_sizes)
+    for layer in md.layers:
+        assert len(layer.dims) == len(layer.shape) == len(layer.strides)
+        assert layer.itemsize > 0 and layer.base_addr >= 0 and layer.group >= 0 and min(layer.shape, default=0) >= 0
+    assert decode(encode(md), HandshakeMetadata, what="handshake metadata") == md
+
+
+_METADATA = {"engine_id": "p", "tp_rank": 0, "tp_size": 2, "compat_hash": "h", "block_sizes": [16],
+             "layers": [{"name": "l0", "base_addr": 4096, "dims": ["block", "token", "x"], "shape": [4, 16, 8],
+                         "strides": [128, 8, 1], "itemsize": 2, "dtype": "bfloat16"}],
+             "transport": "nixl", "transport_metadata": b"md", "agent_name": "a"}
+_LAYER_KEYS = list(_METADATA["layers"][0])
+
+
+@FAST
+@given(st.one_of(
+    st.builds(lambda k, v: {**_METADATA, k: v}, st.sampled_from(list(_METADATA)), mp_values),
+    st.builds(lambda k, v: {**_METADATA, "layers": [{**_METADATA["layers"][0], k: v}]},
+              st.sampled_from(_LAYER_KEYS), mp_values),
+    st.builds(lambda r, s, b: {**_METADATA, "tp_rank": r, "tp_size": s, "block_sizes": b},
+              st.integers(-3, 5), st.integers(-3, 5), st.lists(st.integers(-2, 64), max_size=3)),
+))
+def test_handshake_metadata_near_valid_is_accepted_only_when_well_formed(v):
+    try:
+        md = decode(msgspec.msgpack.encode(v), HandshakeMetadata, what="handshake metadata")
+    except WireError as e:
+        assert str(e).startswith("handshake metadata:")
+        return
+    _assert_well_formed_metadata(md)
 
 
 # -- router transfer params through the P/D scheduler ---------------------------------------------
@@ -137,15 +187,27 @@ def test_p_d_scheduler_never_raises_on_router_params(p, prompt_len, reason):
     s.build_step_metadata(StepView())
 
 
+_TIMEOUT_KEYS = ["handshake_timeout_s", "transfer_timeout_s", "lease_timeout_s", "poll_interval_s",
+                 "idle_poll_interval_s"]
+
+
 @FAST
-@given(st.dictionaries(st.sampled_from(list(NixlConfig.__struct_fields__) + ["backend", "nope"]), values,
-                       max_size=6))
+@given(st.one_of(
+    st.dictionaries(st.sampled_from(list(NixlConfig.__struct_fields__) + ["backend", "nope"]), values, max_size=6),
+    st.dictionaries(st.sampled_from(_TIMEOUT_KEYS + ["side_channel_port"]),
+                    st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 70000), max_size=3),
+))
 def test_p_d_config_dicts_only_raise_config_error(raw):
     from kvconnect.config import parse_config
     try:
-        parse_config({"backend": "nixl", **{k: v for k, v in raw.items() if k != "backend"}})
+        cfg = parse_config({"backend": "nixl", **{k: v for k, v in raw.items() if k != "backend"}})
     except ConfigError:
-        pass
+        return
+    (b,) = cfg.backends
+    for key in _TIMEOUT_KEYS:
+        assert 0 < getattr(b, key) < float("inf"), key  # every wait keeps a deadline
+    assert 0 <= b.side_channel_port < 65536
+    assert parse_config(msgspec.to_builtins(b)).backends == (b,)
 
 
 # -- a worker's real listener ---------------------------------------------------------------------

@@ -41,3 +41,34 @@ def test_cli_selfcheck_passes(capsys):
 
 def test_unknown_benchmark_is_refused(capsys):
     assert main(["bench", "nope"]) == 2
+
+
+#: The public API for code that embeds kvconnect. Changing it is a decision: update this list too.
+PUBLIC_API = {
+    "__version__",
+    "SchedulerConnector", "WorkerConnector", "EngineInfo", "RequestView", "ScheduledRequest", "StepView",
+    "TransferResults",
+    "parse_config", "KVConnectConfig", "NixlConfig", "MoriConfig", "CpuOffloadConfig",
+    "create_scheduler", "create_worker",
+    "KVConnectError", "ConfigError", "LayoutError", "WireError", "HandshakeError", "PeerRefusedError",
+    "CompatibilityError", "TransferError", "BackendUnavailableError",
+}
+
+
+def test_public_api_is_exactly_the_locked_list_and_every_name_resolves():
+    import kvconnect
+
+    assert set(kvconnect.__all__) == PUBLIC_API
+    for name in PUBLIC_API:
+        assert getattr(kvconnect, name) is not None, name
+    assert issubclass(kvconnect.ConfigError, kvconnect.KVConnectError)
+    with pytest.raises(AttributeError, match="no attribute 'KVLayout'"):
+        kvconnect.KVLayout  # noqa: B018 - internal names are not re-exported
+
+
+def test_the_public_api_stays_light_to_import():
+    names = ", ".join(sorted(PUBLIC_API - {"__version__", "create_scheduler", "create_worker"}))
+    code = (f"import sys, json; from kvconnect import {names};"
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

@@ -90,6 +90,41 @@ def test_one_failed_status_among_many_fails_the_load_and_frees_every_producer_ra
     assert run_until([P], lambda: "p" in P.sending, 2.0), "producer blocks must be freed before the lease ends"
 
 
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_load_fails_when_the_first_status_failed_and_the_last_succeeded(engines, mode):
+    """The all-statuses rule on the NIXL path, in the order that caught other integrations (only the
+    newest status was checked): a load's first transfer ends ERR, its last ends DONE -> failed."""
+    P = engines("prefill", tp=2, kind="hnd", mode=mode)
+    D = engines("decode", tp=1, kind="hnd", mode=mode, options=FAST)
+    initiators = [D.agent(0)] if mode == "pull" else [P.agent(0), P.agent(1)]
+    posted = []
+
+    def first_fails(handle) -> bool:
+        posted.append(handle)
+        return len(posted) == 1
+
+    for agent in initiators:
+        agent.knobs.fail_transfers = first_fails
+        agent.knobs.cycles_before_done = 200  # polls: the sibling is still in flight when the first fails
+    loop = D.workers[0]._loop
+    states_at_report = []
+    report = loop._report_failed
+
+    def spy(*args, **kw):
+        states_at_report.append([h.state for h in posted])
+        return report(*args, **kw)
+
+    loop._report_failed = spy
+    _start(P, D)
+    _assert_failed(D, others=[P])
+    assert len(posted) >= 2, f"the load should need several transfers, posted {posted}"
+    # Reported only once the sibling settled: the engine reuses invalid blocks, and a late read or
+    # write would land in their next owner.
+    assert states_at_report == [["ERR"] + ["DONE"] * (len(posted) - 1)], states_at_report
+    assert "d" in D.failed and set(D_IDS[0]) <= D.invalid
+    assert run_until([P, D], lambda: "p" in P.sending, 2.0), "producer blocks must be freed before the lease ends"
+
+
 def test_dead_producer_fails_the_load_fast(engines):
     P = engines("prefill", tp=1)
     D = engines("decode", tp=1, options={"transfer_timeout_s": 5.0})

@@ -31,3 +31,31 @@ def test_first_traceback_is_the_one_of_the_latest_start(tmp_path):
     log.write_text("### 10:01:00 a: argv\nall fine\n")
     assert S.first_traceback(log) == ""
     assert S.first_traceback(tmp_path / "missing.log") == ""
+
+
+_METRICS_TEXT = """# HELP vllm:kvconnect_total kvconnect transfer counters
+# TYPE vllm:kvconnect_total counter
+vllm:kvconnect_total{engine="0",model_name="tiny",stat="nixl.loads_done"} 3.0
+vllm:kvconnect_total{engine="0",model_name="tiny",stat="nixl.loads_failed"} 0.0
+vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 64.0
+"""
+
+
+def test_metric_value_reads_a_present_metric_in_either_spelling():
+    m = S.parse_prometheus(_METRICS_TEXT)
+    assert S.metric_value(m, "vllm:kvconnect", stat="nixl.loads_done") == 3.0
+    assert S.metric_value(m, "vllm:kvconnect_total", stat="nixl.loads_failed") == 0.0
+    assert S.metric_value(m, "vllm:prefix_cache_hits") == 64.0
+
+
+def test_a_missing_metric_is_an_error_naming_it_not_a_zero():
+    m = S.parse_prometheus(_METRICS_TEXT)
+    with pytest.raises(S.MetricMissing, match="vllm:external_prefix_cache_hits"):
+        S.metric_value(m, "vllm:external_prefix_cache_hits")
+
+
+def test_a_renamed_label_value_is_an_error_naming_the_labels():
+    m = S.parse_prometheus(_METRICS_TEXT)
+    with pytest.raises(S.MetricMissing, match="nixl.loads_fail") as e:
+        S.metric_value(m, "vllm:kvconnect", stat="nixl.loads_fail")
+    assert "other labels" in str(e.value)

@@ -195,3 +195,19 @@ def test_fuzzed_config_only_raises_config_error(raw):
         parse_config(raw)
     except ConfigError:
         pass
+
+
+def test_mapped_errors_keep_their_cause():
+    """kvconnect's own errors name what was wrong; the library error behind them stays in the traceback."""
+    import msgspec
+
+    from kvconnect.config import parse_config
+    from kvconnect.errors import ConfigError, WireError
+    from kvconnect.metadata import HandshakeMetadata, decode
+
+    with pytest.raises(WireError) as wire:
+        decode(b"\xc1garbage", HandshakeMetadata, what="handshake metadata")
+    assert isinstance(wire.value.__cause__, msgspec.DecodeError)
+    with pytest.raises(ConfigError) as conf:
+        parse_config({"backend": "nixl", "handshake_timeout_s": "soon"})
+    assert isinstance(conf.value.__cause__, msgspec.ValidationError)

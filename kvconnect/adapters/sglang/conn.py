@@ -71,7 +71,7 @@ def load_config(raw: str | None = None) -> NixlConfig:
     try:
         data = json.loads(raw) if raw else {"backend": "nixl"}
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{CONFIG_ENV} is not valid JSON: {e}") from None
+        raise ConfigError(f"{CONFIG_ENV} is not valid JSON: {e}") from e
     if isinstance(data, dict) and "backend" not in data and "backends" not in data:
         data = {"backend": "nixl", **data}
     cfg = parse_config(data)

@@ -41,7 +41,7 @@ def load_mori() -> ModuleType:
         raise BackendUnavailableError(
             f"the mori backend needs MoRI-IO (python module mori.io), which is not installed. "
             f"{INSTALL_HINT} ({e})"
-        ) from None
+        ) from e
     return mori_io
 
 

@@ -50,7 +50,7 @@ class Mailbox:
             self.port = self._rx.bind_to_random_port(zmq_endpoint(host, 0).rsplit(":", 1)[0])
         except zmq.ZMQError as e:
             self._rx.close()
-            raise TransferError(f"MoRI notification socket cannot listen on {host}: {e}") from None
+            raise TransferError(f"MoRI notification socket cannot listen on {host}: {e}") from e
         self.host = host
         self._tx: dict[tuple[str, int], object] = {}
         self.rejected = 0
@@ -70,7 +70,7 @@ class Mailbox:
         try:
             sock.send(_sign(self._secret, Letter(sender, bytes(body))), zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            raise TransferError(f"cannot notify {host}:{port}: {e}") from None
+            raise TransferError(f"cannot notify {host}:{port}: {e}") from e
 
     def forget(self, host: str, port: int) -> None:
         sock = self._tx.pop((host, port), None)

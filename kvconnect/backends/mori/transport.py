@@ -127,7 +127,7 @@ class MoriTransport(Transport):
             self._engine.create_backend(mori.BackendType.RDMA, rdma)
         except Exception as e:
             raise TransferError(f"MoRI-IO engine {self._key} on {host}:{port} could not start: "
-                                f"{type(e).__name__}: {e}") from None
+                                f"{type(e).__name__}: {e}") from e
         self._mailbox = Mailbox(host, secret)
         self._loc = mori.MemoryLocationType.CPU
         self._dev = -1
@@ -155,7 +155,7 @@ class MoriTransport(Transport):
             for md in mds:
                 self._deregister(md)
             raise TransferError(f"MoRI-IO could not register {len(regions)} KV regions ({device}): "
-                                f"{type(e).__name__}: {e}") from None
+                                f"{type(e).__name__}: {e}") from e
         self._local = mds
         self._local_sizes = [int(n) for _, n in regions]
 
@@ -171,7 +171,7 @@ class MoriTransport(Transport):
         try:
             blob = decode(metadata, MoriBlob, what="MoRI transport metadata")
         except WireError as e:
-            raise HandshakeError(str(e)) from None
+            raise HandshakeError(str(e)) from e
         desc = self._unpack(self._m.EngineDesc, blob.engine, "engine descriptor")
         key = desc.key
         if not isinstance(key, str) or not key:
@@ -196,7 +196,7 @@ class MoriTransport(Transport):
         try:
             self._engine.register_remote_engine(desc)
         except Exception as e:
-            raise HandshakeError(f"MoRI-IO refused engine {key}: {type(e).__name__}: {e}") from None
+            raise HandshakeError(f"MoRI-IO refused engine {key}: {type(e).__name__}: {e}") from e
         old = self._peers.get(key)
         if old is not None and old.mailbox != (blob.mailbox_host, blob.mailbox_port):
             self._mailbox.forget(*old.mailbox)
@@ -207,7 +207,7 @@ class MoriTransport(Transport):
         try:
             return cls.unpack(raw)
         except Exception as e:
-            raise HandshakeError(f"MoRI transport metadata: bad {what}: {type(e).__name__}: {e}") from None
+            raise HandshakeError(f"MoRI transport metadata: bad {what}: {type(e).__name__}: {e}") from e
 
     def remove_peer(self, peer: str) -> None:
         p = self._peers.pop(peer, None)
