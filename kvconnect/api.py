@@ -39,6 +39,9 @@ Scheduler half, in the order an engine calls it for one request
 ``take_events()``, ``get_gauges()``
     Once per step, after the worker output: KV cache events of a storage tier
     (:mod:`kvconnect.events`), and levels such as the blocks and bytes a tier holds.
+``hit_source_of(request_id)``
+    Right after an allocation notice with external tokens: the tier they come from (``host``,
+    ``p2p``, ...), so the engine can count hits per tier.
 
 Worker half, in the order an engine calls it for one step
 ---------------------------------------------------------
