@@ -4,6 +4,7 @@ per transfer, gauges, the engine's load wait; and every stat a backend reports i
 from __future__ import annotations
 
 import functools
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -175,3 +176,27 @@ def test_scheduler_half_reports_tier_gauges_once_per_change():
     assert conn.get_kv_connector_stats() is None  # unchanged: nothing to report
     conn._sched.index.reserve([b"k"])
     assert conn.get_kv_connector_stats().data["cpu_offload"][GAUGES]["held_blocks"] == 1
+
+
+def test_engine_load_wait_runs_from_allocation_to_the_load_reported_received(monkeypatch):
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+    from kvconnect.bench import scheduler as B
+
+    env = B.make_env(16, 64, 512)
+    conn = B.build_connector(env, "KVConnect", "kv_both",
+                             {"backend": "cpu_offload", "cpu_bytes_to_use": 8 * env.bytes_per_block})
+    monkeypatch.setattr(conn._sched, "update_state_after_alloc", lambda *a: None)
+    monkeypatch.setattr(conn._sched, "update_worker_output", lambda *a: None)
+    req = Request("w1", list(range(40)), SamplingParams(max_tokens=2), None)
+    conn.get_kv_connector_stats()  # the first gauges
+    conn.update_state_after_alloc(req, ([1, 2],), 32)
+    time.sleep(0.02)
+    conn.update_connector_output(KVConnectorOutput(finished_recving={"w1"}))
+    (wait,) = conn.get_kv_connector_stats().data["_engine"]["load_wait"]
+    assert 0.02 <= wait < 5
+    conn.update_connector_output(KVConnectorOutput(finished_recving={"w1"}))  # reported once only
+    assert conn.get_kv_connector_stats() is None
