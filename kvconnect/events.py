@@ -9,8 +9,10 @@ engine hash of every block the tier holds and turns the tier's index transitions
 A backend calls, on its scheduler half (where the index lives, so one copy of each event is
 published however many workers there are):
 
-``planned(request, block_indices, keys)``
-    a store of these blocks of ``request`` was planned under these keys; nothing is published yet;
+``planned(request, block_indices, keys, group=0)``
+    a store of these blocks of ``request`` (of KV-cache ``group``, at the tier's block size, which
+    must be the one ``request.block_hashes`` are computed at) was planned under these keys;
+    nothing is published yet;
 ``ready(keys)``
     these keys became hits (their stores completed), in chain order -> :class:`BlocksStored`;
 ``dropped(keys)``
@@ -80,25 +82,26 @@ class _Planned:
     tokens: tuple[int, ...]
     request: RequestView
     index: int
+    group: int
 
 
 class TierEvents:
     """Engine hashes of what one tier holds, and the events not yet taken. O(blocks named) per call."""
 
-    def __init__(self, medium: str, block_size: int, group: int = 0) -> None:
+    def __init__(self, medium: str, block_size: int) -> None:
         self.medium = medium
         self.block_size = block_size
-        self.group = group
         self._planned: dict[bytes, _Planned] = {}
-        #: key -> engine hash of every block published as stored and not yet removed.
-        self._held: dict[bytes, Any] = {}
+        #: key -> (engine hash, group) of every block published as stored and not yet removed.
+        self._held: dict[bytes, tuple[Any, int]] = {}
         self._out: list[TierEvent] = []
 
     @property
     def num_held(self) -> int:
         return len(self._held)
 
-    def planned(self, request: RequestView, block_indices: Sequence[int], keys: Sequence[bytes]) -> None:
+    def planned(self, request: RequestView, block_indices: Sequence[int], keys: Sequence[bytes],
+                group: int = 0) -> None:
         hashes = request.block_hashes
         if hashes is None:
             return
@@ -108,7 +111,7 @@ class TierEvents:
             if i >= len(hashes) or (i + 1) * bs > len(toks):
                 continue  # no engine hash for it (yet): nothing a subscriber could join
             self._planned[k] = _Planned(hashes[i], hashes[i - 1] if i > 0 else None,
-                                        tuple(toks[i * bs : (i + 1) * bs]), request, i)
+                                        tuple(toks[i * bs : (i + 1) * bs]), request, i, group)
 
     def ready(self, keys: Sequence[bytes]) -> None:
         run: list[_Planned] = []
@@ -118,8 +121,10 @@ class TierEvents:
                 self._flush(run)
                 run = []
                 continue
-            self._held[k] = p.hash
-            if run and (p.request is not run[-1].request or p.index != run[-1].index + 1):
+            self._held[k] = (p.hash, p.group)
+            last = run[-1] if run else None
+            if last is not None and (p.request is not last.request or p.index != last.index + 1
+                                     or p.group != last.group):
                 self._flush(run)
                 run = []
             run.append(p)
@@ -132,25 +137,30 @@ class TierEvents:
         self._out.append(BlocksStored(
             medium=self.medium, block_hashes=tuple(p.hash for p in run), parent_block_hash=first.parent,
             token_ids=tuple(t for p in run for t in p.tokens), block_size=self.block_size,
-            request=first.request, first_block=first.index, group=self.group,
+            request=first.request, first_block=first.index, group=first.group,
         ))
 
     def dropped(self, keys: Sequence[bytes]) -> None:
-        gone = []
+        gone: list[tuple[Any, int]] = []
         for k in keys:
             self._planned.pop(k, None)
             h = self._held.pop(k, None)
             if h is not None:
                 gone.append(h)
-        if gone:
-            self._out.append(BlocksRemoved(self.medium, tuple(gone), self.group))
+        self._removed(gone)
 
     def cleared(self) -> None:
-        gone = tuple(self._held.values())
+        gone = list(self._held.values())
         self._held.clear()
         self._planned.clear()
-        if gone:
-            self._out.append(BlocksRemoved(self.medium, gone, self.group))
+        self._removed(gone)
+
+    def _removed(self, gone: list[tuple[Any, int]]) -> None:
+        by_group: dict[int, list[Any]] = {}
+        for h, g in gone:
+            by_group.setdefault(g, []).append(h)
+        for g, hashes in by_group.items():
+            self._out.append(BlocksRemoved(self.medium, tuple(hashes), g))
 
     def take(self) -> list[TierEvent]:
         out, self._out = self._out, []

@@ -160,6 +160,18 @@ def test_a_store_that_fails_publishes_nothing_and_a_dropped_hit_is_removed():
     assert ev.take() == [BlocksRemoved(MEDIUM_CPU, (b"h0", b"h1"))]
 
 
+def test_blocks_of_different_groups_are_published_apart():
+    ev = TierEvents(MEDIUM_CPU, BS)
+    view = RequestView("a", list(range(8)), block_hashes=[b"h0", b"h1"])
+    ev.planned(view, [0, 1], [b"f0", b"f1"], group=0)
+    ev.planned(view, [1], [b"s1"], group=1)
+    ev.ready([b"f0", b"f1", b"s1"])
+    a, b = ev.take()
+    assert (a.group, a.block_hashes, b.group, b.block_hashes) == (0, (b"h0", b"h1"), 1, (b"h1",))
+    ev.dropped([b"f1", b"s1"])
+    assert ev.take() == [BlocksRemoved(MEDIUM_CPU, (b"h1",), 0), BlocksRemoved(MEDIUM_CPU, (b"h1",), 1)]
+
+
 def test_non_consecutive_blocks_are_published_as_separate_runs():
     ev = TierEvents(MEDIUM_CPU, BS)
     view = RequestView("a", list(range(16)), block_hashes=[b"h0", b"h1", b"h2", b"h3"])
