@@ -2,8 +2,10 @@
 
 vLLM publishes what the connector's ``take_events`` returns with its own device events (same
 ZMQ batch). The block hashes are the engine's own (``request.block_hashes``), converted the way
-vLLM converts its device hashes (``maybe_convert_block_hash``: 64-bit ints by default), so a
-subscriber joins a tier's blocks to the device's by hash. LoRA and the per-block extra keys are
+vLLM converts its device hashes (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by default: the low
+64 bits of the big-endian hash as an int; else the bytes as they are), so a subscriber joins a
+tier's blocks to the device's by hash. The setting is read once per batch: vLLM's own converter
+reads the environment on every hash, which was most of the cost of a batch. LoRA and the per-block extra keys are
 read from the vLLM request with vLLM's own helpers, as its block pool does for device blocks.
 """
 
@@ -13,12 +15,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import vllm.envs as vllm_envs
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
-from vllm.v1.core.kv_cache_utils import (
-    generate_block_hash_extra_keys,
-    maybe_convert_block_hash,
-    to_event_extra_keys,
-)
+from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, to_event_extra_keys
 
 from kvconnect.events import BlocksRemoved, BlocksStored
 
@@ -41,16 +40,28 @@ def _extra_keys(request: Any, first_block: int, n_blocks: int, block_size: int) 
         return None
 
 
+_LOW64 = (1 << 64) - 1
+
+
+def _as_int(h: Any) -> Any:
+    return int.from_bytes(h, "big") & _LOW64 if isinstance(h, bytes) else h
+
+
+def _as_is(h: Any) -> Any:
+    return h
+
+
 def to_vllm_events(events: Iterable[Any]) -> list[KVCacheEvent]:
     out: list[KVCacheEvent] = []
+    conv = _as_int if vllm_envs.VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES else _as_is
     for e in events:
         if isinstance(e, BlocksStored):
             req = getattr(e.request, "engine_request", None)
             lora = getattr(req, "lora_request", None)
             parent = e.parent_block_hash
             out.append(BlockStored(
-                block_hashes=[maybe_convert_block_hash(h) for h in e.block_hashes],
-                parent_block_hash=maybe_convert_block_hash(parent) if parent is not None else None,
+                block_hashes=[conv(h) for h in e.block_hashes],
+                parent_block_hash=conv(parent) if parent is not None else None,
                 token_ids=list(e.token_ids),
                 block_size=e.block_size,
                 lora_id=lora.adapter_id if lora else None,
@@ -61,7 +72,7 @@ def to_vllm_events(events: Iterable[Any]) -> list[KVCacheEvent]:
             ))
         elif isinstance(e, BlocksRemoved):
             out.append(BlockRemoved(
-                block_hashes=[maybe_convert_block_hash(h) for h in e.block_hashes],
+                block_hashes=[conv(h) for h in e.block_hashes],
                 medium=e.medium,
                 group_idx=e.group,
             ))

@@ -54,6 +54,19 @@ def test_stored_blocks_become_block_stored_with_the_engines_converted_hashes(env
     assert got.events == [out]
 
 
+@pytest.mark.parametrize("as_int", ["1", "0"])
+def test_hashes_are_converted_exactly_as_vllm_converts_its_device_hashes(env, monkeypatch, as_int):
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    from kvconnect.adapters.vllm_events import to_vllm_events
+
+    monkeypatch.setenv("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", as_int)
+    req = _request(env, "r6", 3 * BS)
+    (out,) = to_vllm_events([BlocksRemoved(MEDIUM_CPU, tuple(req.block_hashes))])
+    assert out.block_hashes == [maybe_convert_block_hash(h) for h in req.block_hashes]
+    assert isinstance(out.block_hashes[0], int if as_int == "1" else bytes)
+
+
 def test_removed_blocks_become_block_removed_with_medium(env):
     from vllm.distributed.kv_events import BlockRemoved
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
