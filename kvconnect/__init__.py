@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     # errors: every deliberate one is a KVConnectError
     "KVConnectError": "kvconnect.errors",
     "ConfigError": "kvconnect.errors",
+    "UnsupportedModelError": "kvconnect.errors",
     "LayoutError": "kvconnect.errors",
     "WireError": "kvconnect.errors",
     "HandshakeError": "kvconnect.errors",

@@ -180,6 +180,14 @@ class EngineInfo:
     num_kv_heads: int = 0
     #: Layer names of each KV-cache group, in group order.
     layer_groups: tuple[tuple[str, ...], ...] = ()
+    #: Attention of each KV-cache group, in group order: ``full_attention``, ``sliding_window``
+    #: or the engine's name for another kind. Empty when the engine does not say.
+    group_kinds: tuple[str, ...] = ()
+    #: Window in tokens of each KV-cache group (0 where the group is not sliding-window).
+    sliding_windows: tuple[int, ...] = ()
+    #: The block id the engine hands for a block it does not keep (vLLM's null block: positions
+    #: outside a sliding window), if it has one. Never stored to or loaded into.
+    null_block_id: int | None = None
     #: The engine publishes KV cache events: storage tiers report what they hold
     #: (:meth:`SchedulerConnector.take_events`).
     kv_events: bool = False

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_cmd_config)
     s = sub.add_parser("selfcheck", help="check the installation: layouts, wire types, side channel, backends")
     s.set_defaults(fn=_cmd_selfcheck)
-    b = sub.add_parser("bench", help="run a benchmark (offload, transfer, scheduler) or all of them")
+    b = sub.add_parser("bench", help="run a benchmark (offload, transfer, scheduler, serve) or all but serve")
     b.add_argument("name", nargs="?")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_cmd_bench)

@@ -123,6 +123,10 @@ class KVConnectConfig(_Base, frozen=True):
     """The whole connector: backends in priority order (load first-wins, store to all)."""
 
     backends: tuple[BackendConfig, ...]
+    #: A composition on a model whose KV-cache groups a child cannot serve (see DESIGN.md, hybrid
+    #: row): ``fail`` the start naming the child and why, or ``skip`` that child (logged) and run
+    #: with the others.
+    unsupported_model: Literal["fail", "skip"] = "fail"
 
     @property
     def names(self) -> list[str]:
@@ -152,7 +156,7 @@ def _fields_at(path: str, raw: Mapping[str, Any]) -> list[str]:
             t = BACKEND_TYPES.get(entries[i].get("backend"))
             if t is not None:
                 return list(t.__struct_fields__) + ["backend"]
-    return ["backends"]
+    return ["backends", "unsupported_model"]
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> KVConnectConfig:

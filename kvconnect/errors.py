@@ -10,6 +10,11 @@ class ConfigError(KVConnectError, ValueError):
     """The connector configuration is invalid; the message names the offending key."""
 
 
+class UnsupportedModelError(ConfigError):
+    """A backend cannot serve this model's KV-cache groups (an attention kind or a group layout
+    it does not handle); the message says which group and why."""
+
+
 class LayoutError(KVConnectError, ValueError):
     """A KV cache tensor or block list does not fit the described layout."""
 

@@ -93,7 +93,10 @@ def token_head_sums(
         off = (tok % tb).to(device)
         x = canonical(t, lay)[blk, :, :, off, :].contiguous()  # [T, kv, head, feature]
         row = x.shape[-1] * x.element_size()
-        words = x.view(torch.int32) if row % 4 == 0 else x.view(torch.uint8)
+        # Flattened first: contiguous() leaves odd strides on size-1 dims (MLA, vLLM CPU: no kv
+        # or head dim), which view() to a wider dtype refuses for 2-byte elements.
+        flat = x.reshape(-1, x.shape[-1])
+        words = (flat.view(torch.int32) if row % 4 == 0 else flat.view(torch.uint8)).reshape(*x.shape[:3], -1)
         s = (words.to(torch.int64) * _weights(words.shape[-1], 1, device)).sum(-1)  # [T, kv, head]
         wl = _weights(2 * len(layers), 2, device)[2 * li: 2 * li + s.shape[1]]
         s = (s * wl[None, :, None]).sum(1)  # [T, head]

@@ -32,18 +32,33 @@ _TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e", "gpu": "gp
 
 
 def pytest_collection_modifyitems(config, items):
+    no_gpu = None
     for item in items:
         tier = pathlib.Path(str(item.fspath)).parent.name
-        if tier in _TIERS and not item.get_closest_marker(_TIERS[tier]):
+        # A test in tests/gpu marked unit or integration is the host-memory variant of a device
+        # test: it runs everywhere, so it is not given the gpu marker.
+        host_variant = tier == "gpu" and any(item.get_closest_marker(m) for m in ("unit", "integration"))
+        if tier in _TIERS and not item.get_closest_marker(_TIERS[tier]) and not host_variant:
             item.add_marker(getattr(pytest.mark, _TIERS[tier]))
-        if item.get_closest_marker("gpu") and not _has_gpu():
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA/ROCm device"))
+        if item.get_closest_marker("gpu"):
+            no_gpu = _why_no_gpu() if no_gpu is None else no_gpu
+            if no_gpu:
+                item.add_marker(pytest.mark.skip(reason=no_gpu))
 
 
-def _has_gpu() -> bool:
+#: Every skip of a gpu test for want of a device starts with this.
+GPU_SKIP_PREFIX = "gpu tier: no CUDA/ROCm device"
+
+
+def _why_no_gpu() -> str:
+    """Empty when a device is usable; else the skip reason, saying what was looked at."""
     try:
         import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    except Exception as e:
+        return f"{GPU_SKIP_PREFIX} (torch does not import: {type(e).__name__})"
+    if torch.cuda.is_available():
+        return ""
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else (
+        f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else "a CPU-only build")
+    return (f"{GPU_SKIP_PREFIX} (torch {torch.__version__}, {build}, sees none); "
+            "run scripts/gpu-check.sh on a GPU machine")

@@ -338,8 +338,26 @@ def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> Eng
         kv_bytes_per_block=bytes_per_block,
         num_kv_heads=int(model.get_total_num_kv_heads()),
         layer_groups=tuple(tuple(g.layer_names) for g in groups),
+        group_kinds=tuple(group_kind(s) for s in specs),
+        sliding_windows=tuple(
+            int(getattr(s, "sliding_window", 0) or 0) if group_kind(s) == "sliding_window" else 0 for s in specs
+        ),
+        # vLLM's BlockPool takes block 0 off its free queue as the null block at start.
+        null_block_id=0,
         kv_events=bool(getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False)),
     )
+
+
+def group_kind(spec: Any) -> str:
+    """``full_attention`` or ``sliding_window`` for the KV-cache specs vLLM's hybrid allocator
+    manages with its full-attention or sliding-window manager; the spec's class name otherwise
+    (subclasses such as ``RSWASpec`` or ``SinkFullAttentionSpec`` have managers of their own)."""
+    name = type(spec).__name__
+    if name in ("FullAttentionSpec", "MLAAttentionSpec"):
+        return "full_attention"
+    if name in ("SlidingWindowSpec", "SlidingWindowMLASpec"):
+        return "sliding_window"
+    return name
 
 
 def layer_group_index(groups: Sequence[Any]) -> dict[str, tuple[int, Any]]:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from kvconnect.api import EngineInfo
@@ -27,6 +28,20 @@ from kvconnect.ucx_env import apply_ucx_defaults
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install nixl-cu12 nixl"
+
+
+class NixlBlob(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What :meth:`NixlTransport.metadata` publishes: the agent's metadata plus where its KV
+    lives. NIXL looks a remote descriptor up among the peer's registrations *of the list's memory
+    type* (and device), so a host-memory consumer reading a GPU producer must name the peer's
+    ``VRAM`` and GPU id, not its own ``DRAM``."""
+
+    mem: str
+    dev: int
+    agent: bytes
+
+
+_BLOB_DECODER = msgspec.msgpack.Decoder(NixlBlob)
 
 
 def load_nixl() -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -69,6 +84,8 @@ class NixlTransport(Transport):
         self._dev = 0
         self._local_bases = np.zeros(0, np.int64)
         self._peer_bases: dict[str, np.ndarray] = {}
+        #: ``(memory type, device id)`` of each peer's registered KV.
+        self._peer_mem: dict[str, tuple[str, int]] = {}
         self._reg: Any = None
 
     @property
@@ -90,19 +107,27 @@ class NixlTransport(Transport):
         self._local_bases = np.asarray([a for a, _ in regions], dtype=np.int64)
 
     def metadata(self) -> bytes:
-        return bytes(self._agent.get_agent_metadata())
+        return msgspec.msgpack.encode(NixlBlob(self._mem, self._dev, bytes(self._agent.get_agent_metadata())))
 
     def add_peer(self, metadata: bytes, regions: Sequence[Region]) -> str:
         try:
-            name = self._agent.add_remote_agent(metadata)
+            blob = _BLOB_DECODER.decode(metadata)
+        except (msgspec.DecodeError, TypeError) as e:
+            raise HandshakeError(f"NIXL refused the peer's agent metadata: not a kvconnect NIXL blob ({e})") from e
+        if blob.mem not in ("DRAM", "VRAM"):
+            raise HandshakeError(f"NIXL refused the peer's agent metadata: memory type {blob.mem!r} is not DRAM or VRAM")
+        try:
+            name = self._agent.add_remote_agent(blob.agent)
         except Exception as e:
             raise HandshakeError(f"NIXL refused the peer's agent metadata: {type(e).__name__}: {e}") from e
         peer = name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
         self._peer_bases[peer] = np.asarray([a for a, _ in regions], dtype=np.int64)
+        self._peer_mem[peer] = (blob.mem, blob.dev)
         return peer
 
     def remove_peer(self, peer: str) -> None:
         self._peer_bases.pop(peer, None)
+        self._peer_mem.pop(peer, None)
         try:
             self._agent.remove_remote_agent(peer)
         except Exception:
@@ -112,15 +137,16 @@ class NixlTransport(Transport):
         bases = self._local_bases if peer is None else self._peer_bases.get(peer)
         if bases is None:
             raise TransferError(f"NIXL peer {peer!r} is not loaded")
+        mem, dev = (self._mem, self._dev) if peer is None else self._peer_mem[peer]
         descs = np.asarray(descs, dtype=np.int64).reshape(-1, 3)
         rows = np.empty((len(descs), 3), dtype=np.int64)
         rows[:, 0] = bases[descs[:, 0]] + descs[:, 1]
         rows[:, 1] = descs[:, 2]
-        rows[:, 2] = self._dev
+        rows[:, 2] = dev
         try:
-            return self._agent.prep_xfer_dlist("NIXL_INIT_AGENT" if peer is None else peer, rows, self._mem)
+            return self._agent.prep_xfer_dlist("NIXL_INIT_AGENT" if peer is None else peer, rows, mem)
         except Exception as e:
-            raise TransferError(f"NIXL could not prepare {len(rows)} descriptors for {peer or 'local'}: {e}") from e
+            raise TransferError(f"NIXL could not prepare {len(rows)} {mem} descriptors for {peer or 'local'}: {e}") from e
 
     def release_prepared(self, prepared: Any) -> None:
         self._agent.release_dlist_handle(prepared)

@@ -39,6 +39,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-prompt-words", type=int, default=120)
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown report path ('-' for stdout)")
     p.add_argument("--json-out", help="also write every raw result as JSON here")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the sections of the benchmarks run (--only) in the existing --out file, "
+                        "keeping the rest of it; each replaced section says when and by which command")
     p.add_argument("--timeout", type=float, default=3600.0, help="per-benchmark time limit, seconds")
     return p.parse_args(argv)
 
@@ -226,15 +229,24 @@ def md_scheduler(r: dict[str, Any]) -> list[str]:
 
 
 def md_offload(r: dict[str, Any]) -> list[str]:
-    lines = [f"Model {r['model']}, on {r.get('device', 'CPU')}. Reference: a plain contiguous copy of the "
-             "same bytes with the same thread count (out: engine -> pool, in: pool -> engine).", "",
-             "| block size | threads | blocks | GB | store GB/s | load GB/s | copy out GB/s | copy in GB/s "
-             "| store/copy | load/copy |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    from kvconnect.bench.offload import COLUMNS, cells
+
+    lines = [f"Model {r['model']}, on {r.get('device', 'CPU')}; layouts {', '.join(r.get('layouts', []))}; "
+             f"median of {r.get('repeats', '?')} repeats. `vllm_cpu` is vLLM's CPU worker cache "
+             "`[blocks, heads, block_size, 2*head_dim]`, registered as the vLLM adapter registers it (a `.k` and "
+             "a `.v` view per layer); `flash_nhd` is `[2, blocks, block_size, heads, dim]`. **runs/block/layer**: "
+             "contiguous pieces the copy moves per block and layer. Reference: a plain contiguous copy of the "
+             "same bytes with the same thread count (out: engine -> pool, in: pool -> engine); **bare "
+             "gather / scatter**: the backend's row copy of the same blocks called directly, without the "
+             "worker's tasks and checks.", "",
+             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
     for v in r["rows"]:
-        lines.append(f"| {v['block_size']} | {v['threads']} | {v['blocks']} | {v['bytes'] / 1e9:.2f} | "
-                     f"{v['store_gbps']:.2f} | {v['load_gbps']:.2f} | {v['memcpy_gbps']:.2f} | "
-                     f"{v['memcpy_load_gbps']:.2f} | {v['store_ratio']:.2f} | {v['load_ratio']:.2f} |")
+        lines.append("| " + " | ".join(cells(v)) + " |")
+    ver = sum(v.get("verified_bytes", 0) for v in r["rows"])
+    if ver:
+        lines += ["", f"Verified after the timed runs: {ver / 1e9:.2f} GB of random KV compared byte for byte "
+                  "(the same jobs once more, untimed: a store, then a load into refilled blocks), all equal."]
     lines += ["", "| stored blocks | prefix blocks | lookup us | first lookup us |", "|---:|---:|---:|---:|"]
     for x in r.get("lookup", []):
         lines.append(f"| {x['stored_blocks']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | {x['first_lookup_us']:.1f} |")
@@ -252,11 +264,42 @@ def md_transfer(r: dict[str, Any]) -> list[str]:
     for x in r["rows"]:
         lines.append(f"| {x['blocks']} | {'on' if x['merge_runs'] else 'off'} | {x['descriptors']} | "
                      f"{x['kvconnect_gbps']:.2f} | {x['raw_nixl_gbps']:.2f} | {x['ratio']:.2f} |")
+    if r.get("verified_bytes"):
+        lines += ["", f"Verified after each row's timed runs: {r['verified_bytes'] / 2**20:.0f} MiB of random KV "
+                  "compared byte for byte (what the last timed batch left, then one more kvconnect batch and one "
+                  "more raw batch into refilled blocks), all equal."]
     return lines
 
 
 def md_generic(r: Any) -> list[str]:
     return ["```json", json.dumps(r, indent=1, sort_keys=True)[:20000], "```"]
+
+
+TITLES = {"scheduler": "Connector scheduler half (vLLM hot path)", "offload": "CPU offload bandwidth",
+          "transfer": "P/D transfer (NIXL)"}
+E2E_TITLE = "End to end: P/D TTFT against one instance"
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """``(title, text)`` of each ``## `` section; the part before the first has title ""."""
+    out: list[tuple[str, str]] = [("", "")]
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            out.append((line[3:].strip(), ""))
+        out[-1] = (out[-1][0], out[-1][1] + line)
+    return out
+
+
+def update_sections(old: str, new: str, titles: Sequence[str], note: str) -> str:
+    """``old`` with its sections named in ``titles`` replaced by ``new``'s (appended if absent),
+    each followed by ``note``."""
+    def noted(body: str) -> str:
+        head, _, rest = body.partition("\n\n")
+        return f"{head}\n\n{note}\n\n{rest.rstrip()}\n\n"
+
+    fresh = {t: body for t, body in _sections(new) if t in titles}
+    parts = [noted(fresh.pop(t)) if t in fresh else body for t, body in _sections(old)]
+    return "".join(parts + [noted(b) for b in fresh.values()]).rstrip() + "\n"
 
 
 def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dict | None, took: float) -> str:
@@ -269,11 +312,9 @@ def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dic
              f"- OS: {mach['os']}", "",
              "## Versions", ""]
     lines += [f"- {k}: {v}" for k, v in vers.items()]
-    titles = {"scheduler": "Connector scheduler half (vLLM hot path)",
-              "offload": "CPU offload bandwidth", "transfer": "P/D transfer (NIXL)"}
     render = {"scheduler": md_scheduler, "offload": md_offload, "transfer": md_transfer}
     for name, res in results.items():
-        lines += ["", f"## {titles.get(name, name)}", "", f"Command: `{res.get('command', '')}`", ""]
+        lines += ["", f"## {TITLES.get(name, name)}", "", f"Command: `{res.get('command', '')}`", ""]
         if "error" in res:
             lines.append(f"Failed: {res['error']}")
             continue
@@ -281,7 +322,7 @@ def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dic
             lines += render.get(name, md_generic)(res["result"])
         except Exception as e:  # an unexpected shape: show the raw figures
             lines += [f"(table failed: {type(e).__name__}: {e})"] + md_generic(res["result"])
-    lines += ["", "## End to end: P/D TTFT against one instance", ""]
+    lines += ["", f"## {E2E_TITLE}", ""]
     if e2e is None:
         lines.append("Not run (`--no-e2e`).")
     elif "error" in e2e and len(e2e) == 1:
@@ -320,6 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as ex:
             e2e = {"error": f"{type(ex).__name__}: {ex}"}
     text = markdown(cmd, machine(), versions(), results, e2e, time.perf_counter() - t0)
+    if a.update and a.out != "-" and Path(a.out).exists():
+        titles = [TITLES.get(n, n) for n in results] + ([E2E_TITLE] if e2e is not None else [])
+        note = (f"Section refreshed by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')}; the other sections "
+                "come from the run named at the top.")
+        text = update_sections(Path(a.out).read_text(), text, titles, note)
     if a.out == "-":
         print(text)
     else:

@@ -68,6 +68,20 @@ def _worker(args, role: str, port: int, merge: bool, nixl_agent, nixl_agent_conf
     return w, caches
 
 
+def block_digests(caches, block_ids) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of every (layer, block) in ``block_ids``, layer by layer: two
+    sides hold the same bytes iff their lists are equal (for the same ids' pairing)."""
+    import hashlib
+
+    import torch
+
+    out = []
+    for t, lay in caches.values():
+        sel = t.movedim(lay.dims.index("block"), 0)[list(block_ids)].contiguous().view(torch.uint8).cpu().numpy()
+        out += [hashlib.blake2b(sel[i].tobytes(), digest_size=16).digest() for i in range(len(block_ids))]
+    return out
+
+
 def _mem(args) -> str:
     return "VRAM" if args.device == "cuda" else "DRAM"
 
@@ -102,6 +116,9 @@ def _producer_main(args, merge: bool, conn) -> None:
             cmd = conn.recv()
             if cmd[0] == "stop":
                 break
+            if cmd[0] == "digest":
+                conn.send(("digest", block_digests(caches, cmd[1])))
+                continue
             w.bind_step_metadata(W.PDStepMetadata(leases=tuple(cmd[1])))
             conn.send(("leased",))
         freed += len(w.get_transfer_results(set()).finished_sending)
@@ -164,6 +181,23 @@ class _Pair:
             if time.perf_counter() > deadline:
                 raise RuntimeError("kvconnect transfer timed out")
             time.sleep(0.0002)  # an engine checks once per step; this is a fast engine
+
+    def producer_digests(self, block_ids: list[int]) -> list[bytes]:
+        self.conn.send(("digest", block_ids))
+        if not self.conn.poll(120):
+            raise RuntimeError("the producer did not send its block digests")
+        return self.conn.recv()[1]
+
+    def scramble(self, block_ids: list[int]) -> None:
+        """Other random bytes in the consumer's blocks: a transfer that skips any is caught."""
+        import torch
+
+        for t, lay in self.caches.values():
+            bd = lay.dims.index("block")
+            t.index_copy_(bd, torch.as_tensor(block_ids, device=t.device),
+                          torch.randn_like(t.index_select(bd, torch.as_tensor(block_ids, device=t.device))))
+        if self.args.device == "cuda":
+            torch.cuda.synchronize()  # NIXL writes outside torch's streams
 
     def plan(self):
         """The descriptors and prepared lists kvconnect uses towards the producer."""
@@ -229,6 +263,38 @@ class _Raw:
         return dt
 
 
+def verify(pair: _Pair, raw: _Raw, batch: list[tuple[list[int], list[int]]], skip_merge: bool) -> int:
+    """After a row's timed runs, every byte of ``batch`` (the last one timed): the consumer's
+    blocks hold the producer's as the timed runs left them; then, each into blocks refilled with
+    other bytes, one more kvconnect batch and one more raw NIXL batch (untimed) deliver them
+    whole. Raises RuntimeError naming the first wrong block. Returns the (layer, block) pairs
+    compared."""
+    p_ids = [b for p, _ in batch for b in p]
+    d_ids = [b for _, d in batch for b in d]
+    want = pair.producer_digests(p_ids)
+
+    def check(what: str) -> None:
+        if pair.args.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        got = block_digests(pair.caches, d_ids)
+        bad = [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
+        if bad or len(got) != len(want):
+            layer, j = divmod(bad[0], len(p_ids)) if bad else (0, 0)
+            raise RuntimeError(f"{what} left wrong bytes: {len(bad)} of {len(want)} (layer, block) pairs "
+                               f"differ; first: layer {layer}, producer block {p_ids[j]} -> consumer block {d_ids[j]}")
+
+    check("the timed runs")
+    pair.scramble(d_ids)
+    pair.run(batch)
+    check("a kvconnect batch")
+    pair.scramble(d_ids)
+    raw.run(batch, pair.args.block_size, skip_merge)
+    check("a raw NIXL batch")
+    return 3 * len(want)
+
+
 def run(args) -> dict[str, Any]:
     from kvconnect.backends.nixl import load_nixl
 
@@ -238,6 +304,7 @@ def run(args) -> dict[str, Any]:
     block_bytes = 2 * args.block_size * args.heads * args.head_dim * 2
     nbytes = n * k * block_bytes * args.layers
     rows = []
+    verified = 0
     for merge in (True, False):
         pair = _Pair(args, merge, nixl_agent, nixl_agent_config)
         try:
@@ -254,6 +321,7 @@ def run(args) -> dict[str, Any]:
                     batch = [(pool_p[i * n:(i + 1) * n], pool_d[i * n:(i + 1) * n]) for i in range(k)]
                     kv_t.append(pair.run(batch))
                     raw_t.append(raw.run(batch, args.block_size, not merge))
+                verified += verify(pair, raw, batch, not merge) * block_bytes
                 li, _ = raw.plan.indices([batch[0][1]], [batch[0][0]], 0, n * args.block_size)
                 kv, rw = statistics.median(kv_t), statistics.median(raw_t)
                 # each kvconnect batch is paired with the raw batch run right after it (the machine
@@ -274,7 +342,7 @@ def run(args) -> dict[str, Any]:
         "request_blocks": n, "batch": k, "block_bytes_per_layer": block_bytes, "bytes": nbytes,
         "checksums": bool(getattr(args, "checksums", False)), "device": args.device,
         "kvconnect_gbps": head["kvconnect_gbps"], "raw_nixl_gbps": head["raw_nixl_gbps"], "ratio": head["ratio"],
-        "rows": rows,
+        "verified_bytes": verified, "rows": rows,
     }
 
 
@@ -286,6 +354,8 @@ def _table(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         out.append(f"{r['blocks']:<11} {'on' if r['merge_runs'] else 'off':<6} {r['descriptors']:>6} "
                    f"{r['kvconnect_gbps']:>8.2f} GB/s {r['raw_nixl_gbps']:>8.2f} GB/s {r['ratio']:>5.2f}x")
+    out.append(f"verified after the timed runs: {res['verified_bytes'] / 2**20:.0f} MiB compared byte for byte "
+               "(random KV), all equal")
     return "\n".join(out)
 
 

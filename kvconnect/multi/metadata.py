@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from kvconnect.config import PD_BACKENDS
-from kvconnect.errors import ConfigError
+from kvconnect.errors import ConfigError, UnsupportedModelError
+from kvconnect.multi.hybrid import fit_to_model
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,13 +74,20 @@ def child_names(base_names: Sequence[str]) -> list[str]:
 
 
 def build_children(create: Callable[[Any, Any], T], configs: Sequence[Any], engine: Any,
-                   names: Sequence[str]) -> list[T]:
-    """Build one child per backend config, in order; if one fails, shut down those already built
-    (they may hold sockets or threads) and raise, naming the child."""
+                   names: Sequence[str]) -> tuple[list[T], list[str], list[tuple[str, str]]]:
+    """Build one child per backend config, in order: the children built, their names, and
+    ``(name, why)`` of each child that refused the model (:class:`UnsupportedModelError`, for
+    :mod:`kvconnect.multi.hybrid` to rule on). If a child fails otherwise, shut down those already
+    built (they may hold sockets or threads) and raise, naming the child."""
     built: list[T] = []
+    kept: list[str] = []
+    refused: list[tuple[str, str]] = []
     for name, cfg in zip(names, configs):
         try:
             built.append(create(cfg, engine))
+            kept.append(name)
+        except UnsupportedModelError as e:
+            refused.append((name, str(e)))
         except Exception:
             logger.error("MultiConnector child %s could not be built", name)
             for child in reversed(built):
@@ -88,7 +96,7 @@ def build_children(create: Callable[[Any, Any], T], configs: Sequence[Any], engi
                 except Exception:
                     logger.exception("shutting down a child after a failed start")
             raise
-    return built
+    return built, kept, refused
 
 
 def check_composition(names: Sequence[str]) -> None:
@@ -104,9 +112,12 @@ def check_composition(names: Sequence[str]) -> None:
 
 
 def resolve_children(config: Any, engine: Any, names: Sequence[str] | None,
-                     create: Callable[[Any, Any], T]) -> tuple[list[T], list[str]]:
+                     create: Callable[[Any, Any], T],
+                     unsupported_model: str = "fail") -> tuple[list[T], list[str]]:
     """The children and their names: built from a KVConnectConfig through ``create`` (names
-    derived from the backends), or given already built (named ``names``, else by class)."""
+    derived from the backends), or given already built (named ``names``, else by class); those
+    that cannot serve the model are skipped or fail the start (:mod:`kvconnect.multi.hybrid`;
+    the config's ``unsupported_model``, else ``unsupported_model``)."""
     from kvconnect.config import KVConnectConfig, backend_name
 
     if isinstance(config, KVConnectConfig):
@@ -114,12 +125,13 @@ def resolve_children(config: Any, engine: Any, names: Sequence[str] | None,
             raise ConfigError("names are derived from the config; pass names only with built children")
         names = child_names([backend_name(b) for b in config.backends])
         check_composition(names)
-        return build_children(create, config.backends, engine, names), names
+        built, kept, refused = build_children(create, config.backends, engine, names)
+        return fit_to_model(built, kept, engine, config.unsupported_model, refused)
     children = list(config)
     names = check_names(names if names is not None else child_names([type(c).__name__ for c in children]),
                         len(children))
     check_composition(names)
-    return children, names
+    return fit_to_model(children, names, engine, unsupported_model)
 
 
 def base_name(child_name: str) -> str:

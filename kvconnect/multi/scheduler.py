@@ -88,19 +88,19 @@ class MultiScheduler(SchedulerConnector):
     """Scheduler half composing ``children`` (highest load priority first)."""
 
     def __init__(self, config: KVConnectConfig | Sequence[SchedulerConnector], engine: EngineInfo, *,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, unsupported_model: str = "fail") -> None:
         """Build the children from ``config`` through the registry, in order; or compose a list of
         already-built children (named ``names``, by default after their classes)."""
         from kvconnect.registry import create_backend_scheduler
 
-        children, names = resolve_children(config, engine, names, create_backend_scheduler)
+        children, names = resolve_children(config, engine, names, create_backend_scheduler, unsupported_model)
         self._setup(children, names, engine)
 
     @classmethod
     def from_children(cls, children: Sequence[SchedulerConnector], engine: EngineInfo,
-                      names: Sequence[str] | None = None) -> MultiScheduler:
+                      names: Sequence[str] | None = None, unsupported_model: str = "fail") -> MultiScheduler:
         """Compose already-built children (tests, embedders)."""
-        return cls(children, engine, names=names)
+        return cls(children, engine, names=names, unsupported_model=unsupported_model)
 
     def _setup(self, children: list[SchedulerConnector], names: list[str], engine: EngineInfo) -> None:
         self.children = children

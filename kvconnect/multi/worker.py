@@ -43,19 +43,19 @@ class MultiWorker(WorkerConnector):
     """Worker half composing ``children`` (same order as the scheduler half's)."""
 
     def __init__(self, config: KVConnectConfig | Sequence[WorkerConnector], engine: EngineInfo, *,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, unsupported_model: str = "fail") -> None:
         """Build the children from ``config`` through the registry, in order; or compose a list of
         already-built children (named ``names``, by default after their classes)."""
         from kvconnect.registry import create_backend_worker
 
-        children, names = resolve_children(config, engine, names, create_backend_worker)
+        children, names = resolve_children(config, engine, names, create_backend_worker, unsupported_model)
         self._setup(children, names, engine)
 
     @classmethod
     def from_children(cls, children: Sequence[WorkerConnector], engine: EngineInfo,
-                      names: Sequence[str] | None = None) -> MultiWorker:
+                      names: Sequence[str] | None = None, unsupported_model: str = "fail") -> MultiWorker:
         """Compose already-built children (tests, embedders)."""
-        return cls(children, engine, names=names)
+        return cls(children, engine, names=names, unsupported_model=unsupported_model)
 
     def _setup(self, children: list[WorkerConnector], names: list[str], engine: EngineInfo) -> None:
         self.children = children

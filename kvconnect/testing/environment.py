@@ -27,6 +27,7 @@ REQUIRED_MODULES: Mapping[str, str] = {
     "vllm_router": "pip install vllm-router (e2e tier: P/D through the router)",
     "transformers": "pip install transformers (tiny test models)",
     "tokenizers": "pip install tokenizers (tiny test models)",
+    "matplotlib": "pip install -e '.[test-cpu]' (the plot of kvconnect bench serve)",
     "sglang": "pip install --no-deps sglang==0.5.23 (SGLang adapter tests)",
 }
 

@@ -1,7 +1,9 @@
 """Sustained load on an OpenAI-compatible ``/v1/completions`` endpoint: several concurrent
 clients, greedy requests given as token ids, some of which hang up mid-request (the server sees a
 client disconnect and aborts the request). Used by kvconnect's load test against a real P/D
-deployment; usable against any deployment (``run_load(url, requests)``).
+deployment and by ``kvconnect bench serve``; usable against any deployment (``run_load(url, requests)``).
+A streamed request records when each chunk arrived: time to first token and the gaps between
+tokens, measured as ``vllm bench serve`` measures them.
 
 Every request and the whole run are bounded by deadlines: a hang is reported, never waited out.
 """
@@ -38,6 +40,10 @@ class LoadResult:
     aborted: bool = False
     error: str | None = None
     latency_s: float = 0.0
+    #: Streamed requests: seconds from sending to the first chunk that carried a token.
+    ttft_s: float | None = None
+    #: Streamed requests: seconds between consecutive token-carrying chunks.
+    itl_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -68,14 +74,17 @@ def _body(req: LoadRequest, model: str) -> dict[str, Any]:
     }
 
 
-async def _read(resp: Any, stream: bool) -> tuple[list[int] | None, str | None]:
+async def _read(resp: Any, out: LoadResult, stream: bool, t0: float) -> None:
+    """Fill ``out`` from the response, timing each token-carrying chunk of a stream."""
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
     if not stream:
         ch = (await resp.json())["choices"][0]
-        return ch.get("token_ids"), ch.get("finish_reason")
+        out.token_ids, out.finish_reason = ch.get("token_ids"), ch.get("finish_reason")
+        return
     ids: list[int] = []
     finish = None
+    last: float | None = None
     async for raw in resp.content:
         line = raw.decode().strip()
         if not line.startswith("data:") or line == "data: [DONE]":
@@ -83,10 +92,19 @@ async def _read(resp: Any, stream: bool) -> tuple[list[int] | None, str | None]:
         chunk = json.loads(line[5:])
         if chunk.get("error"):
             raise RuntimeError(f"stream error: {chunk['error']}")
+        got = 0
         for ch in chunk.get("choices") or []:
+            got += len(ch.get("token_ids") or ())
             ids.extend(ch.get("token_ids") or ())
             finish = ch.get("finish_reason") or finish
-    return ids, finish
+        if got:
+            now = time.perf_counter()
+            if last is None:
+                out.ttft_s = now - t0
+            else:
+                out.itl_s.append(now - last)
+            last = now
+    out.token_ids, out.finish_reason = ids, finish
 
 
 async def _one(session: Any, url: str, req: LoadRequest, model: str, timeout_s: float) -> LoadResult:
@@ -95,7 +113,7 @@ async def _one(session: Any, url: str, req: LoadRequest, model: str, timeout_s: 
 
     async def call() -> None:
         async with session.post(url, json=_body(req, model)) as resp:
-            out.token_ids, out.finish_reason = await _read(resp, req.stream)
+            await _read(resp, out, req.stream, t0)
 
     try:
         if req.abort_after_s is not None:
@@ -103,6 +121,7 @@ async def _one(session: Any, url: str, req: LoadRequest, model: str, timeout_s: 
                 await asyncio.wait_for(call(), req.abort_after_s)
             except asyncio.TimeoutError:
                 out.aborted, out.token_ids, out.finish_reason = True, None, None
+                out.ttft_s, out.itl_s = None, []
         else:
             await asyncio.wait_for(call(), timeout_s)
     except asyncio.TimeoutError:
@@ -152,10 +171,13 @@ def run_load(base_url: str, requests: Sequence[LoadRequest], *, concurrency: int
 
 def mixed_requests(n: int, *, vocab: int, seed: int = 0, max_prompt: int = 300, max_tokens: int = 16,
                    shared_prefix: int = 96, abort_fraction: float = 0.1,
-                   abort_window_s: tuple[float, float] = (0.0, 0.3)) -> list[LoadRequest]:
+                   abort_window_s: tuple[float, float] = (0.0, 0.3), min_tokens: int = 1,
+                   stream_fraction: float = 0.25) -> list[LoadRequest]:
     """``n`` distinct prompts of 1..``max_prompt`` tokens (a third start with one of a few shared
-    prefixes), 1..``max_tokens`` output tokens, a quarter streamed, and ``abort_fraction`` of them
-    hung up by the client at a random moment within ``abort_window_s``."""
+    prefixes), ``min_tokens``..``max_tokens`` output tokens, ``stream_fraction`` of them streamed,
+    and ``abort_fraction`` of them hung up by the client at a random moment within ``abort_window_s``."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"mixed_requests: need 1 <= min_tokens ({min_tokens}) <= max_tokens ({max_tokens})")
     rng = random.Random(seed)
     prefixes = [[rng.randrange(8, vocab) for _ in range(shared_prefix)] for _ in range(3)]
     out = []
@@ -164,6 +186,6 @@ def mixed_requests(n: int, *, vocab: int, seed: int = 0, max_prompt: int = 300, 
         head = rng.choice(prefixes) if rng.random() < 1 / 3 and length > shared_prefix else []
         prompt = head + [rng.randrange(8, vocab) for _ in range(length - len(head))]
         abort = rng.uniform(*abort_window_s) if rng.random() < abort_fraction else None
-        out.append(LoadRequest(f"r{i}", prompt, rng.randint(1, max_tokens), stream=rng.random() < 0.25,
-                               abort_after_s=abort))
+        out.append(LoadRequest(f"r{i}", prompt, rng.randint(min_tokens, max_tokens),
+                               stream=rng.random() < stream_fraction, abort_after_s=abort))
     return out

@@ -146,6 +146,17 @@ def kvc_stat(url: str, stat: str) -> float:
     return counter(url, "vllm:kvconnect", stat=stat)
 
 
+def kvc_stat_before(url: str, stat: str) -> float:
+    """A kvconnect counter read *before* the step under test. A stat this server has not
+    exposed yet has counted nothing (kvconnect reports a stat from its first event on): 0. The
+    read after the step uses :func:`kvc_stat`, which raises when the stat is missing, so a renamed
+    stat still fails the test."""
+    try:
+        return kvc_stat(url, stat)
+    except S.MetricMissing:
+        return 0.0
+
+
 def prefill_direct(prefill_url: str, prompt: Any, timeout: float = 60.0) -> dict[str, Any]:
     """What a router does first: the prompt to the prefill instance with ``max_tokens=1`` and
     ``do_remote_decode``; returns the ``kv_transfer_params`` for the decode instance."""

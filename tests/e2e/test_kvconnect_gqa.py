@@ -66,7 +66,7 @@ def gqa(tmp_path_factory):
 def _pd_run(request, env, router, prefill, label: str) -> None:
     decode = env["decode"]
     hits0 = kvc.counter(decode.url, "vllm:external_prefix_cache_hits")
-    loads0 = kvc.kvc_stat(decode.url, "nixl.loads_done")
+    loads0 = kvc.kvc_stat_before(decode.url, "nixl.loads_done")
     got = kvc.request_set(router.url)
     kvc.assert_same(got, env["base"], f"{label} vs single instance", prefill, decode)
     time.sleep(1.5)  # vLLM publishes stats on its next step / log interval

@@ -43,7 +43,7 @@ def test_mla_pd_pull_equals_vllm_nixl_connector_pd(tmp_path_factory, request):
         # MLA decodes slowly on CPU (a few tokens/s here): a smaller request set, 8 tokens each.
         want = kvc.request_set(r_nat.url, max_tokens=8, small=True)
         T.check_outputs_varied([want[f"cmpl/{n}"] for n in kvc.PROMPTS], min_distinct=3)
-        loads0 = kvc.kvc_stat(kvc_d.url, "nixl.loads_done")
+        loads0 = kvc.kvc_stat_before(kvc_d.url, "nixl.loads_done")
         got = kvc.request_set(r_kvc.url, max_tokens=8, small=True)
         kvc.assert_same(got, want, "kvconnect MLA P/D vs vLLM NixlConnector MLA P/D", kvc_p, kvc_d)
         time.sleep(1.5)

@@ -53,7 +53,7 @@ def test_mqa_bf16_pd_with_uneven_block_sizes_equals_single_instance(tmp_path_fac
         T.check_outputs_varied(list(want.values()), min_distinct=4)
         single.stop()
         router = g.router(p, d, wd, "router")
-        loads0 = kvc.kvc_stat(d.url, "nixl.loads_done")
+        loads0 = kvc.kvc_stat_before(d.url, "nixl.loads_done")
         got = {k: S.completion(router.url, ids, max_tokens=12).token_ids for k, ids in prompts.items()}
         kvc.assert_same(got, want, f"kvconnect MQA {DTYPE} P{P_BLOCK}->D{D_BLOCK} vs single instance", p, d)
         time.sleep(1.5)

@@ -15,7 +15,7 @@ pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not insta
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from kvconnect.testing.servers import free_port_range  # noqa: E402
-from tests.integration.test_nixl_pd import Child, close_all  # noqa: E402
+from tests.integration.nixl_procs import Child, close_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
 FAULT = {"handshake_timeout_s": 1.0, "transfer_timeout_s": 2.0, "verify_checksums": True}

@@ -25,13 +25,13 @@ LAYOUTS = {
 
 
 def make_cache(kind: str, num_blocks: int, block_size: int, heads: int = 2, dim: int = 8,
-               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.Tensor:
     shape = {
         "mha": (2, num_blocks, block_size, heads, dim),
         "mla": (num_blocks, block_size, dim),
         "vllm_cpu": (num_blocks, heads, block_size, 2 * dim),
     }[kind]
-    return torch.zeros(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def block_view(t: torch.Tensor, dims: tuple[str, ...], block_id: int) -> torch.Tensor:
@@ -67,6 +67,8 @@ class OffloadEngine:
     num_layers: int = 2
     tp_size: int = 1
     use_hint: bool = False
+    #: where the engine's KV caches live ("cpu", "cuda")
+    device: str = "cpu"
     kv_events: bool = False
     requests: dict[str, SimRequest] = field(default_factory=dict)
     results: list[TransferResults] = field(default_factory=list)
@@ -78,7 +80,7 @@ class OffloadEngine:
         for _ in range(self.tp_size):
             c = {}
             for layer in range(self.num_layers):
-                t = make_cache(self.kind, self.num_blocks, self.block_size)
+                t = make_cache(self.kind, self.num_blocks, self.block_size, device=self.device)
                 c[f"layer.{layer}"] = (t, KVLayout.of_tensor(t, dims))
             self.caches.append(c)
         per_block = sum(lay.block_bytes for _, lay in self.caches[0].values())
@@ -213,7 +215,7 @@ class OffloadEngine:
         for b in range(upto_blocks):
             for rank, caches in enumerate(self.caches):
                 for layer, (t, _) in enumerate(caches.values()):
-                    got = block_view(t, self.dims, req.blocks[b])
+                    got = block_view(t, self.dims, req.blocks[b]).cpu()
                     want = block_content(tuple(got.shape), t.dtype, toks[: (b + 1) * bs], layer, rank)
                     if not torch.equal(got.view(torch.uint8) if got.dtype != torch.uint8 else got,
                                        want.view(torch.uint8) if want.dtype != torch.uint8 else want):

@@ -23,16 +23,18 @@ LATENT = 24
 DEADLINE_S = 30.0  # bounds a hang; success returns at once, so a loaded CI machine has room
 
 
-def make_layer(kind: str, num_blocks: int, block_size: int, heads: int, group: int = 0, dtype=torch.float32):
+def make_layer(kind: str, num_blocks: int, block_size: int, heads: int, group: int = 0, dtype=torch.float32,
+               device: str = "cpu"):
     dims = DIMS[kind]
     if kind == "flash":
-        t = torch.zeros(2, num_blocks, block_size, heads, HEAD_DIM, dtype=dtype)
+        shape: tuple[int, ...] = (2, num_blocks, block_size, heads, HEAD_DIM)
     elif kind == "hnd":
-        t = torch.zeros(2, num_blocks, heads, block_size, HEAD_DIM, dtype=dtype)
+        shape = (2, num_blocks, heads, block_size, HEAD_DIM)
     elif kind == "cpu":
-        t = torch.zeros(num_blocks, heads, block_size, 2 * HEAD_DIM, dtype=dtype)
+        shape = (num_blocks, heads, block_size, 2 * HEAD_DIM)
     else:
-        t = torch.zeros(num_blocks, block_size, LATENT, dtype=dtype)
+        shape = (num_blocks, block_size, LATENT)
+    t = torch.zeros(shape, dtype=dtype, device=device)
     return t, KVLayout.of_tensor(t, dims, group=group)
 
 
@@ -64,6 +66,8 @@ class Engine:
     config_factory: Any = None
     #: tensor block size when it differs from the engine block size (kernel blocks)
     tensor_block_size: int | None = None
+    #: where the KV caches live ("cpu", "cuda", "cuda:1")
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.agent_factory is None:
@@ -89,7 +93,8 @@ class Engine:
             caches = {}
             for li in range(2):
                 g = li % self.groups
-                caches[f"layer{li}"] = make_layer(self.kind, self.num_blocks * per, tbs, hi - lo, group=g)
+                caches[f"layer{li}"] = make_layer(self.kind, self.num_blocks * per, tbs, hi - lo, group=g,
+                                                  device=self.device)
             w = NixlWorker(self.cfg, self._info(r, bss, layer_groups),
                            agent_factory=self.agent_factory, config_factory=self.config_factory)
             w.register_kv_caches(caches)
@@ -114,6 +119,17 @@ class Engine:
         for caches in self.caches:
             for t, _ in caches.values():
                 t.copy_(torch.randn(t.shape, generator=gen))
+
+    def fill_bytes(self, seed: int = 0) -> None:
+        """Every byte of every cache uniformly random (any float bit pattern, NaNs included:
+        compare with :func:`as_bytes`), drawn on the CPU so a device gets the same bytes."""
+        gen = torch.Generator().manual_seed(seed)
+        for caches in self.caches:
+            for t, _ in caches.values():
+                t.view(-1).view(torch.uint8).copy_(
+                    torch.randint(0, 256, (t.numel() * t.element_size(),), dtype=torch.uint8, generator=gen))
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)  # the transfer engine reads outside torch's streams
 
     def agent(self, rank: int = 0):
         return self.workers[rank]._transport.agent
@@ -170,6 +186,13 @@ def decode_start(consumer: Engine, rid: str, prompt_len: int, params, block_ids:
 
 
 # -- independent checker ------------------------------------------------------------------------
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``x`` on the CPU, last dimension widened by the item size: two tensors are
+    byte-identical iff these are ``torch.equal`` (float equality would pass 0.0 == -0.0 and fail
+    NaN == NaN)."""
+    return x.contiguous().cpu().view(torch.uint8)
+
+
 def _canon(t: torch.Tensor, lay: KVLayout) -> torch.Tensor:
     """[block, kv, head, token, feature] view whatever the layout."""
     x, dims = t, list(lay.dims)
@@ -202,7 +225,7 @@ def assert_transferred(producer: Engine, consumer: Engine, p_ids, c_ids, t0: int
             if consumer.kind == "mla":
                 pt, play = producer.caches[0][name]
                 want = token_view(pt, play, producer.block_size, p_ids[g], t0, t1)
-                assert torch.equal(got, want), f"rank {c} {name}: MLA KV differs"
+                assert torch.equal(as_bytes(got), as_bytes(want)), f"rank {c} {name}: MLA KV differs"
                 continue
             lo, hi = rank_heads(consumer.num_heads, consumer.tp, c)
             for gh in range(lo, hi):
@@ -211,5 +234,6 @@ def assert_transferred(producer: Engine, consumer: Engine, p_ids, c_ids, t0: int
                 plo = rank_heads(producer.num_heads, producer.tp, p)[0]
                 pt, play = producer.caches[p][name]
                 want = token_view(pt, play, producer.block_size, p_ids[g], t0, t1)[:, :, gh - plo]
-                assert torch.equal(got[:, :, gh - lo], want), f"consumer rank {c} {name} head {gh} differs"
+                assert torch.equal(as_bytes(got[:, :, gh - lo]), as_bytes(want)), \
+                    f"consumer rank {c} {name} head {gh} differs"
 

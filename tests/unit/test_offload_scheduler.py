@@ -199,8 +199,7 @@ def test_unknown_policy_is_a_config_error_at_start():
         CpuOffloadScheduler(CpuOffloadConfig(cpu_bytes_to_use=1000, eviction_policy="fifo"), EngineInfo("e"))
 
 
-def test_hybrid_block_ids_are_refused():
+def test_block_ids_of_more_groups_than_the_engine_announced_are_refused():
     s = sched()
-    assert CpuOffloadScheduler.supports_hybrid is False
-    with pytest.raises(LayoutError, match="one group"):
+    with pytest.raises(LayoutError, match="2 KV-cache groups; the engine announced 1"):
         s.update_state_after_alloc(view("a", 8), [[0, 1], [2, 3]], 0)

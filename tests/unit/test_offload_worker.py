@@ -11,7 +11,7 @@ import torch
 from kvconnect.api import EngineInfo
 from kvconnect.backends.cpu_offload import CpuOffloadWorker
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadStepMetadata, StoreJob
-from kvconnect.backends.cpu_offload.rows import plan_rows
+from kvconnect.backends.cpu_offload.rows import Entry, plan_memory
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.layout import FLASH_HND_DIMS, KVLayout
@@ -143,8 +143,8 @@ def test_permuted_and_padded_layouts_round_trip():
     padded = torch.randn(8, BS, 24).to(torch.bfloat16)[:, :, :20]  # MLA row padded to 24
     caches = {"hnd": (hnd, KVLayout.of_tensor(hnd, FLASH_HND_DIMS)),
               "pad": (padded, KVLayout.of_tensor(padded, ("block", "token", "feature")))}
-    assert plan_rows(caches["hnd"][1]) is not None  # row path, 16-element rows
-    assert plan_rows(caches["pad"][1]) is None  # fallback path (padding does not split into rows)
+    assert plan_memory([Entry.of("hnd", *caches["hnd"])]) is not None  # row path: one row per K/V plane
+    assert plan_memory([Entry.of("pad", *caches["pad"])]) is None  # fallback (padding does not split into rows)
     w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=1 << 20), EngineInfo("e", block_sizes=(BS,)))
     w.register_kv_caches(caches)
     want = [hnd[:, [1, 2]].clone(), padded[[1, 2]].clone()]
@@ -198,7 +198,7 @@ def test_handshake_reports_block_bytes_and_slot_count():
     w = worker(caches, capacity=10 * per_block + 7)
     hs = w.get_handshake_metadata()
     assert (hs.kv_bytes_per_block, hs.num_slots) == (per_block, 10)
-    assert w.layers[0].pool.shape == (10, *caches["l0"][0].shape[1:])
+    assert w.layers[0].pool.shape == (10, caches["l0"][1].block_bytes)  # the block's bytes, as in the engine
     w.shutdown()
 
 
@@ -208,11 +208,11 @@ def test_worker_capacity_below_one_block_is_a_config_error():
         worker(caches, capacity=caches["l0"][1].block_bytes - 1)
 
 
-def test_worker_refuses_several_kv_cache_groups():
+def test_worker_refuses_a_layer_in_a_group_the_engine_did_not_announce():
     t1, t2 = make_cache("mha", 4, BS), make_cache("mha", 4, BS)
     caches = {"a": (t1, KVLayout.of_tensor(t1, LAYOUTS["mha"])),
               "b": (t2, KVLayout.of_tensor(t2, LAYOUTS["mha"], group=1))}
-    with pytest.raises(LayoutError, match="one group"):
+    with pytest.raises(LayoutError, match="layer b is in KV-cache group 1; the engine has 1"):
         worker(caches)
 
 

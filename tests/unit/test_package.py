@@ -50,7 +50,7 @@ PUBLIC_API = {
     "TransferResults",
     "parse_config", "KVConnectConfig", "NixlConfig", "MoriConfig", "CpuOffloadConfig",
     "create_scheduler", "create_worker",
-    "KVConnectError", "ConfigError", "LayoutError", "WireError", "HandshakeError", "PeerRefusedError",
+    "KVConnectError", "ConfigError", "UnsupportedModelError", "LayoutError", "WireError", "HandshakeError", "PeerRefusedError",
     "CompatibilityError", "TransferError", "BackendUnavailableError",
 }
 

@@ -47,3 +47,45 @@ def test_garbage_peer_metadata_is_a_handshake_error():
     with pytest.raises(HandshakeError, match="NIXL refused"):
         t.add_peer(b"not nixl metadata", [])
     fake_nixl.registry.reset()
+
+
+def test_host_consumer_reads_a_gpu_peer_through_the_peers_memory_type_and_device(monkeypatch):
+    """VRAM -> host: NIXL finds a remote descriptor only among the peer's registrations of the
+    list's memory type and device, so the consumer must prepare the peer's list as VRAM on the
+    peer's GPU. (The fake moves host bytes whatever the label; on a GPU machine UCX moves VRAM.)"""
+    import numpy as np
+
+    from kvconnect.pd.transport import Op, Status
+
+    monkeypatch.setattr(fake_nixl, "_TRANSFERABLE", {"DRAM", "VRAM"})  # a CUDA-enabled UCX
+    src = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+    dst = np.zeros(4096, np.uint8)
+    mk = dict(agent_factory=fake_nixl.FakeNixlAgent, config_factory=fake_nixl.nixl_agent_config)
+    prod, cons = NixlTransport("gpu-prod", **mk), NixlTransport("host-cons", **mk)
+    prod.register([(src.ctypes.data, src.nbytes)], "cuda:1")
+    cons.register([(dst.ctypes.data, dst.nbytes)], "cpu")
+    peer = cons.add_peer(prod.metadata(), [(src.ctypes.data, src.nbytes)])
+    descs = np.array([(0, 0, 1024), (0, 2048, 2048)], np.int64)
+    idx = np.arange(2)
+    h = cons.start(Op.READ, peer, cons.prepare(None, descs), idx, cons.prepare(peer, descs), idx)
+    for _ in range(1000):
+        prod.notifications()
+        if (st := cons.poll(h)) is not Status.BUSY:
+            break
+    assert st is Status.DONE
+    assert np.array_equal(dst[:1024], src[:1024]) and np.array_equal(dst[2048:], src[2048:])
+    assert not dst[1024:2048].any()
+    cons.close()
+    prod.close()
+    fake_nixl.registry.reset()
+
+
+def test_peer_blob_with_an_unknown_memory_type_is_a_handshake_error():
+    import msgspec
+
+    from kvconnect.backends.nixl import NixlBlob
+
+    t = NixlTransport("a3", agent_factory=fake_nixl.FakeNixlAgent, config_factory=fake_nixl.nixl_agent_config)
+    with pytest.raises(HandshakeError, match="memory type 'FILE'"):
+        t.add_peer(msgspec.msgpack.encode(NixlBlob("FILE", 0, b"x")), [])
+    fake_nixl.registry.reset()

@@ -16,7 +16,7 @@ MODS = import_sglang()
 
 from kvconnect.adapters.sglang.hicache import KVConnectHiCacheStorage  # noqa: E402
 from kvconnect.errors import ConfigError  # noqa: E402
-from tests.sglang_stubs.host_pool import make_host_pool, page_bytes  # noqa: E402
+from tests.sglang_stubs.host_pool import make_host_pool, make_mla_host_pool, page_bytes  # noqa: E402
 
 HS = MODS["sglang.srt.mem_cache.hicache_storage"]
 FACTORY = MODS["sglang.srt.mem_cache.storage.backend_factory"].StorageBackendFactory
@@ -167,3 +167,25 @@ def test_a_store_smaller_than_one_page_is_refused_when_the_pool_arrives():
     st = KVConnectHiCacheStorage(_storage_config(_extra(16)))
     with pytest.raises(ConfigError, match="smaller than one"):
         st.register_mem_pool_host(make_host_pool())
+
+
+@pytest.mark.parametrize("layout,stores,loads", [("page_first", 2, 1), ("layer_first", 6, 6)])
+def test_mla_pages_copy_byte_for_byte_in_one_memmove_per_contiguous_run(layout, stores, loads, monkeypatch):
+    # A page-first MLA page is one piece: pages 3, 4 (consecutive) go to slots 0, 1 (consecutive)
+    # as one run, page 9 as a second; slots 0-2 come back into pages 12-14 as one. A layer-first
+    # page is one piece per layer, none adjacent to the next: 3 pages x 2 layers both ways.
+    from kvconnect.adapters.sglang import hicache
+
+    pool = make_mla_host_pool(layout)
+    st = _store(pool, slots=8)
+    calls = []
+    real = hicache.ctypes.memmove
+    monkeypatch.setattr(hicache.ctypes, "memmove", lambda dst, src, n: calls.append(n) or real(dst, src, n))
+    keys = ["m0", "m1", "m2"]
+    want = [page_bytes(pool, p) for p in (3, 4, 9)]
+    assert st.batch_set_v1(keys, _idx(pool, [3, 4, 9])) == [True, True, True]
+    assert len(calls) == stores and sum(calls) == 3 * st.page_bytes
+    calls.clear()
+    assert st.batch_get_v1(keys, _idx(pool, [12, 13, 14])) == [True, True, True]
+    assert len(calls) == loads and sum(calls) == 3 * st.page_bytes
+    assert [page_bytes(pool, p) for p in (12, 13, 14)] == want

@@ -35,6 +35,14 @@ class MLAAttentionSpec(NS):
     pass
 
 
+class SlidingWindowSpec(NS):
+    pass
+
+
+class RSWASpec(FullAttentionSpec):
+    pass
+
+
 def _req(**kw):
     base = dict(request_id="r1", prompt_token_ids=[1, 2, 3], all_token_ids=[1, 2, 3, 9],
                 block_hashes=[b"h"], kv_transfer_params={"do_remote_decode": True},
@@ -157,3 +165,21 @@ def test_engine_info_from_vllm_config():
     assert info.kv_bytes_per_block == 2 * (2 * 32 * 128 * 4) + 100
     assert info.layer_groups == (("l0", "l1"), ("l2",))
     assert info.model_signature["num_layers"] == 3
+
+
+def test_engine_info_names_each_groups_attention_window_and_the_null_block():
+    groups = [NS(layer_names=["l0"], kv_cache_spec=_spec(SlidingWindowSpec, sliding_window=64)),
+              NS(layer_names=["l1"], kv_cache_spec=_spec(sliding_window=None)),
+              NS(layer_names=["l2"], kv_cache_spec=_spec(RSWASpec, sliding_window=64))]
+    cfg = NS(
+        kv_transfer_config=NS(engine_id="eng", kv_role="kv_both"),
+        model_config=NS(hf_config=NS(architectures=["Gemma3ForCausalLM"]), model="m",
+                        get_total_num_kv_heads=lambda: 2, dtype=torch.float32),
+        parallel_config=NS(tensor_parallel_size=1, data_parallel_rank=0),
+        cache_config=NS(block_size=32),
+    )
+    info = engine_info(cfg, NS(kv_cache_groups=groups))
+    # a subclass with a manager of its own is named, not taken for full attention
+    assert info.group_kinds == ("sliding_window", "full_attention", "RSWASpec")
+    assert info.sliding_windows == (64, 0, 0)
+    assert info.null_block_id == 0

@@ -16,7 +16,9 @@ Keys are SGLang's page hashes; slots, prefix lookups, pins and eviction are kvco
 :class:`~kvconnect.backends.cpu_offload.index.SlotIndex` with its LRU/ARC policy.
 
 ``batch_set_v1`` / ``batch_get_v1`` copy between the host pool's pages (located by the pool's own
-``get_page_buffer_meta``) and slots, outside the index lock; the slots being copied are pinned, so
+``get_page_buffer_meta``) and slots, outside the index lock, one ``memmove`` per run that is
+contiguous on both sides (a page-first MLA page is one run, and consecutive pages into
+consecutive slots are one run together); the slots being copied are pinned, so
 eviction under capacity pressure never takes a page that is being read or written. A page that
 does not fit (every slot pinned) reports False, which SGLang treats as "not stored".
 """
@@ -29,6 +31,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
@@ -37,6 +40,7 @@ from kvconnect.backends.cpu_offload.policies import make_policy
 from kvconnect.backends.cpu_offload.sizing import slot_count
 from kvconnect.config import CpuOffloadConfig, parse_config
 from kvconnect.errors import ConfigError
+from kvconnect.layout import merge_segments
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,13 @@ def storage_config_of(extra_config: dict | None) -> CpuOffloadConfig:
             f"'{CONFIG_KEY}' for HiCache storage takes one 'cpu_offload' backend, got {cfg.names}"
         )
     return cfg.backends[0]
+
+
+def _copy_runs(segments: list[tuple[int, int, int]]) -> None:
+    """``memmove`` each ``(src, dst, nbytes)``, merged first where both sides continue."""
+    if segments:
+        for src, dst, n in merge_segments(np.asarray(segments, dtype=np.int64)).tolist():
+            ctypes.memmove(dst, src, n)
 
 
 class KVConnectHiCacheStorage(HiCacheStorage):
@@ -95,6 +106,14 @@ class KVConnectHiCacheStorage(HiCacheStorage):
     def _slot_ptr(self, slot: int) -> int:
         return self._slots.data_ptr() + slot * self.page_bytes  # type: ignore[union-attr]
 
+    def _slot_pieces(self, slot: int, pieces: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """``(page address, slot address, nbytes)`` of one page's pieces, laid end to end in the slot."""
+        out, at = [], self._slot_ptr(slot)
+        for addr, nbytes in pieces:
+            out.append((int(addr), at, int(nbytes)))
+            at += int(nbytes)
+        return out
+
     def _page_pieces(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[list[tuple[int, int]]]:
         """Per key, the ``(address, nbytes)`` pieces of its host page, in the pool's order."""
         ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
@@ -125,11 +144,8 @@ class KVConnectHiCacheStorage(HiCacheStorage):
             new_keys = list(todo)
             slots = index.reserve(new_keys)
         stored = new_keys[: len(slots)]
-        for kb, slot in zip(stored, slots):
-            dst = self._slot_ptr(slot)
-            for addr, nbytes in pieces[todo[kb]]:
-                ctypes.memmove(dst, int(addr), int(nbytes))
-                dst += int(nbytes)
+        _copy_runs([(addr, dst, n) for kb, slot in zip(stored, slots)
+                    for addr, dst, n in self._slot_pieces(slot, pieces[todo[kb]])])
         with self._lock:
             index.commit(slots, stored)
         for kb in stored:
@@ -150,11 +166,8 @@ class KVConnectHiCacheStorage(HiCacheStorage):
             index.pin(slots)
             index.touch(slots)
         try:
-            for i, slot in enumerate(slots):
-                src = self._slot_ptr(slot)
-                for addr, nbytes in pieces[i]:
-                    ctypes.memmove(int(addr), src, int(nbytes))
-                    src += int(nbytes)
+            _copy_runs([(src, addr, n) for i, slot in enumerate(slots)
+                        for addr, src, n in self._slot_pieces(slot, pieces[i])])
         finally:
             with self._lock:
                 index.unpin(slots)

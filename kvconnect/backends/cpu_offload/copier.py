@@ -1,8 +1,9 @@
 """Moving blocks between engine KV tensors and the host pool, off the engine's hot path.
 
-:func:`copy_blocks` does the bytes: per layer and per run of consecutive slots, one gather
-(store) or one scatter (load) of whole rows (see :mod:`rows`), so every byte is read and written
-once. On the CPU these are numpy's ``take(out=...)`` and fancy assignment (a plain memcpy per row,
+:func:`copy_blocks` does the bytes: per piece of engine memory (a layer, or all the entries that
+view one layer's memory, merged: see :mod:`rows`) and per run of consecutive slots, one gather
+(store) or one scatter (load) of whole rows, so every byte is read and written once and memory
+that is contiguous in the engine moves as one run. On the CPU these are numpy's ``take(out=...)`` and fancy assignment (a plain memcpy per row,
 GIL released), split over ``copy_threads`` threads for large tasks: one thread cannot saturate
 the memory bus; a plain ``copy_`` of a large tensor is multi-threaded too. On a GPU the gather
 and scatter run on the device and the host side is one DMA per run.
@@ -25,7 +26,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,35 +34,92 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvconnect.backends.cpu_offload.rows import RowPlan, engine_row_view, pool_row_view
+from kvconnect.backends.cpu_offload.rows import (
+    Entry,
+    SpanPlan,
+    block_shape,
+    engine_row_view,
+    plan_spans,
+    pool_row_view,
+)
+from kvconnect.errors import LayoutError
+from kvconnect.layout import KVLayout
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class LayerCopy:
-    """One layer: the engine's tensor, its host pool, and how to see both as rows."""
+    """One piece of engine memory and its host pool: the rows of a :class:`SpanPlan` (one or
+    several entries that share memory, merged), or, for an entry whose strides do not split into
+    rows (``plan`` None), that entry alone, copied by indexing its block dimension."""
 
-    engine: torch.Tensor
-    pool: torch.Tensor
+    engine: torch.Tensor  # the (first) entry's tensor; the row view below reaches its storage
+    pool: torch.Tensor  # [num_slots, block bytes] bytes with a plan, [num_slots, *block_shape] without
     block_dim: int
-    plan: RowPlan | None
-    plan_key: tuple | None = None
+    plan: SpanPlan | None
+    group: int = 0
+    names: tuple[str, ...] = ()
     engine_rows: torch.Tensor | None = None
     pool_rows: torch.Tensor | None = None
-    #: The same row views as numpy byte arrays (CPU caches only): numpy copies rows fastest.
+    #: The same row views as numpy arrays (CPU caches only): numpy copies rows fastest.
     engine_np: np.ndarray | None = None
     pool_np: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.plan is not None:
-            p = self.plan
-            self.plan_key = (p.chunk, p.planes, p.block_step, tuple(p.plane_rows.tolist()))
-            self.engine_rows = engine_row_view(self.engine, p)
-            self.pool_rows = pool_row_view(self.pool, p)
+            self.group, self.names = self.plan.group, self.plan.names
+            self.engine_rows = engine_row_view(self.engine, self.plan)
+            self.pool_rows = pool_row_view(self.pool, self.plan, self.engine_rows.element_size())
             if self.engine.device.type == "cpu":
-                self.engine_np = self.engine_rows.view(torch.uint8).numpy()
-                self.pool_np = self.pool_rows.view(torch.uint8).numpy()
+                self.engine_np = self.engine_rows.numpy()
+                self.pool_np = self.pool_rows.numpy()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.plan.num_blocks if self.plan is not None else int(self.engine.shape[self.block_dim])
+
+    @property
+    def rows_key(self) -> tuple | None:
+        return None if self.plan is None else self.plan.key
+
+
+def build_layers(caches: Mapping[str, tuple[torch.Tensor, KVLayout]], num_slots: int,
+                 pin_memory: bool = False, share_pools_with: Sequence[LayerCopy] | None = None) -> list[LayerCopy]:
+    """Host pools and row plans for registered entries: entries that view one piece of memory
+    (vLLM CPU's ``.k`` and ``.v`` of a layer) share one pool holding the engine's block bytes in
+    the engine's order, so each block moves in as few runs as the engine's memory allows.
+
+    ``share_pools_with``: layers built before (another KV-cache group's, whose layers line up
+    with these by position): the i-th piece of memory here uses the i-th pool there, which must
+    have the same shape and dtype (a slot then holds one block of one group)."""
+    entries = [Entry.of(name, t, lay) for name, (t, lay) in caches.items()]
+    plans, left = plan_spans(entries)
+    out = []
+
+    def pool_for(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if share_pools_with is None:
+            return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+        i = len(out)
+        other = share_pools_with[i] if i < len(share_pools_with) else None
+        if other is None or tuple(other.pool.shape) != shape or other.pool.dtype != dtype:
+            raise LayoutError(f"cpu_offload: piece of memory {i} ({shape}, {dtype}) has no pool of that "
+                              "shape to share at the same position")
+        return other.pool
+
+    for plan in plans:
+        t, lay = caches[plan.names[0]]
+        out.append(LayerCopy(t, pool_for((num_slots, plan.block_bytes), torch.uint8),
+                             lay.dims.index("block"), plan))
+    for e in left:
+        logger.warning("cpu_offload: entry %s has strides that do not split into rows; copies take an "
+                       "extra pass", e.name)
+        t, lay = caches[e.name]
+        out.append(LayerCopy(t, pool_for((num_slots, *block_shape(lay)), t.dtype), lay.dims.index("block"),
+                             None, lay.group, (e.name,)))
+    logger.info("cpu_offload: %d entries copied as %d pieces of memory, %d rows per block (%d entries "
+                "by block indexing)", len(entries), len(plans), sum(p.rows_per_block for p in plans), len(left))
+    return out
 
 
 @dataclass(slots=True)
@@ -72,6 +130,8 @@ class CopyTask:
     slots: list[int]
     keys: list[bytes]
     nbytes: int = 0
+    #: KV-cache group of each block (hybrid models); empty: all in group 0.
+    groups: list[int] = field(default_factory=list)
     error: str | None = None
     #: A counter to bump for the failure (``key_mismatches``, ``checksum_failures``), if any.
     failure_stat: str | None = None
@@ -143,14 +203,14 @@ def _copy_cpu(layers: Sequence[LayerCopy], kind: str, ids: torch.Tensor, runs: l
         if lc.plan is None:
             _copy_logical(lc, kind, ids, runs, None)
             continue
-        rows = rows_cache.get(lc.plan_key)
+        rows = rows_cache.get(lc.rows_key)
         if rows is None:
-            rows = rows_cache[lc.plan_key] = lc.plan.engine_rows(ids).numpy()
-        per = lc.plan.planes
+            rows = rows_cache[lc.rows_key] = lc.plan.engine_rows(ids).numpy()
+        per = lc.plan.rows_per_block
         assert lc.engine_np is not None and lc.pool_np is not None
         for a, b, s0 in runs:
             moves.append((lc.engine_np, rows[a * per : b * per], lc.pool_np[s0 * per : (s0 + b - a) * per]))
-        nbytes += len(ids) * per * lc.engine_np.shape[1]
+        nbytes += len(ids) * lc.plan.block_bytes
     parts = 1 if helpers is None else min(helpers.count + 1, nbytes // SPLIT_MIN_BYTES)
     if parts <= 1:
         _run_moves(kind, moves)
@@ -194,11 +254,12 @@ def _copy_gpu(layers: Sequence[LayerCopy], kind: str, ids_cpu: torch.Tensor, run
             with torch.cuda.stream(comp):
                 _copy_logical(lc, kind, ids, runs, keep)
             continue
-        rows = rows_cache.get(lc.plan_key)
+        rows = rows_cache.get(lc.rows_key)
         if rows is None:
-            rows = rows_cache[lc.plan_key] = lc.plan.engine_rows(ids_cpu).to(device, non_blocking=True)
+            rows = lc.plan.engine_rows(ids_cpu).to(device, non_blocking=True)
+            rows_cache[lc.rows_key] = rows
             keep.append(rows)
-        per = lc.plan.planes
+        per = lc.plan.rows_per_block
         e, p = lc.engine_rows, lc.pool_rows
         for a, b, s0 in runs:
             r = rows[a * per : b * per]
@@ -227,9 +288,10 @@ def copy_blocks(
     keep: list | None = None, helpers: CopyHelpers | None = None, dma_stream: Any = None,
 ) -> None:
     """Store (engine -> pool) or load (pool -> engine) ``block_ids[i] <-> slots[i]`` in every
-    layer. Ids must be in range (the caller checks). On a GPU the ops are enqueued on the current
-    stream (DMA on ``dma_stream`` if given); ``keep`` collects temporaries that must outlive them.
-    On the CPU ``helpers`` share large tasks."""
+    layer given (the layers of one KV-cache group: block ids index that group's blocks). Ids must
+    be in range (the caller checks). On a GPU the ops are enqueued on the current stream (DMA on
+    ``dma_stream`` if given); ``keep`` collects temporaries that must outlive them. On the CPU
+    ``helpers`` share large tasks."""
     if not block_ids:
         return
     ids_cpu = torch.as_tensor(block_ids, dtype=torch.int64)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvconnect.api import RequestView
+from kvconnect.backends.cpu_offload.groups import group_key
 
 KEY_BYTES = 16
 _DOMAIN = b"kvconnect/cpu_offload/v1"
@@ -62,12 +63,14 @@ def chain_keys(
 class RequestKeys:
     """The keys of one request, computed once and extended as the request grows."""
 
-    __slots__ = ("root", "keys", "_engine")
+    __slots__ = ("root", "keys", "_engine", "groups")
 
     def __init__(self, root: bytes) -> None:
         self.root = root
         self.keys: list[bytes] = []
         self._engine: bool | None = None
+        #: Per-group keys of KV-cache groups other than 0 (hybrid models), extended like ``keys``.
+        self.groups: dict[int, list[bytes]] = {}
 
     def upto(self, view: RequestView, n_blocks: int, block_size: int) -> list[bytes]:
         """The first ``min(n_blocks, available)`` keys; O(new blocks) after the first call."""
@@ -114,6 +117,18 @@ class KeyCache:
         else:
             self._reqs.move_to_end(view.request_id)
         return rk.upto(view, n_blocks, self.block_size)
+
+    def group_keys(self, view: RequestView, n_blocks: int, group: int) -> list[bytes]:
+        """Keys of group ``group``'s first ``min(n_blocks, available)`` blocks (see
+        :func:`kvconnect.backends.cpu_offload.groups.group_key`); memoised like :meth:`keys`."""
+        keys = self.keys(view, n_blocks)
+        if group == 0:
+            return keys
+        rk = self._reqs[view.request_id]
+        mine = rk.groups.setdefault(group, [])
+        if len(mine) < len(keys):
+            mine.extend(group_key(k, group) for k in keys[len(mine) :])
+        return mine[: len(keys)] if len(mine) > len(keys) else mine
 
     def forget(self, request_id: str) -> None:
         self._reqs.pop(request_id, None)

@@ -18,6 +18,8 @@ class LoadJob(_Wire, frozen=True):
     block_ids: list[int]
     slots: list[int]
     keys: list[bytes]
+    #: KV-cache group of each block (hybrid models); empty: every block is in group 0.
+    groups: list[int] = msgspec.field(default_factory=list)
     #: Set when the scheduler cannot serve the load it was asked for: the worker fails it at once
     #: (reported as a failed receive covering ``block_ids``) without copying anything.
     error: str | None = None
@@ -30,6 +32,8 @@ class StoreJob(_Wire, frozen=True):
     block_ids: list[int]
     slots: list[int]
     keys: list[bytes]
+    #: KV-cache group of each block (hybrid models); empty: every block is in group 0.
+    groups: list[int] = msgspec.field(default_factory=list)
     #: The blocks are written by this step's forward pass: copy only after it (``wait_for_save``).
     after_forward: bool = False
 
@@ -55,7 +59,8 @@ class OffloadHandshake(_Wire, frozen=True):
     both halves agree on the number of slots."""
 
     tp_rank: int
-    #: Bytes of one engine block summed over every layer of this rank.
+    #: Bytes of one slot: one engine block of one KV-cache group, summed over that group's layers
+    #: on this rank.
     kv_bytes_per_block: int
     #: Host slots this rank allocated (one engine block each).
     num_slots: int

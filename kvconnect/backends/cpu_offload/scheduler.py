@@ -21,12 +21,9 @@ Per request, in the engine's call order:
 Slots of a store become hits only when the request's stores are reported complete by every
 worker (``finished_sending``); until then they are pending and never offered.
 
-Hybrid models (several KV-cache groups) are not supported (``supports_hybrid = False``): a slot
-holds one engine block of one group, and groups do not share a hit rule: a sliding-window group
-frees its early blocks (null blocks) before the request finishes and only needs the trailing
-window at the hit boundary, while a full-attention group needs every block. Storing "block i of
-every group" per prefix key would either store nulls or lose hits; doing it right needs per-group
-chains and a per-group hit rule, which this backend does not attempt.
+Hybrid models (several KV-cache groups: sliding-window and full attention) are supported: a slot
+holds one engine block of one group under a per-group key, and a hit is the longest prefix every
+group can use. What a hit means for a sliding-window group, and why, is in :mod:`groups`.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvconnect.api import BlockIds, EngineInfo, RequestView, SchedulerConnector, StepView, TransferResults
+from kvconnect.backends.cpu_offload import groups as G
 from kvconnect.backends.cpu_offload import sizing
 from kvconnect.backends.cpu_offload.hashing import KeyCache
 from kvconnect.backends.cpu_offload.index import SlotIndex
@@ -54,34 +52,45 @@ logger = logging.getLogger(__name__)
 class _Lookup:
     num_computed: int
     start: int
+    #: Block index after the hit's last block.
+    end: int
+    #: Pinned slot and key of every block the hit loads.
     slots: list[int]
     keys: list[bytes]
+    #: (group, block index) of each slot; None: group 0, blocks ``start, start + 1, ...``.
+    where: list[tuple[int, int]] | None = None
 
 
 @dataclass(slots=True)
 class _Req:
     view: RequestView
-    blocks: list[int]
+    #: The request's block ids, per KV-cache group.
+    blocks: list[list[int]]
+    #: Leading blocks already planned (stored, being stored, loaded from here, or skipped), per group.
+    planned: list[int]
     #: Tokens whose KV is computed once the latest scheduled step ran.
     computed: int = 0
-    #: Leading blocks already planned (stored, being stored, loaded from here, or skipped).
-    planned: int = 0
     #: Slots/keys of the load in flight (None: no load in flight).
     load_slots: list[int] | None = None
     load_keys: list[bytes] = field(default_factory=list)
+    load_tokens: int = 0
     #: Pending slots/keys of every store planned for the request, in chain order.
     store_slots: list[int] = field(default_factory=list)
     store_keys: list[bytes] = field(default_factory=list)
     finished: bool = False
 
 
-def single_group(block_ids: BlockIds, what: str) -> list[int]:
-    if len(block_ids) > 1:
+def per_group(block_ids: BlockIds, n_groups: int, what: str) -> list[list[int]]:
+    """The engine's block ids as one list per group; an empty ``block_ids`` gives empty lists."""
+    if n_groups == 1 and len(block_ids) == 1:
+        return [list(block_ids[0])]
+    if not len(block_ids):
+        return [[] for _ in range(n_groups)]
+    if len(block_ids) != n_groups:
         raise LayoutError(
-            f"cpu_offload: {what} has {len(block_ids)} KV-cache groups; this backend supports "
-            "one group only (supports_hybrid=False)"
+            f"cpu_offload: {what} has {len(block_ids)} KV-cache groups; the engine announced {n_groups}"
         )
-    return list(block_ids[0]) if len(block_ids) else []
+    return [list(ids) for ids in block_ids]
 
 
 def known_kv_tokens(view: RequestView) -> int:
@@ -92,7 +101,7 @@ def known_kv_tokens(view: RequestView) -> int:
 
 
 class CpuOffloadScheduler(SchedulerConnector):
-    supports_hybrid = False
+    supports_hybrid = True
     hit_source = "host"
 
     def __init__(self, config: CpuOffloadConfig, engine: EngineInfo) -> None:
@@ -100,6 +109,10 @@ class CpuOffloadScheduler(SchedulerConnector):
         self.cfg = config
         self.engine = engine
         self.block_size = engine.block_size
+        self.rules = G.rules_of(engine)
+        self.n_groups = len(self.rules)
+        self._simple = self.n_groups == 1 and self.rules[0].kind == G.FULL
+        self._null = engine.null_block_id
         self._keys = KeyCache(config.hash_salt, self.block_size)
         self.index: SlotIndex | None = None
         self._reqs: dict[str, _Req] = {}
@@ -116,7 +129,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         self._events = TierEvents(MEDIUM_CPU, self.block_size) if engine.kv_events else None
         self._block_bytes = 0
         self._warned_unsized = False
-        hint = sizing.engine_hint(engine)
+        hint = sizing.slot_hint(engine)
         if hint is not None:
             self._size(int(hint), "EngineInfo")
 
@@ -187,22 +200,31 @@ class CpuOffloadScheduler(SchedulerConnector):
         start = num_computed_tokens // bs
         if limit <= start:
             return 0, False
-        keys = self._keys.keys(request, limit)
-        slots = self.index.ready_prefix(keys, start, limit)
-        if not slots:
+        if self._simple:  # one full-attention group: the common case, without the walk
+            keys = self._keys.keys(request, limit)
+            slots = self.index.ready_prefix(keys, start, limit)
+            end = start + len(slots)
+            lk = _Lookup(num_computed_tokens, start, end, slots, keys[start:end])
+        else:
+            end, entries = G.longest_hit(
+                self.index, lambda g, n: self._keys.group_keys(request, n, g), self.rules, start, limit, bs
+            )
+            lk = _Lookup(num_computed_tokens, start, end, [e[2] for e in entries], [e[3] for e in entries],
+                         [(e[0], e[1]) for e in entries])
+        if end <= start:
             return 0, False
-        self.index.pin(slots)
-        self._lookups[rid] = _Lookup(num_computed_tokens, start, slots, keys[start : start + len(slots)])
-        return (start + len(slots)) * bs - num_computed_tokens, True
+        self.index.pin(lk.slots)
+        self._lookups[rid] = lk
+        return end * bs - num_computed_tokens, True
 
     def update_state_after_alloc(
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
     ) -> None:
         rid = request.request_id
-        blocks = single_group(block_ids, "update_state_after_alloc")
+        blocks = per_group(block_ids, self.n_groups, "update_state_after_alloc")
         st = self._reqs.get(rid)
         if st is None:
-            st = self._reqs[rid] = _Req(view=request, blocks=blocks)
+            st = self._reqs[rid] = _Req(view=request, blocks=blocks, planned=[0] * self.n_groups)
         else:
             st.view, st.blocks = request, blocks
         lk = self._lookups.pop(rid, None)
@@ -212,28 +234,62 @@ class CpuOffloadScheduler(SchedulerConnector):
             self._counters["misses"] += 1
             return
         if lk is None or self.index is None:
-            self._fail_load(st, blocks, f"engine accepted {num_external_tokens} tokens but no hit is pinned")
+            self._fail_load(st, self._real(blocks, 0, len(blocks[0])),
+                            f"engine accepted {num_external_tokens} tokens but no hit is pinned")
             return
         bs = self.block_size
-        n_load = -(-(lk.num_computed + num_external_tokens) // bs) - lk.start
-        if n_load > len(lk.slots) or lk.start + n_load > len(blocks):
+        end = -(-(lk.num_computed + num_external_tokens) // bs)
+        take = self._entries_for(lk, end, blocks)
+        if take is None:
             self.index.unpin(lk.slots)
             self._fail_load(
-                st, blocks[lk.start : lk.start + n_load],
-                f"engine accepted {num_external_tokens} tokens; {len(lk.slots)} blocks are pinned "
-                f"and {len(blocks) - lk.start} allocated",
+                st, self._real(blocks, lk.start, end),
+                f"engine accepted {num_external_tokens} tokens (blocks {lk.start}..{end - 1}); "
+                f"blocks {lk.start}..{lk.end - 1} are pinned and {min(map(len, blocks))} allocated",
             )
             return
-        self.index.unpin(lk.slots[n_load:])
-        slots, keys = lk.slots[:n_load], lk.keys[:n_load]
+        js, block_list, groups = take
+        if len(js) < len(lk.slots):
+            kept = set(js)
+            self.index.unpin([s for j, s in enumerate(lk.slots) if j not in kept])
+        slots = [lk.slots[j] for j in js]
+        keys = [lk.keys[j] for j in js]
         self.index.touch(slots)
         st.load_slots, st.load_keys = slots, keys
-        st.planned = max(st.planned, lk.start + n_load)
-        self._loads.append(
-            LoadJob(request_id=rid, block_ids=blocks[lk.start : lk.start + n_load], slots=slots, keys=keys)
-        )
+        st.load_tokens = (end - lk.start) * bs
+        st.planned = [max(p, end) for p in st.planned]
+        self._loads.append(LoadJob(request_id=rid, block_ids=block_list, slots=slots, keys=keys, groups=groups))
         self._counters["hits"] += 1
         self._counters["hit_tokens"] += num_external_tokens
+
+    def _entries_for(self, lk: _Lookup, end: int, blocks: list[list[int]]):
+        """What a load ending at block ``end`` copies: the indices into the lookup's pins, the
+        engine block of each and their groups (empty for one group); None when the pins do not
+        cover what the engine allocated (it took more tokens than offered, or fewer and a sliding
+        window then reaches blocks that were not pinned)."""
+        if end > lk.end or end <= lk.start or any(len(b) < end for b in blocks):
+            return None
+        if lk.where is None:
+            return list(range(end - lk.start)), blocks[0][lk.start : end], []
+        have = {w: j for j, w in enumerate(lk.where)}
+        js: list[int] = []
+        ids: list[int] = []
+        groups: list[int] = []
+        for g, rule in enumerate(self.rules):
+            for i in range(max(lk.start, rule.first_needed(end, self.block_size)), end):
+                b = blocks[g][i]
+                if b == self._null:
+                    continue  # the engine keeps nothing there
+                j = have.get((g, i))
+                if j is None:
+                    return None
+                js.append(j)
+                ids.append(b)
+                groups.append(g)
+        return js, ids, groups
+
+    def _real(self, blocks: list[list[int]], lo: int, hi: int) -> list[int]:
+        return [b for ids in blocks for b in ids[lo:hi] if b != self._null]
 
     def _fail_load(self, st: _Req, blocks: list[int], why: str) -> None:
         logger.error("cpu_offload: request %s: %s; failing its load", st.view.request_id, why)
@@ -243,33 +299,47 @@ class CpuOffloadScheduler(SchedulerConnector):
         )
 
     # -- stores ---------------------------------------------------------------------------------------
-    def _plan_store(self, st: _Req, blocks: list[int], after_forward: bool) -> None:
-        if self.index is None:
+    def _plan_store(self, st: _Req, blocks: list[list[int]], after_forward: bool, alive_tokens: int) -> None:
+        """Plan stores of the full, computed blocks not yet planned. ``alive_tokens``: the engine
+        still holds every sliding-window block inside the window at that many computed tokens."""
+        if self.index is None or not blocks:
             return
-        n_full = min(min(st.computed, known_kv_tokens(st.view)) // self.block_size, len(blocks))
-        if n_full <= st.planned:
+        bs = self.block_size
+        n_full = min(min(st.computed, known_kv_tokens(st.view)) // bs, min(map(len, blocks)))
+        if n_full <= min(st.planned):
             return
-        keys = self._keys.keys(st.view, n_full)
-        n_full = min(n_full, len(keys))
-        todo = [i for i in range(st.planned, n_full) if keys[i] not in self.index]
-        slots = self.index.reserve([keys[i] for i in todo])
+        todo: list[tuple[int, int, int, bytes]] = []  # (group, block index, block id, key)
+        for g, rule in enumerate(self.rules):
+            lo = max(st.planned[g], rule.first_alive(alive_tokens, bs))
+            if lo >= n_full:
+                continue
+            keys = self._keys.group_keys(st.view, n_full, g)
+            for i in range(lo, min(n_full, len(keys))):
+                b = blocks[g][i]
+                if b != self._null and keys[i] not in self.index:
+                    todo.append((g, i, b, keys[i]))
+        slots = self.index.reserve([t[3] for t in todo])
+        st.planned = [max(p, n_full) for p in st.planned]
         if len(slots) < len(todo):
             self._counters["skipped_stores"] += len(todo) - len(slots)
-            st.planned = todo[len(slots)]
-        else:
-            st.planned = n_full
+            for g, i, _, _ in todo[len(slots):]:
+                st.planned[g] = min(st.planned[g], i)
         if not slots:
             return
         done = todo[: len(slots)]
-        job_keys = [keys[i] for i in done]
+        job_keys = [t[3] for t in done]
         st.store_slots.extend(slots)
         st.store_keys.extend(job_keys)
         if self._events is not None:
-            self._events.planned(st.view, done, job_keys)
+            for g in range(self.n_groups):
+                part = [t for t in done if t[0] == g]
+                if part:
+                    self._events.planned(st.view, [t[1] for t in part], [t[3] for t in part], group=g)
         self._stores.append(
             StoreJob(
-                request_id=st.view.request_id, block_ids=[blocks[i] for i in done], slots=slots,
+                request_id=st.view.request_id, block_ids=[t[2] for t in done], slots=slots,
                 keys=job_keys, after_forward=after_forward,
+                groups=[t[0] for t in done] if self.n_groups > 1 else [],
             )
         )
 
@@ -279,19 +349,31 @@ class CpuOffloadScheduler(SchedulerConnector):
             st = self._reqs.get(sr.request_id)
             if st is None or st.finished:
                 continue
-            new = single_group(sr.new_block_ids, "a scheduled request")
-            if sr.is_new:
-                st.blocks = new
+            ids = sr.new_block_ids  # () when the engine added no block (most steps)
+            if not ids and not sr.is_new:
+                pass
+            elif self.n_groups == 1 and len(ids) == 1:  # every step of every request: kept lean
+                if sr.is_new:
+                    st.blocks = [list(ids[0])]
+                else:
+                    st.blocks[0].extend(ids[0])
             else:
-                st.blocks.extend(new)
+                new = per_group(ids, self.n_groups, "a scheduled request")
+                if sr.is_new:
+                    st.blocks = new
+                else:
+                    for have, more in zip(st.blocks, new):
+                        have.extend(more)
             st.computed = sr.num_computed_tokens + sr.num_scheduled_tokens
             if fill:
-                self._plan_store(st, st.blocks, after_forward=True)
+                # The engine freed sliding-window blocks outside the window at the computed count
+                # it allocated this step for; later ones live until the next step.
+                self._plan_store(st, st.blocks, after_forward=True, alive_tokens=sr.num_computed_tokens)
         preempted = []
         for rid in step.preempted_request_ids:
             st = self._reqs.get(rid)
             if st is not None:
-                st.blocks, st.computed = [], 0
+                st.blocks, st.computed = [[] for _ in range(self.n_groups)], 0
             preempted.append(rid)
         meta = OffloadStepMetadata(
             loads=self._loads, stores=self._stores, preempted=preempted, closed=self._closed
@@ -309,8 +391,11 @@ class CpuOffloadScheduler(SchedulerConnector):
             self._keys.forget(rid)
             return False, None
         st.view = request
-        blocks = single_group(block_ids, "request_finished") or st.blocks
-        self._plan_store(st, blocks, after_forward=False)
+        blocks = per_group(block_ids, self.n_groups, "request_finished")
+        if not any(blocks):
+            blocks = st.blocks
+        # Sliding-window blocks before the window at the computed count may be gone (and reused).
+        self._plan_store(st, blocks, after_forward=False, alive_tokens=st.computed)
         self._keys.forget(rid)
         if st.store_slots or st.load_slots is not None:
             st.finished = True
@@ -330,7 +415,7 @@ class CpuOffloadScheduler(SchedulerConnector):
             self.index.discard(slots, keys)
             self._counters["load_failures"] += 1
         else:
-            self._counters["loaded_tokens"] += len(slots) * self.block_size
+            self._counters["loaded_tokens"] += st.load_tokens
 
     def update_worker_output(self, results: TransferResults) -> None:
         failed_sending = results.failed_sending

@@ -31,6 +31,20 @@ def engine_hint(engine) -> int | None:
     return int(hint) if hint is not None else None
 
 
+def slot_hint(engine) -> int | None:
+    """Bytes of one host slot as the engine announced them, or None. A slot holds one block of
+    one KV-cache group; the engine's figure sums every group (hybrid models have equal groups)."""
+    hint = engine_hint(engine)
+    groups = max(len(engine.block_sizes), 1)
+    if hint is None or groups == 1:
+        return hint
+    if hint % groups:
+        raise ConfigError(
+            f"cpu_offload: {hint} KV bytes per block do not split evenly over {groups} KV-cache groups"
+        )
+    return hint // groups
+
+
 def validate(cfg: CpuOffloadConfig) -> None:
     """Checks that hold whatever the model; config parsing does them too, but a config built
     directly (tests, other callers) reaches the backend unchecked."""

@@ -4,6 +4,11 @@ At registration the worker measures one block's bytes over its layers, allocates
 ``[num_slots, *block_shape]`` per layer (pinned when the KV caches are on a GPU) and publishes
 :class:`OffloadHandshake` so the scheduler half can check it sized its index the same way.
 
+Hybrid models: a slot holds one block of one KV-cache group. vLLM's hybrid allocator gives every
+group the same number of layers with the same block shape (its groups share KV tensors by
+position), so the pools are per layer *position*: layer ``p`` of every group uses pool ``p``, and a
+slot costs one group's block bytes. Groups that do not line up are refused at registration.
+
 Per step: loads and finished-request stores are started in ``start_load_kv`` (they touch no block
 of this step's forward pass); stores of blocks filled by this step start in ``wait_for_save``.
 Every copy runs off the engine thread (:mod:`copier`), in submission order.
@@ -30,11 +35,12 @@ from kvconnect.backends.cpu_offload.copier import (
     CudaStreamCopier,
     LayerCopy,
     ThreadCopier,
+    build_layers,
     copy_blocks,
     slot_checksum,
 )
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
-from kvconnect.backends.cpu_offload.rows import block_shape, plan_rows
+from kvconnect.backends.cpu_offload.rows import block_shape
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.layout import KVLayout
@@ -49,7 +55,7 @@ PREEMPT_WAIT_S = 30.0
 
 
 class CpuOffloadWorker(WorkerConnector):
-    supports_hybrid = False
+    supports_hybrid = True
 
     def __init__(self, config: CpuOffloadConfig, engine: EngineInfo) -> None:
         sizing.validate(config)
@@ -58,6 +64,8 @@ class CpuOffloadWorker(WorkerConnector):
         self.num_slots = 0
         self.kv_bytes_per_block = 0
         self.layers: list[LayerCopy] = []
+        #: Layers of each KV-cache group, in position order (``layers`` is group 0's).
+        self.group_layers: list[list[LayerCopy]] = []
         self._copier: ThreadCopier | CudaStreamCopier | None = None
         self._helpers: CopyHelpers | None = None
         self._slot_keys: list[bytes | None] = []
@@ -74,12 +82,7 @@ class CpuOffloadWorker(WorkerConnector):
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
         if not caches:
             raise LayoutError("cpu_offload: register_kv_caches got no layers")
-        groups = {lay.group for _, lay in caches.values()}
-        if len(groups) > 1:
-            raise LayoutError(
-                f"cpu_offload: layers span KV-cache groups {sorted(groups)}; this backend supports "
-                "one group only (supports_hybrid=False)"
-            )
+        by_group = self._by_group(caches)
         total = 0
         for name, (t, lay) in caches.items():
             if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
@@ -96,6 +99,7 @@ class CpuOffloadWorker(WorkerConnector):
                 f"cpu_offload: the engine says {hint} bytes per KV block but this rank's "
                 f"layers hold {total} bytes per block"
             )
+        total //= len(by_group)  # one slot: one block of one group
         self.kv_bytes_per_block = total
         self.num_slots = sizing.slot_count(self.cfg, self.engine.tp_size, total)
         devices = {t.device for t, _ in caches.values()}
@@ -103,13 +107,13 @@ class CpuOffloadWorker(WorkerConnector):
             raise LayoutError(f"cpu_offload: KV caches live on several devices {devices}")
         device = devices.pop()
         on_gpu = device.type == "cuda"
-        for name, (t, lay) in caches.items():
-            pool = torch.empty((self.num_slots, *block_shape(lay)), dtype=t.dtype, pin_memory=on_gpu)
-            plan = plan_rows(lay)
-            if plan is None:
-                logger.warning("cpu_offload: layer %s has strides that do not split into rows; "
-                               "copies take an extra pass", name)
-            self.layers.append(LayerCopy(t, pool, lay.dims.index("block"), plan))
+        group_caches = [{name: (t, lay) for name, t, lay in members} for members in by_group]
+        first = build_layers(group_caches[0], self.num_slots, pin_memory=on_gpu)
+        # a slot holds one block of one group: every group copies through group 0's pools
+        self.group_layers = [first] + [
+            build_layers(gc, self.num_slots, pin_memory=on_gpu, share_pools_with=first) for gc in group_caches[1:]
+        ]
+        self.layers = first
         self._slot_keys = [None] * self.num_slots
         self._slot_sums = [None] * self.num_slots
         if on_gpu:
@@ -120,6 +124,32 @@ class CpuOffloadWorker(WorkerConnector):
             self._copier = ThreadCopier(self._run_task)
         logger.info("cpu_offload: %d slots x %d bytes on the host (%s KV caches)",
                     self.num_slots, total, device.type)
+
+    def _by_group(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> list[list[tuple]]:
+        """``(name, tensor, layout)`` of each group's layers in registration order; a LayoutError
+        when the groups are not those the engine announced or their layers do not line up."""
+        n = max(len(self.engine.block_sizes), 1)
+        members: list[list[tuple]] = [[] for _ in range(n)]
+        for name, (t, lay) in caches.items():
+            if not 0 <= lay.group < n:
+                raise LayoutError(
+                    f"cpu_offload: layer {name} is in KV-cache group {lay.group}; the engine has {n}"
+                )
+            members[lay.group].append((name, t, lay))
+        first = members[0]
+        for g, row in enumerate(members):
+            if len(row) != len(first):
+                raise LayoutError(
+                    f"cpu_offload: KV-cache group {g} has {len(row)} layers, group 0 has {len(first)}; "
+                    "a slot holds one block of one group, so every group needs the same layers"
+                )
+            for (n0, t0, l0), (name, t, lay) in zip(first, row):
+                if block_shape(lay) != block_shape(l0) or t.dtype != t0.dtype:
+                    raise LayoutError(
+                        f"cpu_offload: layer {name} (group {g}) has blocks {block_shape(lay)} {t.dtype}, "
+                        f"its counterpart {n0} in group 0 {block_shape(l0)} {t0.dtype}"
+                    )
+        return members
 
     def get_handshake_metadata(self) -> OffloadHandshake | None:
         if not self.num_slots:
@@ -133,6 +163,9 @@ class CpuOffloadWorker(WorkerConnector):
         nb = self.layers[0].engine.shape[self.layers[0].block_dim]
         if len(task.block_ids) != len(task.slots) or len(task.slots) != len(task.keys):
             return "block, slot and key lists differ in length"
+        if task.groups and (len(task.groups) != len(task.slots)
+                            or any(not 0 <= g < len(self.group_layers) for g in task.groups)):
+            return f"group list does not match the blocks or names a group outside [0, {len(self.group_layers)})"
         if any(not 0 <= b < nb for b in task.block_ids):
             return f"block id outside [0, {nb})"
         if any(not 0 <= s < self.num_slots for s in task.slots):
@@ -161,8 +194,14 @@ class CpuOffloadWorker(WorkerConnector):
             for s in task.slots:
                 self._slot_keys[s] = None
                 self._slot_sums[s] = None
-        copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep, self._helpers,
-                    getattr(self._copier, "dma_stream", None))
+        dma = getattr(self._copier, "dma_stream", None)
+        if not task.groups:
+            copy_blocks(self.layers, task.kind, task.block_ids, task.slots, task.keep, self._helpers, dma)
+            return
+        for g in sorted(set(task.groups)):
+            ix = [j for j, gj in enumerate(task.groups) if gj == g]
+            copy_blocks(self.group_layers[g], task.kind, [task.block_ids[j] for j in ix],
+                        [task.slots[j] for j in ix], task.keep, self._helpers, dma)
 
     def _finish_task(self, task: CopyTask) -> None:
         """Bookkeeping once the copy is complete: a store's slots now hold its keys."""
@@ -202,7 +241,7 @@ class CpuOffloadWorker(WorkerConnector):
 
     def _submit(self, kind: str, job: LoadJob | StoreJob) -> None:
         task = CopyTask(kind, job.request_id, list(job.block_ids), list(job.slots), list(job.keys),
-                        nbytes=len(job.block_ids) * self.kv_bytes_per_block)
+                        nbytes=len(job.block_ids) * self.kv_bytes_per_block, groups=list(job.groups))
         self._inflight.setdefault(job.request_id, []).append(task)
         if isinstance(job, LoadJob) and job.error is not None:
             task.error, task.done = job.error, True
