@@ -7,21 +7,14 @@ request failed; an entry is deleted as soon as it is emitted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from kvconnect.api import TransferResults
+from kvconnect.telemetry import merge_stats
 
-
-def _merge_stats(into: dict[str, Any], new: Mapping[str, Any]) -> None:
-    """Sum numbers, recurse into dicts, keep the latest of anything else."""
-    for k, v in new.items():
-        if isinstance(v, Mapping):
-            _merge_stats(into.setdefault(k, {}), v)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(into.get(k), (int, float)):
-            into[k] += v
-        else:
-            into[k] = v
+#: Stats merging lives with the stats format (numbers summed, samples concatenated, gauges replaced).
+_merge_stats = merge_stats
 
 
 class FinishedAggregator:

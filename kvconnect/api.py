@@ -36,6 +36,12 @@ Scheduler half, in the order an engine calls it for one request
     ``finished_sending``; ``transfer_params`` go back to the client/router (P/D).
 ``update_worker_output(results)``
     The aggregated :class:`TransferResults` of all workers for one step.
+``take_events()``, ``get_gauges()``
+    Once per step, after the worker output: KV cache events of a storage tier
+    (:mod:`kvconnect.events`), and levels such as the blocks and bytes a tier holds.
+``hit_source_of(request_id)``
+    Right after an allocation notice with external tokens: the tier they come from (``host``,
+    ``p2p``, ...), so the engine can count hits per tier.
 
 Worker half, in the order an engine calls it for one step
 ---------------------------------------------------------
@@ -185,6 +191,9 @@ class EngineInfo:
     #: The model the engine serves (vLLM: its path or hub name). A shared tier keys objects by it;
     #: kept out of ``model_signature`` so P/D peers serving one model from different paths agree.
     model_name: str = ""
+    #: The engine publishes KV cache events: storage tiers report what they hold
+    #: (:meth:`SchedulerConnector.take_events`).
+    kv_events: bool = False
 
     @property
     def block_size(self) -> int:
@@ -207,6 +216,14 @@ class SchedulerConnector(abc.ABC):
     #: The one object ``build_step_metadata`` returns for every step with nothing to send, if it
     #: has one (P/D): an engine adapter may wrap it once instead of every step.
     empty_step_metadata: Any = None
+    #: The cache tier this backend's loads come from, in vLLM's cache-hit-source words (``host``,
+    #: ``p2p``, ``disk``); None: unspecified.
+    hit_source: str | None = None
+
+    def hit_source_of(self, request_id: str) -> str | None:
+        """The tier supplying ``request_id``'s external tokens (asked right after
+        ``update_state_after_alloc`` accepted some)."""
+        return self.hit_source
 
     @abc.abstractmethod
     def get_num_new_matched_tokens(
@@ -239,6 +256,17 @@ class SchedulerConnector(abc.ABC):
         return None
 
     def get_stats(self) -> dict[str, Any]:
+        return {}
+
+    def take_events(self) -> list[Any]:
+        """KV cache events (:mod:`kvconnect.events`) recorded since the last call: blocks that
+        landed in or left a storage tier. Called once per engine step; empty when the engine
+        publishes no events (``EngineInfo.kv_events``) or the backend stores nothing."""
+        return []
+
+    def get_gauges(self) -> dict[str, Any]:
+        """Current levels (e.g. ``held_blocks``, ``held_bytes`` of a storage tier; a composition
+        keys them by child name); cheap, called once per engine step."""
         return {}
 
     def shutdown(self) -> None:

@@ -50,6 +50,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["top"]:
+        # Its own parser takes every argument in place (options may come before the URLs).
+        from kvconnect.top import main as top_main
+
+        return top_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="kvconnect",
         description="One KV-cache connector for vLLM and SGLang: NIXL/MoRI P/D transfer, CPU offload, composed.",
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="P/D on this CPU with a tiny model, side by side with one instance")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_cmd_demo)
+    sub.add_parser("top", help="live view of running servers from their /metrics (--once: one snapshot)")
     # Flags after `bench NAME` / `demo` belong to that command, not to this parser.
     args, extra = p.parse_known_args(argv)
     if extra:

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvconnect.api import EngineInfo, SchedulerConnector, WorkerConnector
 from kvconnect.config import KVConnectConfig, backend_name
+from kvconnect.telemetry import StatNames
 
 #: name -> (module, scheduler class, worker class). A backend class is built as ``cls(config, engine)``.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -16,6 +17,24 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "cpu_offload": ("kvconnect.backends.cpu_offload", "CpuOffloadScheduler", "CpuOffloadWorker"),
     "mooncake": ("kvconnect.backends.mooncake", "MooncakeScheduler", "MooncakeWorker"),
 }
+
+
+#: name -> module whose ``STATS`` (:class:`kvconnect.telemetry.StatNames`) declares every stat the
+#: backend reports (light modules: the engine's metrics process imports them).
+STATS: dict[str, str] = {
+    "nixl": "kvconnect.pd.stats",
+    "mori": "kvconnect.pd.stats",
+    "cpu_offload": "kvconnect.backends.cpu_offload.stats",
+    "mooncake": "kvconnect.backends.mooncake.stats",
+}
+
+
+def stat_names(name: str) -> StatNames:
+    try:
+        module = STATS[name]
+    except KeyError:
+        raise KeyError(f"backend {name!r} declares no stats (kvconnect.registry.STATS)") from None
+    return importlib.import_module(module).STATS
 
 
 def _load(name: str, half: int) -> type:

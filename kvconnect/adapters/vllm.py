@@ -12,6 +12,8 @@ This class only translates between vLLM's objects and kvconnect's neutral API
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,17 +26,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
     SupportsHMA,
 )
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvconnect.adapters import vllm_translate as tr
-from kvconnect.adapters.vllm_stats import KVConnectPromMetrics, KVConnectStats
-from kvconnect.aggregator import _merge_stats
+from kvconnect.adapters.vllm_events import to_vllm_events
+from kvconnect.adapters.vllm_stats import ENGINE, KVConnectPromMetrics, KVConnectStats
 from kvconnect.api import StepView, TransferResults
 from kvconnect.config import parse_config
 from kvconnect.errors import ConfigError
 from kvconnect.registry import create_scheduler, create_worker
+from kvconnect.telemetry import GAUGES, merge_stats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -105,6 +110,11 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         self._load_errors: set[int] = set()
         self._failed_sending: set[str] = set()
         self._stats: dict[str, Any] | None = None
+        #: scheduler half: when each async load was handed out (the engine's load wait), the
+        #: waits measured since the stats were last taken, and the gauges last reported
+        self._load_t0: dict[str, float] = {}
+        self._load_waits: list[float] = []
+        self._gauges_sent: dict[str, Any] = {}
         logger.info("kvconnect %s half ready: backends %s", role.name.lower(), self._config.names)
 
     # -- worker half -----------------------------------------------------------------------------
@@ -150,7 +160,7 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
             stats = r.stats if len(self._config.names) > 1 else {self._config.names[0]: r.stats}
             if self._stats is None:
                 self._stats = {}
-            _merge_stats(self._stats, stats)
+            merge_stats(self._stats, stats)
         self._failed_sending |= r.failed_sending
         return KVConnectorTransferResults(
             finished_sending=set(r.finished_sending),
@@ -173,8 +183,28 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         return out
 
     def get_kv_connector_stats(self) -> KVConnectStats | None:
+        if self._sched is not None:
+            self._scheduler_stats()
         data, self._stats = self._stats, None
         return KVConnectStats(data=data) if data else None
+
+    def _scheduler_stats(self) -> None:
+        """The scheduler half's part: the engine's load waits, and tier gauges that changed."""
+        out: dict[str, Any] = {}
+        if self._load_waits:
+            out[ENGINE] = {"load_wait": self._load_waits}
+            self._load_waits = []
+        gauges = self._sched.get_gauges()
+        if gauges and len(self._config.names) == 1:
+            gauges = {self._config.names[0]: gauges}
+        for backend, g in gauges.items():
+            if g and self._gauges_sent.get(backend) != g:
+                self._gauges_sent[backend] = g
+                out[backend] = {GAUGES: dict(g)}
+        if out:
+            if self._stats is None:
+                self._stats = {}
+            merge_stats(self._stats, out)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectStats | None:
@@ -204,6 +234,16 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
                 return 0, False
         return self._sched.get_num_new_matched_tokens(tr.VllmRequestView(request, False), num_computed_tokens)
 
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        if num_external_tokens <= 0:
+            return {}
+        src = self._sched.hit_source_of(request.request_id)
+        try:
+            source = CacheHitSource(src) if src else CacheHitSource.EXTERNAL_UNSPECIFIED
+        except ValueError:
+            source = CacheHitSource.EXTERNAL_UNSPECIFIED
+        return {source: num_external_tokens}
+
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         key = self._load_key
         if key is not None:
@@ -212,7 +252,11 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
                 return
         # Every backend reads the block ids of an external load; other notices read them from
         # vLLM's block objects only if the backend looks at them (most never do).
-        ids = tr.block_ids_of(blocks) if num_external_tokens > 0 else tr.LazyBlockIds(blocks)
+        if num_external_tokens > 0:
+            self._load_t0[request.request_id] = time.monotonic()
+            ids = tr.block_ids_of(blocks)
+        else:
+            ids = tr.LazyBlockIds(blocks)
         self._sched.update_state_after_alloc(tr.VllmRequestView(request, False), ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -232,6 +276,12 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
         if not (o.finished_sending or o.finished_recving or failed_recving or o.invalid_block_ids
                 or failed_sending):
             return  # most steps: nothing to tell the backend
+        if o.finished_recving and self._load_t0:
+            now = time.monotonic()
+            for rid in o.finished_recving:
+                t0 = self._load_t0.pop(rid, None)
+                if t0 is not None:
+                    self._load_waits.append(now - t0)
         # vLLM's sets, not copies: backends only read results (see TransferResults).
         self._sched.update_worker_output(
             TransferResults(
@@ -246,13 +296,23 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
     # vLLM builds the block-id lists it passes to request_finished* for that call alone, and
     # backends copy what they keep: they are passed on without another copy.
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self._load_t0:
+            self._load_t0.pop(request.request_id, None)
         return self._sched.request_finished(tr.VllmRequestView(request), (block_ids,))
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
+        if self._load_t0:
+            self._load_t0.pop(request.request_id, None)
         groups = block_ids if isinstance(block_ids, tuple) else tr.block_ids_of(block_ids)
         return self._sched.request_finished(tr.VllmRequestView(request), groups)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        if self._sched is None:
+            return ()
+        events = self._sched.take_events()
+        return to_vllm_events(events) if events else ()
 
     def has_pending_push_work(self) -> bool:
         return self._sched is not None and self._sched.has_pending_work()

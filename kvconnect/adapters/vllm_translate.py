@@ -100,6 +100,11 @@ class VllmRequestView(RequestView):
     def num_prompt_tokens(self) -> int:
         return self._r.num_prompt_tokens  # every vLLM Request sets it (prompt embeds too)
 
+    @property
+    def engine_request(self) -> Any:
+        """vLLM's ``Request`` (the adapter's KV-event builder reads LoRA and extra keys from it)."""
+        return self._r
+
 
 def block_ids_of(blocks: Any) -> tuple[list[int], ...]:
     """vLLM ``KVCacheBlocks`` (or a ready tuple of per-group lists) to per-group id lists."""
@@ -340,6 +345,7 @@ def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> Eng
         # vLLM's BlockPool takes block 0 off its free queue as the null block at start.
         null_block_id=0,
         model_name=str(model.model),
+        kv_events=bool(getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False)),
     )
 
 

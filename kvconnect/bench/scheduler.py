@@ -18,7 +18,8 @@ same scripted request lifecycle by a small engine model that calls it in vLLM's 
 * finish (``FINISHED_LENGTH_CAPPED``): ``request_finished_all_groups`` (``request_finished`` for a
   connector without HMA support), blocks kept while the connector defers;
 * ``update_connector_output`` with a real ``KVConnectorOutput``: loads reported received and
-  deferred sends/stores reported sent a fixed number of steps later.
+  deferred sends/stores reported sent a fixed number of steps later; then, as vLLM's scheduler does
+  every step, ``get_kv_connector_stats`` and ``take_events`` (timed with the output phase).
 
 Requests are real vLLM ``Request`` objects; their block hashes are computed by vLLM's own block
 hasher (prompt hashes once per request spec, output blocks as tokens are appended). Each connector
@@ -132,6 +133,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="FILE", help="cProfile the kvconnect runs into FILE (pstats)")
     p.add_argument("--quick", action="store_true", help="small counts, for CI")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--kv-events", action="store_true",
+                   help="build every connector with vLLM's KV cache events on (what a router-facing deployment runs)")
     a = p.parse_args(argv)
     if a.quick:
         a.requests, a.in_flight, a.repeats = min(a.requests, 120), min(a.in_flight, 48), min(a.repeats, 3)
@@ -158,6 +161,8 @@ class Env:
     hasher: Any
     num_blocks: int
     bytes_per_block: int
+    #: Every connector is built with vLLM's KV cache events on (a null publisher).
+    kv_events: bool = False
 
 
 def make_env(block_size: int, num_blocks: int, max_model_len: int) -> Env:
@@ -219,6 +224,10 @@ def build_connector(env: Env, name: str, role: str, extra: dict) -> Any:
         vc.scheduler_config = copy.copy(vc.scheduler_config)
         vc.scheduler_config.disable_hybrid_kv_cache_manager = True
     vc.kv_transfer_config = KVTransferConfig(**kw)
+    if env.kv_events:
+        from vllm.config import KVEventsConfig
+
+        vc.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="null")
     return KVConnectorFactory.create_connector(vc, KVConnectorRole.SCHEDULER, env.kv_cache_config)
 
 
@@ -470,6 +479,10 @@ class Engine:
                                     kv_connector_worker_meta=_aggregate(wmeta))
             t0 = pc()
             conn.update_connector_output(out)
+            # vLLM's scheduler asks every connector for its stats and KV cache events right after
+            # (scheduler.update_from_output), every step
+            conn.get_kv_connector_stats()
+            conn.take_events()
             t["output"] += pc() - t0
             collect_between_steps()
             if self.steps > 100_000:
@@ -605,10 +618,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     max_len = a.prompt_max + a.decode_max + 64
     result: dict[str, Any] = {"config": {k: getattr(a, k) for k in (
         "requests", "in_flight", "prompt_min", "prompt_max", "decode_min", "decode_max", "token_budget",
-        "arrivals_per_step", "result_delay", "repeats", "seed")}, "block_sizes": {}}
+        "arrivals_per_step", "result_delay", "repeats", "seed", "kv_events")}, "block_sizes": {}}
     for bs in a.block_sizes:
         need = a.in_flight * 2 * (-(-max_len // bs)) + 1024
         env = make_env(bs, need, max_len)
+        env.kv_events = a.kv_events
         conns = _connectors(offload_bytes=env.bytes_per_block * 50_000)
         per = {}
         for w in a.workloads:

@@ -28,8 +28,10 @@ Worker output
     now sent (and failed, when any child's send of them failed: the composed output cannot say
     which), the loads it owns that ended, every invalid block id (a block id does not say
     whose it is; a child ignores ids it did not load), and its stats.
-Handshake metadata / stats
+Handshake metadata / stats / gauges
     Keyed by child name; ``set_handshake_metadata`` routes each child's part back to it.
+KV cache events
+    Every child's, in child order (each names its own medium).
 Hybrid models
     Supported only when every child supports them.
 
@@ -43,8 +45,8 @@ A child that raises
     ``build_step_metadata``: logged; the child sits this step out on the worker (its slot is
     None and the MultiWorker does not call it), and the loads it owned in the step fail as above.
     ``request_finished``: logged; the others are still told; the child counts as not deferring
-    and giving no params. ``update_worker_output``, ``set_handshake_metadata``, ``get_stats``:
-    logged, the others still called. ``shutdown``: every child is shut down, then the first
+    and giving no params. ``update_worker_output``, ``set_handshake_metadata``, ``get_stats``,
+    ``take_events``, ``get_gauges``: logged, the others still called. ``shutdown``: every child is shut down, then the first
     error is raised. A :class:`ConfigError` is never swallowed.
 """
 
@@ -122,6 +124,8 @@ class MultiScheduler(SchedulerConnector):
         self._new_deferred: dict[str, tuple[int, ...]] = {}
         self._new_loads: dict[str, LoadNote] = {}
         self._errors = dict.fromkeys(names, 0)
+        #: (request, owner) of the latest allocation notice with external tokens.
+        self._last_owner: tuple[str, int] | None = None
 
     @property  # type: ignore[override]
     def supports_hybrid(self) -> bool:
@@ -204,6 +208,7 @@ class MultiScheduler(SchedulerConnector):
         if lookup is None or num_external_tokens <= 0:
             return
         i, is_async, num_computed = lookup
+        self._last_owner = (rid, i)
         blocks = external_blocks(block_ids, self.engine.block_sizes, num_computed, num_external_tokens)
         note = LoadNote(child=i, is_async=is_async, blocks=blocks, failed=owner == -2)
         self._new_loads[rid] = note
@@ -354,6 +359,33 @@ class MultiScheduler(SchedulerConnector):
             if self._errors[name]:
                 s["multi_child_errors"] = self._errors[name]
             out[name] = s
+        return out
+
+    def hit_source_of(self, request_id: str) -> str | None:
+        last = self._last_owner
+        if last is None or last[0] != request_id:
+            return None
+        return self.children[last[1]].hit_source_of(request_id)
+
+    def take_events(self) -> list[Any]:
+        out: list[Any] = []
+        for i, c in enumerate(self.children):
+            try:
+                out.extend(c.take_events())
+            except Exception:
+                self._failed(i, "take_events")
+        return out
+
+    def get_gauges(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, (name, c) in enumerate(zip(self.names, self.children)):
+            try:
+                g = c.get_gauges()
+            except Exception:
+                self._failed(i, "get_gauges")
+                continue
+            if g:
+                out[name] = g
         return out
 
     def shutdown(self) -> None:

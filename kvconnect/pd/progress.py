@@ -49,6 +49,7 @@ from kvconnect.pd.control import ControlThread
 from kvconnect.pd.params import resolve_load, resolve_release
 from kvconnect.pd.peers import CONSUMER, PRODUCER, LocalSide, Peer, PeerKey, Peers
 from kvconnect.pd.transport import Op, Status, Transport
+from kvconnect.telemetry import record_transfer
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class ProgressLoop:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._results = TransferResults()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Any] = {}
         #: producer (verify_checksums): what it serves on the side channel
         self._sums = C.ServedChecksums()
         #: consumer requests the engine aborted while loading (guarded by ``_lock``): their load
@@ -462,7 +463,9 @@ class ProgressLoop:
             s["loads_done"] = s.get("loads_done", 0) + 1
             s["bytes_received"] = s.get("bytes_received", 0) + ld.nbytes
             s["descriptors"] = s.get("descriptors", 0) + ld.ndescs
-            s["transfer_s"] = s.get("transfer_s", 0) + (time.monotonic() - ld.started)
+            took = time.monotonic() - ld.started
+            s["transfer_s"] = s.get("transfer_s", 0) + took
+            record_transfer(s, "load", took, ld.nbytes)
 
     @staticmethod
     def _in_flight(ld: _Load) -> bool:

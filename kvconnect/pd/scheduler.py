@@ -65,6 +65,7 @@ _EMPTY = W.PDStepMetadata()
 class PDScheduler(SchedulerConnector):
     supports_hybrid = True
     loads_only_when = "do_remote_prefill"
+    hit_source = "p2p"
     reads_step = False
     empty_step_metadata = _EMPTY
 

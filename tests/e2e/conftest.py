@@ -22,6 +22,9 @@ SWEEP: tuple[SweepConfig, ...] = (
                 "prefill killed before decode: clean error, no hang"),
     SweepConfig("gqa-offload-single", "gqa", "cpu_offload", "32",
                 "shared prefix served from the CPU tier after local eviction; == single"),
+    SweepConfig("gqa-offload-events", "gqa", "cpu_offload + vLLM KV events (ZMQ)", "32",
+                "router-style subscriber's CPU index == tier across stores/evictions; hashes == device; "
+                "histogram counts == transfers; kvconnect top --once"),
     SweepConfig("gqa-pull+offload-decode", "gqa", "P/D pull + cpu_offload (decode)", "P32->D32",
                 "router P/D == single; repeated prefix loaded from CPU the second time"),
     SweepConfig("gqa-prefill-killed-recompute", "gqa", "P/D pull + cpu_offload, policy recompute",

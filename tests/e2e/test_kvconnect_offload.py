@@ -18,6 +18,8 @@ that fell back).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Collection
 
@@ -133,6 +135,14 @@ def test_composed_decode_nixl_then_offload(env, request):
     assert d2["nixl_loads"] == 0
     kvc.note(request, f"{len(got) + 1} P/D outputs == single (NIXL loads {d1['nixl_loads']:.0f}, CPU stores "
                       f"{d1['cpu_store_blocks']:.0f} blocks); repeat: CPU-tier hit {d2['ext_hits']:.0f} tokens")
+    # what an operator sees of the pair: `kvconnect top --once PREFILL DECODE`
+    out = subprocess.run([sys.executable, "-m", "kvconnect.cli", "top", "--once", env["prefill"].url, decode.url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    views = {blk.split()[0]: blk for blk in out.stdout.split("\n\n") if blk.strip()}
+    rows = {tuple(ln.split()[:2]): ln.split() for ln in views[decode.url].splitlines()}
+    assert float(rows[("nixl", "load")][2]) >= d1["nixl_loads"], f"top shows no NIXL loads:\n{out.stdout}"
+    assert float(rows[("cpu_offload", "load")][2]) >= 1, out.stdout
 
 
 @pytest.mark.sweep("gqa-prefill-killed-recompute")

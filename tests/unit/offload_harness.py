@@ -69,6 +69,7 @@ class OffloadEngine:
     use_hint: bool = False
     #: where the engine's KV caches live ("cpu", "cuda")
     device: str = "cpu"
+    kv_events: bool = False
     requests: dict[str, SimRequest] = field(default_factory=dict)
     results: list[TransferResults] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ class OffloadEngine:
         sig = {"kv_bytes_per_block": per_block} if self.use_hint else {}
         self.infos = [
             EngineInfo("sim", tp_size=self.tp_size, tp_rank=r, block_sizes=(self.block_size,),
-                       model_signature=sig)
+                       model_signature=sig, kv_events=self.kv_events)
             for r in range(self.tp_size)
         ]
         self.sched = CpuOffloadScheduler(self.config, self.infos[0])

@@ -15,6 +15,7 @@ from kvconnect.backends.cpu_offload.rows import Entry, plan_memory
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.layout import FLASH_HND_DIMS, KVLayout
+from kvconnect.telemetry import merge_stats
 from tests.unit.offload_harness import LAYOUTS, block_view, make_cache
 
 pytestmark = pytest.mark.unit
@@ -54,9 +55,9 @@ def run_step(w: CpuOffloadWorker, meta: OffloadStepMetadata, timeout: float = 5.
         res.failed_recving |= more.failed_recving
         res.failed_sending |= more.failed_sending
         res.invalid_block_ids |= more.invalid_block_ids
-        for k, v in (more.stats or {}).items():
+        if more.stats:
             res.stats = res.stats or {}
-            res.stats[k] = res.stats.get(k, 0) + v
+            merge_stats(res.stats, more.stats)
     return res
 
 

@@ -14,6 +14,7 @@ import torch
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.handshake import SideChannelServer
 from kvconnect.metadata import encode
+from kvconnect.telemetry import merge_stats
 from tests.unit.offload_harness import OffloadEngine
 from tests.unit.pd_harness import (
     Engine,
@@ -314,8 +315,7 @@ def test_host_tier_corruption_fails_the_load_and_recompute_gives_correct_kv(offl
     assert e.blocks_match_truth("b", 5) and e.blocks_match_truth("y", 4)  # recomputed / loaded
     stats = {}
     for r in e.results:
-        for k, v in (r.stats or {}).items():
-            stats[k] = stats.get(k, 0) + v
+        merge_stats(stats, r.stats or {})
     assert stats.get("checksum_failures") == 1
     e.finish("b")
     e.finish("y")

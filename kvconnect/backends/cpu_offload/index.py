@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 from kvconnect.backends.cpu_offload.policies import EvictionPolicy
 
 logger = logging.getLogger(__name__)
 
 
+class IndexListener(Protocol):
+    """Told what enters and leaves the tier (``kvconnect.events.TierEvents`` is one)."""
+
+    def ready(self, keys: Sequence[bytes]) -> None: ...
+
+    def dropped(self, keys: Sequence[bytes]) -> None: ...
+
+
 class SlotIndex:
-    def __init__(self, num_slots: int, policy: EvictionPolicy) -> None:
+    def __init__(self, num_slots: int, policy: EvictionPolicy, listener: IndexListener | None = None) -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.num_slots = num_slots
@@ -32,6 +41,8 @@ class SlotIndex:
         # Popped from the end: hands out 0, 1, 2, ... first so fresh stores get contiguous slots.
         self._free = list(range(num_slots - 1, -1, -1))
         self.evictions = 0
+        #: Told of keys that became hits (chain order) and of keys that left the index.
+        self.listener = listener
 
     # -- queries ----------------------------------------------------------------------------------
     def __contains__(self, key: bytes) -> bool:
@@ -100,6 +111,7 @@ class SlotIndex:
         """Pending slots for ``keys`` (absent keys, in chain order), evicting as needed. Returns
         slots for the longest prefix of ``keys`` that fits; the rest cannot be stored now."""
         out: list[int] = []
+        evicted: list[bytes] = []
         for k in keys:
             if k in self._slot_of:
                 raise ValueError("key is already stored or being stored")
@@ -113,15 +125,19 @@ class SlotIndex:
                 self._key_of[s] = None
                 self._ready[s] = 0
                 self.evictions += 1
+                evicted.append(victim)
             self._slot_of[k] = s
             self._key_of[s] = k
             self._pins[s] = 1  # the store's own pin
             out.append(s)
+        if evicted and self.listener is not None:
+            self.listener.dropped(evicted)
         return out
 
     def commit(self, slots: Sequence[int], keys: Sequence[bytes]) -> None:
         """The stores of ``keys`` into ``slots`` completed: make them hits. Admitted tail first so
         that, under pressure, a chain loses its tail before its head."""
+        admitted: list[bytes] = []
         for s, key in zip(reversed(slots), reversed(keys)):
             k = self._key_of[s]
             if k is None or k != key or self._ready[s]:
@@ -129,16 +145,22 @@ class SlotIndex:
             self._ready[s] = 1
             self._pins[s] = 0
             self.policy.admit(k)
+            admitted.append(k)
+        if admitted and self.listener is not None:
+            admitted.reverse()
+            self.listener.ready(admitted)
 
     def discard(self, slots: Sequence[int], keys: Sequence[bytes]) -> None:
         """Forget ``keys`` held in ``slots`` (failed store, failed load): no hit will name them
         again. A slot still pinned by someone else is freed when that pin goes."""
+        gone: list[bytes] = []
         for s, key in zip(slots, keys):
             k = self._key_of[s]
             if k is None or k != key:
                 continue
             if self._slot_of.get(k) == s:
                 del self._slot_of[k]
+                gone.append(k)
             if self._ready[s]:
                 self.policy.discard(k)
                 if self._pins[s] > 0:
@@ -147,6 +169,8 @@ class SlotIndex:
                     self._doomed.add(s)
                     continue
             self._release(s)
+        if gone and self.listener is not None:
+            self.listener.dropped(gone)
 
     def _release(self, s: int) -> None:
         self._key_of[s] = None

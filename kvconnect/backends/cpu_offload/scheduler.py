@@ -42,6 +42,7 @@ from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, O
 from kvconnect.backends.cpu_offload.policies import make_policy
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError, WireError
+from kvconnect.events import MEDIUM_CPU, TierEvents
 from kvconnect.metadata import convert, decode
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def known_kv_tokens(view: RequestView) -> int:
 
 class CpuOffloadScheduler(SchedulerConnector):
     supports_hybrid = True
+    hit_source = "host"
 
     def __init__(self, config: CpuOffloadConfig, engine: EngineInfo) -> None:
         sizing.validate(config)
@@ -123,6 +125,9 @@ class CpuOffloadScheduler(SchedulerConnector):
              "stored_tokens", "stored_blocks", "skipped_stores"), 0
         )
         self._worker: dict[str, Any] = {}
+        #: KV cache events of this tier (only when the engine publishes them).
+        self._events = TierEvents(MEDIUM_CPU, self.block_size) if engine.kv_events else None
+        self._block_bytes = 0
         self._warned_unsized = False
         hint = sizing.slot_hint(engine)
         if hint is not None:
@@ -132,7 +137,8 @@ class CpuOffloadScheduler(SchedulerConnector):
     def _size(self, kv_bytes_per_block: int, source: str) -> None:
         n = sizing.slot_count(self.cfg, self.engine.tp_size, kv_bytes_per_block)
         if self.index is None:
-            self.index = SlotIndex(n, make_policy(self.cfg.eviction_policy, n))
+            self.index = SlotIndex(n, make_policy(self.cfg.eviction_policy, n), self._events)
+            self._block_bytes = kv_bytes_per_block
             logger.info("cpu_offload: %d host slots of %d bytes (from %s)", n, kv_bytes_per_block, source)
         elif self.index.num_slots != n:
             raise ConfigError(
@@ -324,6 +330,11 @@ class CpuOffloadScheduler(SchedulerConnector):
         job_keys = [t[3] for t in done]
         st.store_slots.extend(slots)
         st.store_keys.extend(job_keys)
+        if self._events is not None:
+            for g in range(self.n_groups):
+                part = [t for t in done if t[0] == g]
+                if part:
+                    self._events.planned(st.view, [t[1] for t in part], [t[3] for t in part], group=g)
         self._stores.append(
             StoreJob(
                 request_id=st.view.request_id, block_ids=[t[2] for t in done], slots=slots,
@@ -443,6 +454,15 @@ class CpuOffloadScheduler(SchedulerConnector):
             secs = self._worker.get(f"{d}_seconds", 0.0)
             out[f"{d}_gbps"] = self._worker.get(f"{d}_bytes", 0) / secs / 1e9 if secs > 0 else 0.0
         return out
+
+    def take_events(self) -> list[Any]:
+        return self._events.take() if self._events is not None else []
+
+    def get_gauges(self) -> dict[str, Any]:
+        idx = self.index
+        held = idx.num_stored if idx is not None else 0
+        return {"held_blocks": held, "held_bytes": held * self._block_bytes * self.engine.tp_size,
+                "capacity_blocks": idx.num_slots if idx is not None else 0}
 
     def shutdown(self) -> None:
         for rid in list(self._lookups):

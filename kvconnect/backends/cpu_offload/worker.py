@@ -45,6 +45,7 @@ from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.layout import KVLayout
 from kvconnect.metadata import decode
+from kvconnect.telemetry import record_transfer
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class CpuOffloadWorker(WorkerConnector):
         self._closed: set[str] = set()
         self._store_failed: set[str] = set()
         self._out = TransferResults()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Any] = {}
 
     # -- registration ---------------------------------------------------------------------------------
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
@@ -286,6 +287,7 @@ class CpuOffloadWorker(WorkerConnector):
             self._add(f"{kind}_bytes", task.nbytes)
             self._add(f"{kind}_blocks", len(task.block_ids))
             self._add(f"{kind}_seconds", task.seconds)
+            record_transfer(self._stats, kind, task.seconds, task.nbytes)
         else:
             self._add(f"{kind}_failures", 1)
             if task.failure_stat:
