@@ -36,7 +36,10 @@ apt_rdma() {  # Mooncake's wheel links libibverbs; every RDMA host has the provi
   fi
 }
 
-if command -v dpkg >/dev/null && ! dpkg -s $RDMA_PKGS >/dev/null 2>&1; then
+rdma_installed() {  # "install ok installed" for each (a removed package can keep a dpkg record)
+  [ "$(dpkg-query -W -f='${Status}\n' $RDMA_PKGS 2>/dev/null | grep -c '^install ok installed$')" = 2 ]
+}
+if command -v dpkg-query >/dev/null && ! rdma_installed; then
   step "apt: $RDMA_PKGS (RDMA verbs, as on every RDMA host)" apt_rdma
 fi
 [ -x .venv/bin/python ] || step "virtual environment .venv" "$PY" -m venv .venv
