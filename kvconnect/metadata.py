@@ -55,6 +55,18 @@ def convert(obj: Any, type_: type[T], *, what: str) -> T:
         raise WireError(f"{what}: {e}") from e
 
 
+def as_struct(obj: Any, type_: type[T], *, what: str) -> T:
+    """``obj`` as ``type_``: decoded from msgpack bytes, converted from a dict (an engine may pass
+    handshake metadata either way), or already one; anything else is a WireError naming ``what``."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        obj = decode(bytes(obj), type_, what=what)
+    elif isinstance(obj, Mapping):
+        obj = convert(dict(obj), type_, what=what)
+    if not isinstance(obj, type_):
+        raise WireError(f"{what}: unexpected {type(obj).__name__}")
+    return obj
+
+
 def compat_hash(signature: Mapping[str, Any]) -> str:
     """Stable hash over what two peers must agree on to exchange KV (model shape, dtype,
     layout kind, protocol version). Order of keys does not matter."""

@@ -41,9 +41,9 @@ from kvconnect.backends.cpu_offload.index import SlotIndex
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
 from kvconnect.backends.cpu_offload.policies import make_policy
 from kvconnect.config import CpuOffloadConfig
-from kvconnect.errors import ConfigError, LayoutError, WireError
+from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.events import MEDIUM_CPU, TierEvents
-from kvconnect.metadata import convert, decode
+from kvconnect.metadata import as_struct
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +149,7 @@ class CpuOffloadScheduler(SchedulerConnector):
     def set_handshake_metadata(self, metadata: Mapping[int, Any]) -> None:
         hs: dict[int, OffloadHandshake] = {}
         for rank, md in metadata.items():
-            if isinstance(md, (bytes, bytearray, memoryview)):
-                md = decode(bytes(md), OffloadHandshake, what=f"cpu_offload handshake (rank {rank})")
-            elif isinstance(md, Mapping):
-                md = convert(dict(md), OffloadHandshake, what=f"cpu_offload handshake (rank {rank})")
-            if not isinstance(md, OffloadHandshake):
-                raise WireError(f"cpu_offload handshake (rank {rank}): unexpected {type(md).__name__}")
-            hs[rank] = md
+            hs[rank] = as_struct(md, OffloadHandshake, what=f"cpu_offload handshake (rank {rank})")
         if not hs:
             return
         sizes = {(h.kv_bytes_per_block, h.num_slots) for h in hs.values()}

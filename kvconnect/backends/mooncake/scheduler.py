@@ -38,8 +38,8 @@ from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata, StoreLoad, StoreSave
 from kvconnect.backends.mooncake.store import RPC_FAIL, SharedStore, release_store, shared_store
 from kvconnect.config import MooncakeConfig, validate_mooncake
-from kvconnect.errors import ConfigError, LayoutError, WireError
-from kvconnect.metadata import convert, decode
+from kvconnect.errors import ConfigError, LayoutError
+from kvconnect.metadata import as_struct
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +121,7 @@ class MooncakeScheduler(SchedulerConnector):
     # -- handshake --------------------------------------------------------------------------------
     def set_handshake_metadata(self, metadata: Mapping[int, Any]) -> None:
         for rank, md in metadata.items():
-            if isinstance(md, (bytes, bytearray, memoryview)):
-                md = decode(bytes(md), MooncakeHandshake, what=f"mooncake handshake (rank {rank})")
-            elif isinstance(md, Mapping):
-                md = convert(dict(md), MooncakeHandshake, what=f"mooncake handshake (rank {rank})")
-            if not isinstance(md, MooncakeHandshake):
-                raise WireError(f"mooncake handshake (rank {rank}): unexpected {type(md).__name__}")
+            md = as_struct(md, MooncakeHandshake, what=f"mooncake handshake (rank {rank})")
             if not 0 <= md.tp_rank < self.engine.tp_size:
                 raise ConfigError(f"mooncake: handshake from TP rank {md.tp_rank} of {self.engine.tp_size}")
             self._layouts[md.tp_rank] = md.layout
