@@ -23,3 +23,16 @@ def engines():
     for e in made:
         e.shutdown()
     fake_nixl.registry.reset()
+
+
+@pytest.fixture
+def master():
+    """A fake Mooncake master (tests/unit/mooncake_harness.py) with a fresh cluster, cleared after."""
+    from tests.fakes import fake_mooncake
+    from tests.unit.mooncake_harness import FakeMaster
+
+    fake_mooncake.cluster.reset()
+    m = FakeMaster()
+    yield m
+    m.close()
+    fake_mooncake.cluster.reset()

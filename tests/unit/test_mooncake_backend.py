@@ -11,18 +11,9 @@ import torch
 
 from kvconnect.api import RequestView
 from tests.fakes import fake_mooncake
-from tests.unit.mooncake_harness import BS, FakeMaster, config, make_instance
+from tests.unit.mooncake_harness import BS, config, make_instance
 
 PROMPT = list(range(1000, 1000 + 6 * BS + 5))  # 6 full blocks and a partial one
-
-
-@pytest.fixture
-def master():
-    fake_mooncake.cluster.reset()
-    m = FakeMaster()
-    yield m
-    m.close()
-    fake_mooncake.cluster.reset()
 
 
 @pytest.fixture

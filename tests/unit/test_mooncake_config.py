@@ -14,16 +14,7 @@ from kvconnect.config import MooncakeConfig, parse_config
 from kvconnect.errors import ConfigError
 from kvconnect.testing.servers import free_port
 from tests.fakes import fake_mooncake
-from tests.unit.mooncake_harness import FakeMaster, config
-
-
-@pytest.fixture
-def master():
-    fake_mooncake.cluster.reset()
-    m = FakeMaster()
-    yield m
-    m.close()
-    fake_mooncake.cluster.reset()
+from tests.unit.mooncake_harness import config
 
 
 def _connect(cfg: MooncakeConfig):

@@ -15,22 +15,13 @@ from kvconnect.api import EngineInfo
 from kvconnect.backends.cpu_offload import CpuOffloadWorker
 from kvconnect.backends.cpu_offload.copier import build_layers, copy_blocks
 from kvconnect.backends.cpu_offload.rows import Entry, plan_spans
+from kvconnect.bench.offload import FullAttentionSpec
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import LayoutError
 from kvconnect.layout import FLASH_NHD_DIMS, MLA_DIMS, KVLayout
 from tests.unit.test_offload_worker import load, store
 
 pytestmark = pytest.mark.unit
-
-
-@dataclass
-class FullAttentionSpec:
-    """The fields of vLLM's ``FullAttentionSpec`` that ``layer_entries`` reads."""
-
-    block_size: int
-    num_kv_heads: int
-    head_size: int
-    head_size_v: int
 
 
 @dataclass
