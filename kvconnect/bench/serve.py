@@ -46,8 +46,6 @@ logger = logging.getLogger(__name__)
 STACKS = ("single", "vllm-nixl", "kvc-pull", "kvc-push")
 LABELS = {"single": "one instance", "vllm-nixl": "P/D vLLM NixlConnector",
           "kvc-pull": "P/D kvconnect pull", "kvc-push": "P/D kvconnect push"}
-#: The metrics that must read 0 on every server once a level is over.
-LEFT_METRICS = ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -227,8 +225,7 @@ def left_behind(servers: dict[str, str], deadline_s: float, poll_s: float = 1.0)
     while True:
         held: dict[str, Any] = {}
         for name, url in servers.items():
-            m = S.get_metrics(url)
-            v = {k: S.metric_value(m, f"vllm:{k}") for k in LEFT_METRICS}
+            v = S.left_on_server(url)
             if any(v.values()):
                 held[name] = v
         if not held or time.monotonic() - t0 > deadline_s:

@@ -884,6 +884,16 @@ def metric_value(metrics: Metrics, name: str, **labels: str) -> float:
     return sum(found)
 
 
+#: vLLM's metrics that read 0 on a server holding no request and no KV block.
+LEFT_METRICS = ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")
+
+
+def left_on_server(url: str) -> dict[str, float]:
+    """What a vLLM server still holds: each of :data:`LEFT_METRICS` (all 0 once it is idle)."""
+    m = get_metrics(url)
+    return {k: metric_value(m, f"vllm:{k}") for k in LEFT_METRICS}
+
+
 def metric_names(metrics: Metrics, prefix: str = "") -> list[str]:
     return sorted({n for (n, _) in metrics if n.startswith(prefix)})
 

@@ -28,12 +28,6 @@ REQUESTS = 32
 CONCURRENCY = 6
 
 
-def _left(url: str) -> dict[str, float]:
-    m = S.get_metrics(url)
-    return {k: S.metric_value(m, f"vllm:{k}") for k in ("kv_cache_usage_perc", "num_requests_running",
-                                                        "num_requests_waiting")}
-
-
 @pytest.mark.sweep("gqa-pull-2p2d-router")
 def test_two_prefill_two_decode_behind_one_router(tmp_path_factory, request):
     model = T.cached("llama_gqa")
@@ -65,7 +59,7 @@ def test_two_prefill_two_decode_behind_one_router(tmp_path_factory, request):
         servers = prefills + decodes
         deadline = time.monotonic() + 30
         while True:
-            left = {s.name: _left(s.url) for s in servers}
+            left = {s.name: S.left_on_server(s.url) for s in servers}
             if all(v == 0 for side in left.values() for v in side.values()) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)

@@ -54,12 +54,6 @@ def load_setup(tmp_path_factory):
         yield {"reqs": reqs, "ref": ref, "prefill": prefill, "decode": decode, "router": router}
 
 
-def _left(url: str) -> dict[str, float]:
-    m = S.get_metrics(url)
-    return {k: S.metric_value(m, f"vllm:{k}") for k in ("kv_cache_usage_perc", "num_requests_running",
-                                                        "num_requests_waiting")}
-
-
 @pytest.mark.sweep("gqa-pull-sustained-load")
 def test_sustained_load_with_client_aborts_leaves_nothing_behind(load_setup, request):
     env = load_setup
@@ -75,7 +69,7 @@ def test_sustained_load_with_client_aborts_leaves_nothing_behind(load_setup, req
     # once the leases of requests whose client left between prefill and decode have expired.
     deadline = time.monotonic() + LEASE_S + 45
     while True:
-        left = {"prefill": _left(prefill.url), "decode": _left(decode.url)}
+        left = {"prefill": S.left_on_server(prefill.url), "decode": S.left_on_server(decode.url)}
         if all(v == 0 for side in left.values() for v in side.values()) or time.monotonic() > deadline:
             break
         time.sleep(1.0)

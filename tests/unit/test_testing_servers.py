@@ -59,3 +59,35 @@ def test_a_renamed_label_value_is_an_error_naming_the_labels():
     with pytest.raises(S.MetricMissing, match="nixl.loads_fail") as e:
         S.metric_value(m, "vllm:kvconnect", stat="nixl.loads_fail")
     assert "other labels" in str(e.value)
+
+
+def test_left_on_server_reads_what_a_server_still_holds_and_refuses_a_missing_metric():
+    import http.server
+    import threading
+
+    body = {"text": ""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = body["text"].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer((S.HOST, 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://{S.HOST}:{srv.server_address[1]}"
+    try:
+        body["text"] = ('vllm:kv_cache_usage_perc{engine="0"} 0.25\nvllm:num_requests_running{engine="0"} 1.0\n'
+                        'vllm:num_requests_waiting{engine="0"} 0.0\n')
+        assert S.left_on_server(url) == {"kv_cache_usage_perc": 0.25, "num_requests_running": 1.0,
+                                         "num_requests_waiting": 0.0}
+        body["text"] = 'vllm:kv_cache_usage_perc{engine="0"} 0.0\n'
+        with pytest.raises(S.MetricMissing, match="num_requests_running"):
+            S.left_on_server(url)
+    finally:
+        srv.shutdown()
