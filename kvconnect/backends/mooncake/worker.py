@@ -1,6 +1,10 @@
 """Worker half of the shared tier: registers the rank's KV memory with the store and runs the
 loads and stores the scheduler half plans, off the engine thread (:mod:`transfer`).
 
+KV caches in host memory (vLLM's CPU worker) are registered and moved zero-copy; caches elsewhere
+(GPU) go through a registered host staging buffer of ``staging_buffer_bytes`` (:mod:`staging`).
+``staging="always"`` stages host caches too, ``"never"`` refuses caches it cannot reach.
+
 Reporting, per request:
 
 * a load that verified every block: ``finished_recving``;
@@ -27,10 +31,11 @@ from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake import objects as ob
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata
+from kvconnect.backends.mooncake.staging import Staging
 from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
 from kvconnect.backends.mooncake.transfer import Job, Lane, StoreIO, merged_ranges, run_job
 from kvconnect.config import MooncakeConfig, validate_mooncake
-from kvconnect.errors import LayoutError
+from kvconnect.errors import BackendUnavailableError, ConfigError, LayoutError
 from kvconnect.layout import KVLayout
 from kvconnect.metadata import decode
 
@@ -43,6 +48,9 @@ class MooncakeWorker(WorkerConnector):
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
                  store_factory: Callable[[], Any] | None = None) -> None:
         validate_mooncake(config)
+        if ob.xxh3_64_intdigest is None:
+            raise BackendUnavailableError("the mooncake backend checksums objects with xxhash: "
+                                          "pip install 'kvconnect[mooncake]' (or xxhash)")
         self.cfg = config
         self.engine = engine
         self._shared: SharedStore = shared_store(config, store_factory)
@@ -63,22 +71,45 @@ class MooncakeWorker(WorkerConnector):
         if len({lay.group for _, lay in caches.values()}) > 1:
             raise LayoutError("mooncake: layers span several KV-cache groups; this backend supports "
                               "one group only (supports_hybrid=False)")
-        runs = []
         for name, (t, lay) in caches.items():
             if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
                 raise LayoutError(f"mooncake: layer {name}: tensor {tuple(t.shape)} does not match its layout")
-            runs.append(ob.layer_runs(t, lay))
-        blocks = ob.BlockObjects(runs)
-        for ptr, size in merged_ranges([(t.data_ptr(), lay.span_bytes) for t, lay in caches.values()]):
-            self._shared.register(ptr, size)
+        blocks = self._placement(caches)
         self.layout = ks.layout_digest(ob.layout_parts(caches))
         ns = ks.namespace(self.cfg, self.engine)
         prefix = ks.rank_prefix(ns, self.layout, self.engine.tp_size, self.engine.tp_rank)
         self.io = StoreIO(self._shared, blocks, prefix, self.layout, self.cfg.batch_objects)
         job = run_job(self.io)
         self._lanes = {k: Lane(f"kvc-mooncake-{k}", job) for k in ("load", "save")}
-        logger.info("mooncake: rank %d registered %d blocks of %d bytes (keys %s...)",
-                    self.engine.tp_rank, blocks.num_blocks, blocks.payload_bytes, prefix)
+        logger.info("mooncake: rank %d registered %d blocks of %d bytes (%s; keys %s...)",
+                    self.engine.tp_rank, blocks.num_blocks, blocks.payload_bytes,
+                    "zero-copy" if self.io.staging is None else
+                    f"staged through {self.io.staging.slots} host slots", prefix)
+
+    def _placement(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> ob.BlockObjects | Staging:
+        """Zero-copy runs of the engine's blocks, or a staging buffer; its memory registered."""
+        on_host = all(t.device.type == "cpu" for t, _ in caches.values())
+        mode = self.cfg.staging
+        if mode == "never" or (mode == "auto" and on_host):
+            if not on_host:
+                devs = sorted({str(t.device) for t, _ in caches.values()})
+                raise LayoutError(f"mooncake.staging='never': KV caches on {devs} are not host memory "
+                                  "and cannot be moved zero-copy; use staging='auto'")
+            blocks = ob.BlockObjects([ob.layer_runs(t, lay) for t, lay in caches.values()])
+            for ptr, size in merged_ranges([(t.data_ptr(), lay.span_bytes) for t, lay in caches.values()]):
+                self._shared.register(ptr, size)
+            return blocks
+        payload = sum(n for _, lay in caches.values() for _, n in ob._runs(lay))
+        slots = self.cfg.staging_buffer_bytes // payload
+        if slots < 2:
+            raise ConfigError(
+                f"mooncake.staging_buffer_bytes={self.cfg.staging_buffer_bytes} holds {slots} "
+                f"object(s) of {payload} bytes (one block, every layer); it needs at least 2 "
+                f"({2 * payload} bytes): one batch in flight while the next is copied"
+            )
+        staging = Staging(list(caches.values()), slots)
+        self._shared.register(staging.ptr, staging.nbytes)
+        return staging
 
     def get_handshake_metadata(self) -> MooncakeHandshake | None:
         if self.io is None:
@@ -117,6 +148,8 @@ class MooncakeWorker(WorkerConnector):
             job.error, job.done = error, True
             self._complete(job)
             return
+        if self.io is not None and self.io.staging is not None:
+            job.marker = self.io.staging.marker()
         self._inflight.setdefault(request_id, []).append(job)
         self._lanes[kind].submit(job)
 
@@ -174,10 +207,15 @@ class MooncakeWorker(WorkerConnector):
         for jobs in self._inflight.values():
             for job in jobs:
                 if job.kind == "load" and not job.reported and now > job.deadline:
-                    job.error = job.error or f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
-                    job.good = 0  # what landed so far is not verified
-                    self._add("deadline_misses", 1)
-                    self._report_load(job)
+                    if not job.lock.acquire(blocking=False):
+                        continue  # verified blocks are being copied in: report once that ends
+                    try:
+                        job.error = job.error or f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
+                        job.good = 0  # what landed so far is not verified
+                        self._add("deadline_misses", 1)
+                        self._report_load(job)
+                    finally:
+                        job.lock.release()
         out, self._out = self._out, TransferResults()
         for rid in list(self._closed):
             if rid not in self._inflight:
