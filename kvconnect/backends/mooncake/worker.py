@@ -30,6 +30,7 @@ import torch
 from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake import objects as ob
+from kvconnect.backends.mooncake import xxh3
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata
 from kvconnect.backends.mooncake.staging import Staging
 from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
@@ -48,9 +49,10 @@ class MooncakeWorker(WorkerConnector):
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
                  store_factory: Callable[[], Any] | None = None) -> None:
         validate_mooncake(config)
-        if ob.xxh3_64_intdigest is None:
-            raise BackendUnavailableError("the mooncake backend checksums objects with xxhash: "
-                                          "pip install 'kvconnect[mooncake]' (or xxhash)")
+        if xxh3.xxh3_64 is None:
+            raise BackendUnavailableError("the mooncake backend checksums objects with XXH3: "
+                                          "pip install 'kvconnect[mooncake]' (the xxhash wheel) "
+                                          "or apt-get install libxxhash0")
         self.cfg = config
         self.engine = engine
         self._shared: SharedStore = shared_store(config, store_factory)
