@@ -8,13 +8,14 @@ unless ``--master`` names one. KV caches are vLLM-CPU shaped: per layer ``[block
 block_size, 2 * head_dim]``, so one block of one layer is one contiguous run. The raw reference
 puts and gets every such run as its own object, in batches of the same bytes as the backend's; the
 backend puts one object per block (every layer's run plus a 40-byte verified header). Each figure
-is the median of ``--repeats``; the two sides of one repeat run back to back, and each ratio is
-the median of the per-repeat ratios.
+is the median of ``--repeats``; the two sides of one repeat run back to back (raw first in even
+repeats, kvconnect first in odd ones), and each ratio is the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,37 @@ def _drive(w: MooncakeWorker, meta: MooncakeStepMetadata, rid: str, kind: str, t
     raise TimeoutError(f"bench {kind} did not finish in {timeout} s")
 
 
+def _raw_round(store: Any, keys: list[str], src: list[int], dst: list[int], size: int,
+               step: int) -> tuple[float, float]:
+    """Seconds to put ``src`` runs then get them into ``dst``: raw zero-copy batch calls."""
+    t0 = time.perf_counter()
+    for lo in range(0, len(keys), step):
+        codes = store.batch_put_from(keys[lo:lo + step], src[lo:lo + step], [size] * len(keys[lo:lo + step]))
+        if any(c != 0 for c in codes):
+            raise RuntimeError(f"raw put failed: {sorted(set(codes))[:3]}")
+    put = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for lo in range(0, len(keys), step):
+        got = store.batch_get_into(keys[lo:lo + step], dst[lo:lo + step], [size] * len(keys[lo:lo + step]))
+        if any(g != size for g in got):
+            raise RuntimeError(f"raw get failed: {sorted(set(got))[:3]}")
+    return put, time.perf_counter() - t0
+
+
+def _kvc_round(w: MooncakeWorker, caches: list[torch.Tensor], src: list[int], dst: list[int],
+               keys: list[bytes], rep: int) -> tuple[float, float]:
+    """Seconds to store blocks ``src`` then load them into ``dst`` through the worker."""
+    for t in caches:
+        t[dst[0]:].zero_()
+    save = _drive(w, MooncakeStepMetadata(saves=[StoreSave(request_id=f"s{rep}", block_ids=src, keys=keys)],
+                                          closed=[f"s{rep}"]), f"s{rep}", "save")
+    load = _drive(w, MooncakeStepMetadata(loads=[StoreLoad(request_id=f"l{rep}", block_ids=dst, keys=keys)]),
+                  f"l{rep}", "load")
+    if not all(torch.equal(t[src[0]], t[dst[0]]) and torch.equal(t[src[-1]], t[dst[-1]]) for t in caches):
+        raise RuntimeError("bench: loaded blocks differ from the stored ones")
+    return save, load
+
+
 def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]]:
     dt = DTYPES[a.dtype]
     per_layer_block = a.kv_heads * a.block_size * 2 * a.head_dim * torch.finfo(dt).bits // 8
@@ -103,34 +135,19 @@ def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]
     for rep in range(a.repeats):
         keys = [os.urandom(16) for _ in range(n)]
         raw_keys = [f"bench-raw/{rep}/{i}" for i in range(len(runs_src))]
-        # Raw first, then kvconnect, each put then got back, the store emptied in between: the
-        # two never compete for the holder's memory (a full store evicts).
-        t0 = time.perf_counter()
-        for lo in range(0, len(raw_keys), step):
-            codes = store.batch_put_from(raw_keys[lo:lo + step], runs_src[lo:lo + step],
-                                         [per_layer_block] * len(raw_keys[lo:lo + step]))
-            if any(c != 0 for c in codes):
-                raise RuntimeError(f"raw put failed: {sorted(set(codes))[:3]}")
-        raw_put = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for lo in range(0, len(raw_keys), step):
-            got = store.batch_get_into(raw_keys[lo:lo + step], runs_dst[lo:lo + step],
-                                       [per_layer_block] * len(raw_keys[lo:lo + step]))
-            if any(g != per_layer_block for g in got):
-                raise RuntimeError(f"raw get failed: {sorted(set(got))[:3]}")
-        raw_get = time.perf_counter() - t0
-        store.remove_all(True)
-        for t in caches:
-            t[n:].zero_()
-        save = _drive(w, MooncakeStepMetadata(saves=[StoreSave(request_id=f"s{rep}", block_ids=src, keys=keys)],
-                                              closed=[f"s{rep}"]), f"s{rep}", "save")
-        load = _drive(w, MooncakeStepMetadata(loads=[StoreLoad(request_id=f"l{rep}", block_ids=dst, keys=keys)]),
-                      f"l{rep}", "load")
-        if not all(torch.equal(t[src[0]], t[dst[0]]) and torch.equal(t[src[-1]], t[dst[-1]]) for t in caches):
-            raise RuntimeError("bench: loaded blocks differ from the stored ones")
-        store.remove_all(True)
+        sides = {"raw": functools.partial(_raw_round, store, raw_keys, runs_src, runs_dst, per_layer_block, step),
+                 "kvc": functools.partial(_kvc_round, w, caches, src, dst, keys, rep)}
+        # Each side put then got back, the store emptied in between: the two never compete for
+        # the holder's memory (a full store evicts). The order alternates between repeats, so a
+        # warm-up or a drift in the machine's load favours neither side.
+        order = ("raw", "kvc") if rep % 2 == 0 else ("kvc", "raw")
+        out = {}
+        for side in order:
+            out[side] = sides[side]()
+            store.remove_all(True)
+        (raw_put, raw_get), (save, load) = out["raw"], out["kvc"]
         nbytes = n * per_block
-        rows.append({"repeat": rep, "blocks": n, "bytes": nbytes,
+        rows.append({"repeat": rep, "raw_first": order[0] == "raw", "blocks": n, "bytes": nbytes,
                      "put_gbps": nbytes / save / 1e9, "raw_put_gbps": nbytes / raw_put / 1e9,
                      "get_gbps": nbytes / load / 1e9, "raw_get_gbps": nbytes / raw_get / 1e9})
     w.shutdown()

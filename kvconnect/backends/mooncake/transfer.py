@@ -155,10 +155,22 @@ class StoreIO:
             self.sh.health.failed(f"{what} returned {sorted(set(codes))[:3]}")
 
     # -- save -------------------------------------------------------------------------------------
-    def _prepare_save(self, job: Job, lo: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    def spans(self, n: int, small_last: bool) -> list[tuple[int, int]]:
+        """``[lo, hi)`` batches of ``batch`` objects over ``n``, but the batch whose checksum work
+        overlaps no transfer (a store's first, prepared before any put; a load's last, verified
+        after the last get) a quarter of that, so the pipeline fills and drains fast."""
+        small = max(1, self.batch // 4)
+        if n <= small:
+            return [(0, n)] if n else []
+        if small_last:
+            return [(lo, min(lo + self.batch, n - small)) for lo in range(0, n - small, self.batch)] + \
+                [(n - small, n)]
+        return [(0, small)] + [(lo, min(lo + self.batch, n)) for lo in range(small, n, self.batch)]
+
+    def _prepare_save(self, job: Job, lo: int, hi: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
         """Existence query, then buffers, checksum and header of each missing block of one batch."""
-        keys = [self._key(k) for k in job.keys[lo : lo + self.batch]]
-        blocks = job.block_ids[lo : lo + self.batch]
+        keys = [self._key(k) for k in job.keys[lo:hi]]
+        blocks = job.block_ids[lo:hi]
         exist = self.store.batch_is_exist(keys)
         if any(e < 0 for e in exist):
             self._store_failed(list(exist), "batch_is_exist")
@@ -176,19 +188,19 @@ class StoreIO:
 
     def save(self, job: Job) -> None:
         """Batch k+1 is prepared (existence, checksum) on the helper thread while batch k is put."""
-        starts = list(range(0, len(job.keys), self.batch))
-        if not starts:
+        spans = self.spans(len(job.keys), small_last=False)
+        if not spans:
             return
-        nxt = self._pools["save"].submit(self._prepare_save, job, starts[0], 0)
-        for n, lo in enumerate(starts):
+        nxt = self._pools["save"].submit(self._prepare_save, job, *spans[0], 0)
+        for n, (lo, hi) in enumerate(spans):
             try:
                 keys, ptrs, sizes = nxt.result()
             except _StoreDown as e:
                 job.error = str(e)
                 job.add("saves_dropped", len(job.keys) - lo)
                 return
-            if n + 1 < len(starts):
-                nxt = self._pools["save"].submit(self._prepare_save, job, starts[n + 1], (n + 1) % 2)
+            if n + 1 < len(spans):
+                nxt = self._pools["save"].submit(self._prepare_save, job, *spans[n + 1], (n + 1) % 2)
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
                 job.add("deadline_misses")
@@ -204,7 +216,7 @@ class StoreIO:
                 self.sh.health.ok()
                 job.nbytes += len(keys) * self.object_bytes
                 job.add("objects_stored", len(keys))
-            job.good = min(len(job.keys), lo + self.batch)
+            job.good = hi
         with contextlib.suppress(Exception):
             nxt.result()  # never leave the helper writing a header half the next job reuses
 
@@ -213,7 +225,7 @@ class StoreIO:
                 ptrs: list[list[int]], sizes: list[list[int]]) -> tuple[int, str | None]:
         """Verified blocks of one fetched batch, in order, and why the first bad one is bad."""
         hp = self._headers["load"]
-        bkeys = job.keys[lo : lo + self.batch]
+        bkeys = job.keys[lo : lo + len(got)]
         for j, n in enumerate(got):
             why = ""
             if n != self.object_bytes:
@@ -257,14 +269,14 @@ class StoreIO:
                 return False
             return True
 
-        for n, lo in enumerate(range(0, len(job.keys), self.batch)):
+        for n, (lo, hi) in enumerate(self.spans(len(job.keys), small_last=True)):
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
                 job.add("deadline_misses")
                 break
             half = n % 2
-            bkeys = job.keys[lo : lo + self.batch]
-            ptrs, sizes = self._buffers("load", job.block_ids[lo : lo + self.batch], half)
+            bkeys = job.keys[lo:hi]
+            ptrs, sizes = self._buffers("load", job.block_ids[lo:hi], half)
             got = self.store.batch_get_into_multi_buffers([self._key(k) for k in bkeys], ptrs, sizes)
             if pending is not None and not settle():
                 pending = None
