@@ -6,7 +6,8 @@ the block's contiguous runs in memory order) followed by a 40-byte header::
     magic "KVC1" | version u16 | reserved u16 | payload bytes u64 | checksum u64 | layout 8 B | key 8 B
 
 Puts and gets name the engine's own memory for every run (Mooncake's multi-buffer batch calls),
-so no byte is copied on this side; only the header goes through a small registered buffer. A get
+so no byte is copied on this side; only the header goes through a small registered buffer. KV
+caches the store cannot reach (GPU) go through :mod:`staging`, whose objects are the same bytes. A get
 is accepted only when Mooncake returns exactly ``payload + header`` bytes, the header's magic,
 version, size, layout and key match, and the checksum (:func:`checksum_of`) of what landed in the
 engine's blocks equals the stored one.
