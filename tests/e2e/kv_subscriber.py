@@ -3,11 +3,14 @@ event types (``KVEventBatch`` over ZMQ, msgpack): the engine block hashes it hol
 
 from __future__ import annotations
 
+import json
 import threading
 
 import msgspec
 import zmq
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+from kvconnect.testing import servers as S
 
 
 class Subscriber:
@@ -77,3 +80,10 @@ class Subscriber:
         self._t.join(timeout=5)
         self._sock.close(linger=0)
         self._ctx.term()
+
+
+def subscribed() -> tuple[Subscriber, list[str]]:
+    """A subscriber on a free loopback port, and the vLLM server arguments that publish to it."""
+    endpoint = f"tcp://127.0.0.1:{S.free_port()}"
+    cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
+    return Subscriber(endpoint), ["--kv-events-config", json.dumps(cfg)]

@@ -12,7 +12,6 @@ them.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ if kvc.deps_missing():
 
 from kvconnect.testing import servers as S  # noqa: E402
 from kvconnect.testing import tiny_models as T  # noqa: E402
-from tests.e2e.kv_subscriber import Subscriber  # noqa: E402
+from tests.e2e.kv_subscriber import Subscriber, subscribed  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -50,15 +49,13 @@ def metric(url: str, name: str, **labels: str) -> float:
 def env(tmp_path_factory):
     model = T.cached("llama_gqa")
     wd = tmp_path_factory.mktemp("kvc_events")
-    endpoint = f"tcp://127.0.0.1:{S.free_port()}"
-    sub = Subscriber(endpoint)
+    sub, events_args = subscribed()
     block_bytes = 2 * 2 * 64 * 32 * 2 * 4  # layers x KV heads x head dim x block x (K, V) x float32
-    events_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
     try:
         with kvc.Group() as g:
             srv = kvc.server(model, wd, "events", "0-1", kvc.kvconnect(kvc.offload(TIER_BLOCKS * block_bytes)),
                              env={"VLLM_SERVER_DEV_MODE": "1"},
-                             args=["--kv-events-config", json.dumps(events_cfg)])
+                             args=events_args)
             g.start(srv)
             yield {"srv": srv, "sub": sub}
     finally:

@@ -13,7 +13,6 @@ published for the same tokens on the device.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -27,7 +26,7 @@ pytest.importorskip("mooncake.store", reason="pip install 'kvconnect[mooncake]'"
 from kvconnect.testing import servers as S  # noqa: E402
 from kvconnect.testing import tiny_models as T  # noqa: E402
 from kvconnect.testing.mooncake import MooncakeStore  # noqa: E402
-from tests.e2e.kv_subscriber import Subscriber  # noqa: E402
+from tests.e2e.kv_subscriber import subscribed  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -49,15 +48,13 @@ def _stat(url: str, name: str) -> float:
 def env(tmp_path_factory):
     model = T.cached("hybrid")
     wd = tmp_path_factory.mktemp("kvc_mooncake_hybrid")
-    endpoint = f"tcp://127.0.0.1:{S.free_port()}"
-    sub = Subscriber(endpoint)
-    events_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
+    sub, events_args = subscribed()
     store = MooncakeStore(wd, segment_bytes=256 << 20).start()
     mc = store.config(load_timeout_s=10.0)
     try:
         with kvc.Group() as g:
             a = kvc.server(model, wd, "a", "0", kvc.kvconnect(mc, policy="recompute"),
-                           args=["--kv-events-config", json.dumps(events_cfg)])
+                           args=events_args)
             b = kvc.server(model, wd, "b", "1", kvc.kvconnect(mc, policy="recompute"))
             single = kvc.server(model, wd, "single", "0-1")
             g.start(a, b, single)

@@ -204,3 +204,31 @@ def test_a_composition_on_a_mamba_model_skips_the_shared_tier_or_fails_naming_it
     s.shutdown()
     with pytest.raises(UnsupportedModelError, match=r"child 'mooncake' cannot serve.*group 0 uses 'MambaSpec'"):
         MultiScheduler(parse_config({"backends": backends}), eng)
+
+
+def test_a_hybrid_hit_needs_each_groups_object_on_every_tp_rank(master):
+    """The lookup alone (no workers): objects named as two ranks' workers would name them."""
+    from kvconnect.backends.cpu_offload.hashing import KeyCache
+    from kvconnect.backends.mooncake import keys as ks
+    from kvconnect.backends.mooncake.messages import MooncakeHandshake
+
+    cfg = config(master)
+    eng = engine()
+    eng.tp_size = 2
+    s = MooncakeScheduler(cfg, eng, store_factory=FakeMooncakeDistributedStore)
+    try:
+        layouts = {r: bytes([r]) * 8 for r in range(2)}
+        s.set_handshake_metadata({r: MooncakeHandshake(tp_rank=r, layout=layouts[r], object_bytes=1) for r in range(2)})
+        prefixes = ks.prefixes_by_rank(ks.namespace(cfg, eng), layouts, 2)
+        r = RequestView("r1", PROMPT)
+        kc = KeyCache(ks.namespace(cfg, eng), BS)
+        stored = [(FULL, i) for i in range(6)] + [(SW, 4), (SW, 5)]
+        for p in prefixes:
+            for g, i in stored:
+                fake_mooncake.cluster.objects[p + kc.group_keys(r, 6, g)[i].hex()] = b"x"
+        inst = Instance(s, None, [])  # lookups only
+        assert inst.lookup(r) == (6 * BS, True)
+        del fake_mooncake.cluster.objects[prefixes[1] + kc.group_keys(r, 6, SW)[5].hex()]
+        assert inst.lookup(RequestView("r2", PROMPT)) == (0, False)
+    finally:
+        s.shutdown()
