@@ -160,3 +160,14 @@ def test_no_events_when_the_engine_publishes_none(instances):
     a = instances(kv_events=False)
     a.serve_and_store(req("r1"), BLOCKS)
     assert a.sched._events is None and a.sched.take_events() == []
+
+
+def test_a_failed_store_of_a_published_prefix_withdraws_nothing(instances):
+    a = instances()
+    a.serve_and_store(req("r1"), BLOCKS)
+    a.sched.take_events()
+    longer = PROMPT + list(range(7000, 7000 + 2 * BS))
+    fake_mooncake.cluster.put_code = fake_mooncake.NO_AVAILABLE_HANDLE
+    out = a.serve_and_store(req("r2", longer), list(range(10, 19)))
+    assert "r2" in out.failed_sending  # its two new blocks could not be put
+    assert a.sched.take_events() == []  # the six published ones are still in the store

@@ -366,11 +366,13 @@ class MooncakeScheduler(SchedulerConnector):
         self._counters["save_blocks_planned"] += len(todo)
         if self._events is not None:
             ev = self._events
+            new = [t for t in todo if not ev.holds(t[3])]  # published already: not again
             for g in range(self.n_groups):
-                part = [t for t in todo if t[0] == g and not ev.holds(t[3])]
+                part = [t for t in new if t[0] == g]
                 if part:
                     ev.planned(view, [t[1] for t in part], [t[3] for t in part], group=g)
-            self._done_saves[view.request_id] = keys
+            if new:
+                self._done_saves[view.request_id] = [t[3] for t in new]
         return True
 
     # -- results ----------------------------------------------------------------------------------
@@ -411,7 +413,7 @@ class MooncakeScheduler(SchedulerConnector):
             if keys is None:
                 continue
             if rid in results.failed_sending:
-                self._events.dropped(keys)  # planned only: publishes nothing
+                self._events.dropped(keys)  # planned, never published: nothing to withdraw
             else:
                 self._events.ready(keys)
 
