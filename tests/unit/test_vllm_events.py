@@ -150,7 +150,7 @@ def test_a_composition_names_the_source_of_the_child_that_owns_the_load():
         def build_step_metadata(self, step):
             return None
 
-    m = MultiScheduler.from_children([Child(0, "p2p"), Child(32, "host")], EngineInfo("e", block_sizes=(16,)),
+    m = MultiScheduler([Child(0, "p2p"), Child(32, "host")], EngineInfo("e", block_sizes=(16,)),
                                      names=["nixl", "cpu_offload"])
     view = RequestView("r", list(range(40)))
     assert m.get_num_new_matched_tokens(view, 0) == (32, True)
