@@ -75,31 +75,6 @@ def _as_secret(secret: str | bytes | None) -> bytes | None:
 
 
 # -- addresses -------------------------------------------------------------------------------------
-def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port``, a bare IPv6 literal, or a bare host (with ``default_port``)."""
-    s = text.strip()
-    if not s:
-        raise ValueError("empty address")
-    if s.startswith("["):
-        host, _, rest = s[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    elif s.count(":") > 1:  # bare IPv6 literal
-        host, port_s = s, ""
-    else:
-        host, _, port_s = s.partition(":")
-    if not host:
-        raise ValueError(f"address {text!r} has no host")
-    if port_s:
-        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-            raise ValueError(f"address {text!r} has a bad port")
-        port = int(port_s)
-    elif default_port is not None:
-        port = default_port
-    else:
-        raise ValueError(f"address {text!r} has no port")
-    return host, port
-
-
 def is_ipv6(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).version == 6

@@ -181,11 +181,6 @@ def cached(kind: str, seed: int = 0, root: str | os.PathLike | None = None) -> P
     return build(kind, base / f"{kind}-seed{seed}", seed=seed)
 
 
-def is_built(out_dir: str | os.PathLike) -> bool:
-    """True if ``out_dir`` holds a finished build (any recipe)."""
-    return (Path(out_dir) / MARKER).is_file()
-
-
 # ----------------------------------------------------------------------------------------------
 # output checks for tests
 # ----------------------------------------------------------------------------------------------
