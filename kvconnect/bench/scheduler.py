@@ -61,6 +61,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvconnect.errors import BenchmarkError
+
 # Scheduler-only use of the engine config: prompts longer than the tiny model's positions are fine.
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
@@ -486,7 +488,7 @@ class Engine:
             t["output"] += pc() - t0
             collect_between_steps()
             if self.steps > 100_000:
-                raise RuntimeError(f"benchmark engine did not drain ({type(conn).__name__}: {len(self.specs)} to arrive, "
+                raise BenchmarkError(f"benchmark engine did not drain ({type(conn).__name__}: {len(self.specs)} to arrive, "
                                    f"{len(self.waiting)} waiting, {len(self.remote)} loading, {len(self.running)} running, "
                                    f"{len(self.held)} held, {len(self.due)} results due)")
 

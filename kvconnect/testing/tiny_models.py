@@ -164,8 +164,8 @@ def build(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build a model by kind name: ``llama_gqa``, ``llama_mqa``, ``mla`` or ``hybrid``."""
     try:
         fn = BUILDERS[kind]
-    except KeyError:
-        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(BUILDERS)}") from None
+    except KeyError as e:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(BUILDERS)}") from e
     return fn(out_dir, seed=seed)
 
 
