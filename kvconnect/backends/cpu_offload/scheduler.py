@@ -40,6 +40,7 @@ from kvconnect.backends.cpu_offload.hashing import KeyCache
 from kvconnect.backends.cpu_offload.index import SlotIndex
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
 from kvconnect.backends.cpu_offload.policies import make_policy
+from kvconnect.backends.cpu_offload.stats import SchedulerCounters
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.events import MEDIUM_CPU, TierEvents
@@ -120,10 +121,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         self._loads: list[LoadJob] = []
         self._stores: list[StoreJob] = []
         self._closed: list[str] = []
-        self._counters = dict.fromkeys(
-            ("hits", "misses", "hit_tokens", "load_failures", "store_failures", "loaded_tokens",
-             "stored_tokens", "stored_blocks", "skipped_stores"), 0
-        )
+        self._counters = SchedulerCounters()
         self._worker: dict[str, Any] = {}
         #: KV cache events of this tier (only when the engine publishes them).
         self._events = TierEvents(MEDIUM_CPU, self.block_size) if engine.kv_events else None
@@ -225,7 +223,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         if num_external_tokens <= 0:
             if lk is not None and self.index is not None:
                 self.index.unpin(lk.slots)
-            self._counters["misses"] += 1
+            self._counters.misses += 1
             return
         if lk is None or self.index is None:
             self._fail_load(st, self._real(blocks, 0, len(blocks[0])),
@@ -253,8 +251,8 @@ class CpuOffloadScheduler(SchedulerConnector):
         st.load_tokens = (end - lk.start) * bs
         st.planned = [max(p, end) for p in st.planned]
         self._loads.append(LoadJob(request_id=rid, block_ids=block_list, slots=slots, keys=keys, groups=groups))
-        self._counters["hits"] += 1
-        self._counters["hit_tokens"] += num_external_tokens
+        self._counters.hits += 1
+        self._counters.hit_tokens += num_external_tokens
 
     def _entries_for(self, lk: _Lookup, end: int, blocks: list[list[int]]):
         """What a load ending at block ``end`` copies: the indices into the lookup's pins, the
@@ -315,7 +313,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         slots = self.index.reserve([t[3] for t in todo])
         st.planned = [max(p, n_full) for p in st.planned]
         if len(slots) < len(todo):
-            self._counters["skipped_stores"] += len(todo) - len(slots)
+            self._counters.skipped_stores += len(todo) - len(slots)
             for g, i, _, _ in todo[len(slots):]:
                 st.planned[g] = min(st.planned[g], i)
         if not slots:
@@ -407,9 +405,9 @@ class CpuOffloadScheduler(SchedulerConnector):
         self.index.unpin(slots)
         if failed:
             self.index.discard(slots, keys)
-            self._counters["load_failures"] += 1
+            self._counters.load_failures += 1
         else:
-            self._counters["loaded_tokens"] += st.load_tokens
+            self._counters.loaded_tokens += st.load_tokens
 
     def update_worker_output(self, results: TransferResults) -> None:
         failed_sending = results.failed_sending
@@ -426,11 +424,11 @@ class CpuOffloadScheduler(SchedulerConnector):
             if self.index is not None and st.store_slots:
                 if rid in failed_sending:
                     self.index.discard(st.store_slots, st.store_keys)
-                    self._counters["store_failures"] += 1
+                    self._counters.store_failures += 1
                 else:
                     self.index.commit(st.store_slots, st.store_keys)
-                    self._counters["stored_blocks"] += len(st.store_slots)
-                    self._counters["stored_tokens"] += len(st.store_slots) * self.block_size
+                    self._counters.stored_blocks += len(st.store_slots)
+                    self._counters.stored_tokens += len(st.store_slots) * self.block_size
             del self._reqs[rid]
         if results.stats:
             for k, v in results.stats.items():
@@ -438,7 +436,7 @@ class CpuOffloadScheduler(SchedulerConnector):
                     self._worker[k] = self._worker.get(k, 0) + v
 
     def get_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self._counters)
+        out: dict[str, Any] = self._counters.as_dict()
         idx = self.index
         out["evictions"] = idx.evictions if idx else 0
         out["num_slots"] = idx.num_slots if idx else 0
