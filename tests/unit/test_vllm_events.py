@@ -15,7 +15,7 @@ BS = 16
 @pytest.fixture(scope="module")
 def env():
     pytest.importorskip("vllm")
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     return B.make_env(BS, 256, 512)
 
@@ -82,7 +82,7 @@ def test_removed_blocks_become_block_removed_with_medium(env):
 def _connector(env, extra, events: bool):
     from vllm.config import KVEventsConfig
 
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     env2 = copy.copy(env)
     env2.vllm_config = copy.copy(env.vllm_config)
