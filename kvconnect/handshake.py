@@ -152,9 +152,6 @@ class SideChannelServer:
         """A snapshot of the listener's counters (:class:`SideChannelCounters`)."""
         return self._counts.as_dict()
 
-    def add_handler(self, kind: str, handler: Handler) -> None:
-        self._handlers[kind] = handler
-
     def _run(self) -> None:
         zmq = self._zmq
         poller = zmq.Poller()
