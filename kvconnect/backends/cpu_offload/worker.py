@@ -221,12 +221,12 @@ class CpuOffloadWorker(WorkerConnector):
     def _run_task(self, task: CopyTask) -> None:
         try:
             self._start_task(task)
-        except Exception as e:
+        except Exception:
             if task.kind == "store":
                 for s in task.slots:
                     if 0 <= s < self.num_slots:
                         self._slot_keys[s] = None
-            raise e
+            raise
         self._finish_task(task)
 
     # -- per step -------------------------------------------------------------------------------------
