@@ -69,7 +69,7 @@ def vllm_server(
     python: str | None = None,
 ) -> ServerProcess:
     """Describe (not start) a vLLM OpenAI server for ``model_dir``. Call ``.start()`` or use
-    :func:`running`; :func:`start_vllm` does both.
+    :func:`~kvconnect.testing.procs.running`; :func:`start_vllm` does both.
 
     ``workdir`` receives the log, ``VLLM_CACHE_ROOT`` and ``TMPDIR``. ``cpus`` sets
     ``VLLM_CPU_OMP_THREADS_BIND`` (e.g. ``"0"`` and ``"1"`` for two one-core instances; default all
