@@ -2,11 +2,12 @@
 deadline, stop as a whole process tree.
 
 Every :class:`ServerProcess` runs in its own process group and writes its output to a log file
-whose tail (and first traceback) is put into every error. :func:`stop_tree` stops the group and
-every descendant psutil finds (also ones that left the group, e.g. with ``setsid``): SIGTERM,
-then SIGKILL for whatever is still running after the grace period. Every server not stopped by
-its owner is stopped by :func:`stop_all` at interpreter exit, so a failing test leaves no engine
-behind. What runs in the process (vLLM, the router, a Mooncake master) is :mod:`.launch`'s job.
+whose tail (and first traceback) is put into every error. :func:`stop_tree` stops the group,
+every descendant psutil finds and every one seen while the server started (also ones that left
+the group with ``setsid``, or were orphaned by a leader that died first): SIGTERM, then SIGKILL
+for whatever still runs after the grace period. Every server not stopped by its owner is stopped
+by :func:`stop_all` at interpreter exit, so a failing test leaves no engine behind. What runs in
+the process is :mod:`.launch`'s job (vLLM, the router) and :mod:`.mooncake`'s (a Mooncake store).
 """
 
 from __future__ import annotations
