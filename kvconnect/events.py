@@ -109,10 +109,6 @@ class TierEvents:
         self._held: dict[bytes, tuple[Any, int]] = {}
         self._out: list[TierEvent] = []
 
-    @property
-    def num_held(self) -> int:
-        return len(self._held)
-
     def holds(self, key: bytes) -> bool:
         """Whether ``key`` was published as stored and not since removed."""
         return key in self._held

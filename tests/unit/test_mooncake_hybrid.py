@@ -195,15 +195,15 @@ def test_grouped_blocks_number_each_groups_block_apart():
 
 def test_a_composition_on_a_mamba_model_skips_the_shared_tier_or_fails_naming_it(master):
     from kvconnect.config import parse_config
-    from kvconnect.multi import MultiScheduler
+    from kvconnect.registry import create_scheduler
 
     backends = [{"backend": "nixl"}, {"backend": "mooncake", "master_server_address": master.address}]
     eng = engine(kinds=("MambaSpec", "full_attention"))
-    s = MultiScheduler(parse_config({"backends": backends, "unsupported_model": "skip"}), eng)
+    s = create_scheduler(parse_config({"backends": backends, "unsupported_model": "skip"}), eng)
     assert s.names == ["nixl"]
     s.shutdown()
     with pytest.raises(UnsupportedModelError, match=r"child 'mooncake' cannot serve.*group 0 uses 'MambaSpec'"):
-        MultiScheduler(parse_config({"backends": backends}), eng)
+        create_scheduler(parse_config({"backends": backends}), eng)
 
 
 def test_a_hybrid_hit_needs_each_groups_object_on_every_tp_rank(master):

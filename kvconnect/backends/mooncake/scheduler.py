@@ -54,7 +54,7 @@ from typing import Any
 from kvconnect.api import BlockIds, EngineInfo, RequestView, SchedulerConnector, StepView, TransferResults
 from kvconnect.backends.cpu_offload import groups as G
 from kvconnect.backends.cpu_offload.hashing import KeyCache
-from kvconnect.backends.cpu_offload.scheduler import known_kv_tokens, per_group
+from kvconnect.backends.cpu_offload.plan import known_kv_tokens, per_group
 from kvconnect.backends.mooncake import groups as H
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata, StoreLoad, StoreSave
