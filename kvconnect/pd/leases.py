@@ -86,7 +86,8 @@ class Leases:
         return self.served.get(request_id)
 
     # -- writes (push) ------------------------------------------------------------------------------
-    def _start_write(self, ls: Lease, wr: W.WriteRequest, peer: Peer | None, err: KVConnectError | None) -> None:
+    def _start_write(self, ls: Lease, wr: W.WriteRequest, peer: Peer | None,
+                     err: KVConnectError | None) -> None:
         rid, me, s = ls.spec.request_id, self._me, self._s
         if self.active.get(rid) is not ls:
             if peer is not None:
@@ -146,7 +147,8 @@ class Leases:
             try:
                 ls.expected = P.expected_consumers(me.num_heads, me.tp_size, me.tp_rank, n.tp_size, me.mla)
             except LayoutError as e:
-                logger.warning("request %s: consumer TP %d does not fit: %s", ls.spec.request_id, n.tp_size, e)
+                logger.warning("request %s: consumer TP %d does not fit: %s",
+                               ls.spec.request_id, n.tp_size, e)
                 ls.expected = frozenset({n.rank})
         ls.got.add(n.rank)
 
@@ -208,13 +210,15 @@ class Leases:
             self.pending_writes[rid] = rest
         else:
             del self.pending_writes[rid]
-        logger.warning("write request for unknown request %s from consumer rank %d refused", rid, wr.consumer_rank)
+        logger.warning("write request for unknown request %s from consumer rank %d refused",
+                       rid, wr.consumer_rank)
 
         def refuse(peer: Peer | None, err: KVConnectError | None) -> None:
             if peer is not None:
                 s.notify(peer, s.mine(W.FAILED, wr.consumer_request_id))
 
-        self._peers.when_ready((wr.consumer_engine_id, wr.consumer_rank), wr.consumer_host, wr.consumer_port, refuse)
+        key = (wr.consumer_engine_id, wr.consumer_rank)
+        self._peers.when_ready(key, wr.consumer_host, wr.consumer_port, refuse)
 
     def on_served_sums_expire(self, t: ServedSumsExpire, now: float) -> None:
         self.served.forget(t.request_id, t.data)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 from kvconnect.errors import KVConnectError, LayoutError, PeerRefusedError, TransferError, WireError
 from kvconnect.metadata import encode
@@ -91,12 +92,10 @@ class Loads:
             )
             data = encode(body)
             for p in notify:
-                s.control.request(r.host, r.port + p, "write", data,
-                                  lambda res, err, p=p: s.events.post(WriteSent(ld, p, err)))
+                s.control.request(r.host, r.port + p, "write", data, partial(self._post_write_sent, ld, p))
             return
         for p in notify:
-            self._peers.when_ready((r.engine_id, p), r.host, r.port + p,
-                                   lambda peer, err, p=p: self._on_peer(ld, p, peer, err))
+            self._peers.when_ready((r.engine_id, p), r.host, r.port + p, partial(self._on_peer, ld, p))
 
     def on_abort(self, rid: str) -> None:
         """The abort of a consumer request reached the progress thread (after its load did)."""
@@ -124,6 +123,10 @@ class Loads:
             self._peers.when_ready((r.engine_id, p), r.host, r.port + p, cb)
 
     # -- progress ---------------------------------------------------------------------------------
+    def _post_write_sent(self, ld: Load, rank: int, answer: object, err: KVConnectError | None) -> None:
+        """Control thread: producer ``rank`` answered ``ld``'s write request."""
+        self._s.events.post(WriteSent(ld, rank, err))
+
     def on_write_sent(self, m: WriteSent) -> None:
         ld, rank, err = m.load, m.rank, m.error
         rid = ld.spec.request_id

@@ -26,8 +26,8 @@ from kvconnect.metadata import HandshakeMetadata, LayerRegion, compat_hash, deco
 from kvconnect.pd import plan as P
 from kvconnect.pd import wire as W
 from kvconnect.pd.control import ControlThread
-from kvconnect.pd.peers import LocalSide
 from kvconnect.pd.messages import StepMeta, WriteRequested
+from kvconnect.pd.peers import LocalSide
 from kvconnect.pd.progress import ProgressLoop, decode_write_request
 from kvconnect.pd.scheduler import advertised_host, base_port
 from kvconnect.pd.transport import Transport
