@@ -20,6 +20,7 @@ in its constructor.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from kvconnect.api import TransferResults
 from kvconnect.config import PDConfig
@@ -28,7 +29,7 @@ from kvconnect.metadata import HandshakeMetadata, decode
 from kvconnect.pd import wire as W
 from kvconnect.pd.control import ControlThread
 from kvconnect.pd.leases import Leases
-from kvconnect.pd.loads import SUMS_RETRY_S, Loads
+from kvconnect.pd.loads import Loads
 from kvconnect.pd.loop import EventLoop
 from kvconnect.pd.messages import (
     EarlyNoticesExpire,
@@ -50,7 +51,7 @@ from kvconnect.pd.transport import Transport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProgressLoop", "SUMS_RETRY_S", "StepMeta", "WriteRequested", "decode_write_request"]
+__all__ = ["ProgressLoop", "StepMeta", "WriteRequested", "decode_write_request"]
 
 
 class ProgressLoop:
@@ -85,6 +86,11 @@ class ProgressLoop:
         if isinstance(item, tuple):
             item = _from_tuple(item)
         self._events.post(item)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the progress thread, from any thread (e.g. an adapter's own bookkeeping
+        that must not race the loads and leases)."""
+        self._events.call(fn)
 
     def abort_loads(self, request_ids: tuple[str, ...]) -> None:
         """Engine thread, at bind time (before this step's results are taken): a load that ended

@@ -188,3 +188,11 @@ def test_the_progress_loop_takes_the_workers_tuple_messages_and_refuses_other_tu
     assert _wait(lambda: "p" in w._loop.leases.pending_writes)
     with pytest.raises(TypeError, match="write_sent"):
         w._loop.post(("write_sent", "d", None, 0, None))
+
+
+def test_the_progress_loop_runs_a_call_on_its_own_thread(engines):
+    w = engines("prefill").workers[0]
+    ran: list[str] = []
+    w._loop.call(lambda: ran.append(threading.current_thread().name))
+    assert _wait(lambda: ran)
+    assert ran == ["kvconnect-pd-progress"]
