@@ -101,9 +101,8 @@ class BlockObjects:
         self.num_blocks = min(lr.num_blocks for lr in layers)
         self.payload_bytes = sum(n for lr in layers for _, n in lr.runs)
 
-    def runs(self, block: int, slot: int = 0) -> tuple[list[int], list[int]]:
-        """Addresses and sizes of one block's runs, in object order (``slot``: unused, zero-copy
-        names the block itself; see :class:`staging.Staging`)."""
+    def runs(self, block: int) -> tuple[list[int], list[int]]:
+        """Addresses and sizes of one block's runs, in object order."""
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"block id {block} outside [0, {self.num_blocks})")
         ptrs, sizes = [], []

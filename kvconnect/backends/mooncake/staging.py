@@ -91,7 +91,7 @@ class Staging:
     def nbytes(self) -> int:
         return self.buffer.nbytes
 
-    def runs(self, block: int, slot: int) -> tuple[list[int], list[int]]:
+    def runs(self, slot: int) -> tuple[list[int], list[int]]:
         """Addresses and sizes of the object staged at ``slot``, split like the zero-copy runs."""
         if not 0 <= slot < self.slots:
             raise IndexError(f"staging slot {slot} outside [0, {self.slots})")

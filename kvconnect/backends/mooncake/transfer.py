@@ -143,7 +143,7 @@ class StoreIO:
         hp = self._headers[kind]
         ptrs, sizes = [], []
         for i, b in enumerate(block_ids):
-            p, s = self.blocks.runs(b, half * self.batch + i)
+            p, s = self.blocks.runs(b) if self.staging is None else self.staging.runs(half * self.batch + i)
             p.append(hp.ptr(half * self.batch + i))
             s.append(ob.HEADER_BYTES)
             ptrs.append(p)
