@@ -164,3 +164,22 @@ def test_staging_auto_stages_caches_that_are_not_host_memory(master):
         assert w.io.staging.ptr in w._shared.store.buffers
     finally:
         w.shutdown()
+
+
+def test_a_hybrid_model_on_staged_kv_is_refused_naming_why(master):
+    from kvconnect.api import EngineInfo
+    from kvconnect.backends.mooncake import MooncakeWorker
+    from kvconnect.errors import UnsupportedModelError
+    from tests.fakes.fake_mooncake import FakeMooncakeDistributedStore
+
+    eng = EngineInfo("h", block_sizes=(BS, BS), model_signature={"arch": "tiny-hybrid"}, model_name="m",
+                     group_kinds=("sliding_window", "full_attention"), sliding_windows=(2 * BS, 0),
+                     null_block_id=0)
+    w = MooncakeWorker(config(master, staging="always"), eng, store_factory=FakeMooncakeDistributedStore)
+    kv = [torch.zeros(8, 2, BS, 16) for _ in range(2)]
+    try:
+        with pytest.raises(UnsupportedModelError, match="one KV-cache group"):
+            w.register_kv_caches({f"g{g}.l{p}": (t, KVLayout.of_tensor(t, VLLM_CPU_DIMS, group=g))
+                                  for g in range(2) for p, t in enumerate(kv)})
+    finally:
+        w.shutdown()
