@@ -76,3 +76,16 @@ def test_both_xxh3_bindings_give_the_specified_digests():
     # Lengths across XXH3's code paths (<=16, <=128, <=240, long; an odd tail).
     for n in (1, 3, 8, 16, 17, 100, 128, 129, 240, 241, 1000, 131_077, 300_000):
         assert xxh3.system_xxh3_64(buf.ctypes.data, n) == xxh3.wheel_xxh3_64(buf.ctypes.data, n), n
+
+
+def test_without_any_xxh3_binding_the_worker_and_the_checksum_name_the_fix(monkeypatch, master):
+    from kvconnect.backends.mooncake import xxh3
+    from kvconnect.errors import BackendUnavailableError
+    from tests.unit.mooncake_harness import config, make_instance
+
+    monkeypatch.setattr(xxh3, "xxh3_64", None)
+    with pytest.raises(BackendUnavailableError, match="kvconnect\\[mooncake\\]"):
+        make_instance(config(master))
+    buf = np.zeros(8, np.uint8)
+    with pytest.raises(BackendUnavailableError, match="libxxhash0"):
+        ob.checksum_of([buf.ctypes.data], [8])

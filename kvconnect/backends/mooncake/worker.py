@@ -44,7 +44,7 @@ from kvconnect.backends.mooncake.staging import Staging
 from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
 from kvconnect.backends.mooncake.transfer import Job, Lane, StoreIO, merged_ranges, run_job
 from kvconnect.config import MooncakeConfig, validate_mooncake
-from kvconnect.errors import BackendUnavailableError, ConfigError, LayoutError, UnsupportedModelError
+from kvconnect.errors import ConfigError, LayoutError, UnsupportedModelError
 from kvconnect.layout import KVLayout
 from kvconnect.metadata import decode
 
@@ -64,10 +64,7 @@ class MooncakeWorker(WorkerConnector):
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
                  store_factory: Callable[[], Any] | None = None) -> None:
         validate_mooncake(config)
-        if xxh3.xxh3_64 is None:
-            raise BackendUnavailableError("the mooncake backend checksums objects with XXH3: "
-                                          "pip install 'kvconnect[mooncake]' (the xxhash wheel) "
-                                          "or apt-get install libxxhash0")
+        xxh3.require()  # fail at start, not at the first store
         self.cfg = config
         self.engine = engine
         self.rules = G.rules_of(engine, "mooncake")

@@ -10,17 +10,16 @@ Two bindings of the same function (XXH3's output is fixed by its specification s
   batch with the ``xxhash`` wheel against under 2 ms through ctypes;
 * the ``xxhash`` wheel (``pip install 'kvconnect[mooncake]'``), which holds the GIL.
 
-:data:`xxh3_64` is None when neither is present (the mooncake worker then refuses to start).
+:data:`xxh3_64` is None when neither is present; :func:`require` then names the fix.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from collections.abc import Callable
 
-logger = logging.getLogger(__name__)
+from kvconnect.errors import BackendUnavailableError
 
 
 def _system() -> Callable[[int, int], int] | None:
@@ -52,3 +51,11 @@ system_xxh3_64 = _system()
 wheel_xxh3_64 = _wheel()
 #: ``xxh3_64(address, nbytes) -> int``, or None.
 xxh3_64 = system_xxh3_64 or wheel_xxh3_64
+
+
+def require() -> Callable[[int, int], int]:
+    """The binding, or a BackendUnavailableError saying how to get one."""
+    if xxh3_64 is None:
+        raise BackendUnavailableError("the mooncake shared tier checksums objects with XXH3: pip install "
+                                      "'kvconnect[mooncake]' (the xxhash wheel) or apt-get install libxxhash0")
+    return xxh3_64
