@@ -85,6 +85,8 @@ class _Lease:
     got: set[int] = field(default_factory=set)
     #: in-flight pushes: (handle, consumer peer, consumer request id, nbytes)
     writes: list[tuple[Any, Peer, str, int]] = field(default_factory=list)
+    #: push: why a write of this lease failed (reported with ``finished_sending``)
+    failure: str | None = None
 
 
 class ProgressLoop:
@@ -513,6 +515,7 @@ class ProgressLoop:
                 self._results.finished_recving.add(rid)
                 self._results.failed_recving.add(rid)
                 self._results.invalid_block_ids |= invalid
+                self._results.failure_reasons[rid] = why
             self._stats["loads_failed"] = self._stats.get("loads_failed", 0) + 1
 
     def _on_abort(self, rid: str) -> None:
@@ -578,6 +581,8 @@ class ProgressLoop:
         self._drop_sums(rid)
         with self._lock:
             self._results.finished_sending.add(rid)
+            if ls.failure is not None:
+                self._results.failure_reasons[rid] = ls.failure
             self._stats["leases_done"] = self._stats.get("leases_done", 0) + 1
 
     def _on_write_request(self, wr: W.WriteRequest) -> None:
@@ -601,6 +606,7 @@ class ProgressLoop:
         n = W.Notice(W.DONE, rid, wr.consumer_tp_size, wr.consumer_rank)
         if err is not None:
             logger.warning("request %s: cannot reach consumer rank %d: %s", rid, wr.consumer_rank, err)
+            ls.failure = ls.failure or f"cannot reach consumer rank {wr.consumer_rank}: {err}"
             self._lease_notice(ls, n)
             self._maybe_free(rid)
             return
@@ -616,6 +622,7 @@ class ProgressLoop:
                 ls.writes.append((h, peer, wr.consumer_request_id, route.plan.nbytes(lidx)))
         except KVConnectError as e:
             logger.warning("request %s: write to consumer rank %d failed: %s", rid, wr.consumer_rank, e)
+            ls.failure = ls.failure or f"write to consumer rank {wr.consumer_rank} failed: {e}"
             self._notify(peer, W.Notice(W.FAILED, wr.consumer_request_id, me.tp_size, me.tp_rank))
             if isinstance(e, TransferError):  # dead or restarted: the next write handshakes afresh
                 self._peers.forget(peer.key)
@@ -637,6 +644,7 @@ class ProgressLoop:
             else:
                 self._stat("writes_failed")
                 logger.warning("request %s: write to consumer %s rank %d failed", rid, *peer.key)
+                ls.failure = ls.failure or f"write to consumer {peer.key[0]} rank {peer.key[1]} failed (peer gone or memory invalid)"
                 self._notify(peer, self._mine(W.FAILED, crid))
                 self._peers.forget(peer.key)
         ls.writes = keep
@@ -684,6 +692,9 @@ class ProgressLoop:
             logger.warning("request %s: lease expired, freeing its blocks unread", rid)
             with self._lock:
                 self._results.finished_sending.add(rid)
+                self._results.failure_reasons[rid] = (
+                    ls.failure or f"lease expired after lease_timeout_s={self._cfg.lease_timeout_s:g}s "
+                    "before every consumer was served")
                 self._stats["leases_expired"] = self._stats.get("leases_expired", 0) + 1
         elif kind == "sums":
             ld, rank = obj  # type: ignore[misc]
