@@ -138,6 +138,19 @@ def test_a_lease_nobody_loads_ends_failed_at_lease_timeout(pair):
     assert "lease expired" in P.sent["3@d"] and time.monotonic() - t0 < 3
 
 
+def test_a_write_into_a_dead_decode_engine_fails_both_sides_with_a_reason(pair):
+    P, D = pair()
+    t = D.link.worker._transport
+    if pair.backend == "nixl":
+        t.agent.kill()  # its side channel still answers; the transfer engine is gone
+    else:
+        fake_mori.kill_engine(t.engine)
+    P.link.lease("5@d", [1, 2])
+    D.link.load("5", P.ready("5@d", [1, 2]), [1, 2], [3, 4])
+    _until([P, D], lambda: "5@d" in P.sent and "5" in D.recv)
+    assert "write to consumer" in P.sent["5@d"] and D.recv["5"]
+
+
 def test_a_load_from_a_prefill_that_never_answers_fails_at_its_deadline(pair):
     P, D = pair(handshake_timeout_s=0.3, transfer_timeout_s=0.3)
     ready = msgspec.structs.replace(P.ready("4@d", [1]), side_port=1)  # nobody listens there

@@ -140,6 +140,8 @@ class KVConnectKVManager(CommonKVManager):
             elif finished:
                 self.conclude_transfer(bootstrap_room=room, status=KVPoll.Success)
         for room, rid in loads:  # decode: the load ended
+            if room not in self.request_status:
+                continue  # cleared meanwhile: a failure record would outlive it
             if rid in r.failed_recving:
                 self.record_failure(room, f"kvconnect: {r.failure_reasons.get(rid, 'KV load failed')}")
                 self.update_status(room, KVPoll.Failed)
@@ -302,7 +304,7 @@ class KVConnectKVManager(CommonKVManager):
             if len(dst) != len(src):
                 self._fail(room, f"decode rank {agent} announced {len(dst)} pages for {len(src)} prefill pages")
                 return
-            readies.append((req, f"{room}@{agent}", dst))
+            readies.append((req, W.lease_id(room, agent), dst))
         self.update_status(room, KVPoll.Transferring)
         with self._lock:
             self._pending[room] = {lid for _, lid, _ in readies if len(src)}
@@ -325,6 +327,13 @@ class KVConnectKVManager(CommonKVManager):
             with self._lock:
                 self._pending.pop(room, None)
             self.conclude_transfer(bootstrap_room=room, status=KVPoll.Success)
+
+    def forget_room(self, room: int) -> None:
+        """Prefill: the sender cleared ``room``; drop what it left (a lease still ends by itself)."""
+        with self._lock:
+            self._chunks.pop(room, None)
+            self._events.pop(room, None)
+            self._pending.pop(room, None)
 
     def _fail(self, room: int, reason: str) -> None:
         logger.warning("kvconnect prefill: room %s failed: %s", room, reason)
@@ -365,6 +374,10 @@ class KVConnectKVManager(CommonKVManager):
 
 class KVConnectKVSender(CommonKVSender):
     """SGLang's sender state machine; ``send`` hands chunks to the manager."""
+
+    def clear(self) -> None:
+        super().clear()
+        self.kv_mgr.forget_room(int(self.bootstrap_room))
 
 
 class KVConnectKVReceiver(CommonKVReceiver):

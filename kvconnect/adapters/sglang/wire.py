@@ -83,6 +83,11 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     aux_rows: tuple[bytes, ...] = ()
 
 
+def lease_id(room: int, decode_engine_id: str) -> str:
+    """The P/D core's id for the lease of ``room``'s pages towards one decode rank."""
+    return f"{room}@{decode_engine_id}"
+
+
 def pack_pages(pages) -> bytes:
     return np.ascontiguousarray(np.asarray(pages), dtype="<i4").tobytes()
 
