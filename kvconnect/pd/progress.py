@@ -644,7 +644,7 @@ class ProgressLoop:
             else:
                 self._stat("writes_failed")
                 logger.warning("request %s: write to consumer %s rank %d failed", rid, *peer.key)
-                ls.failure = ls.failure or f"write to consumer {peer.key[0]} rank {peer.key[1]} failed (peer gone or memory invalid)"
+                ls.failure = ls.failure or f"write to consumer {peer.key[0]} rank {peer.key[1]} failed"
                 self._notify(peer, self._mine(W.FAILED, crid))
                 self._peers.forget(peer.key)
         ls.writes = keep

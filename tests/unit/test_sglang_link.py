@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from kvconnect.adapters.sglang import wire as W
-from kvconnect.adapters.sglang.link import RankLink, load_config, pool_layers
+from kvconnect.adapters.sglang.link import RankLink, load_config, pool_layers, read_rows, write_rows
 from kvconnect.backends.nixl import NixlWorker
 from kvconnect.config import NixlConfig, PDConfig
-from kvconnect.errors import ConfigError, KVConnectError
+from kvconnect.errors import ConfigError, KVConnectError, WireError
 from kvconnect.handshake import SideChannelClient
 from kvconnect.metadata import encode
 from kvconnect.pd import wire as PW
@@ -24,12 +24,19 @@ from tests.fakes import fake_mori, fake_nixl
 
 PAGES, ITEM, BUFFERS = 32, 64, 4
 DEADLINE_S = 20.0
-FAST = {"handshake_timeout_s": 2.0, "transfer_timeout_s": 3.0, "lease_timeout_s": 6.0,
-        "poll_interval_s": 0.0005, "idle_poll_interval_s": 0.005}
+FAST = {
+    "handshake_timeout_s": 2.0,
+    "transfer_timeout_s": 3.0,
+    "lease_timeout_s": 6.0,
+    "poll_interval_s": 0.0005,
+    "idle_poll_interval_s": 0.005,
+}
 
 
 def _nixl(cfg, engine):
-    return NixlWorker(cfg, engine, agent_factory=fake_nixl.FakeNixlAgent, config_factory=fake_nixl.nixl_agent_config)
+    return NixlWorker(
+        cfg, engine, agent_factory=fake_nixl.FakeNixlAgent, config_factory=fake_nixl.nixl_agent_config
+    )
 
 
 class Rank:
@@ -37,20 +44,24 @@ class Rank:
 
     def __init__(self, name: str, cfg: PDConfig, seed: int | None, factory=None) -> None:
         rng = np.random.default_rng(seed)
-        self.bufs = [rng.integers(0, 256, PAGES * ITEM, dtype=np.uint8) if seed is not None
-                     else np.zeros(PAGES * ITEM, np.uint8) for _ in range(BUFFERS)]
-        layers = pool_layers([b.ctypes.data for b in self.bufs], [b.nbytes for b in self.bufs], [ITEM] * BUFFERS, "cpu")
+        self.bufs = [
+            rng.integers(0, 256, PAGES * ITEM, dtype=np.uint8)
+            if seed is not None
+            else np.zeros(PAGES * ITEM, np.uint8)
+            for _ in range(BUFFERS)
+        ]
+        layers = pool_layers(
+            [b.ctypes.data for b in self.bufs], [b.nbytes for b in self.bufs], [ITEM] * BUFFERS, "cpu"
+        )
         self.link = RankLink(cfg, f"sgl-{name}", 0, layers, {"kv_item_lens": [ITEM] * BUFFERS}, factory)
         self.sent: dict[str, str | None] = {}
         self.recv: dict[str, str | None] = {}
 
     def page(self, buf: int, p: int) -> bytes:
-        return self.bufs[buf][p * ITEM:(p + 1) * ITEM].tobytes()
+        return self.bufs[buf][p * ITEM : (p + 1) * ITEM].tobytes()
 
     def ready(self, lease_id: str, src) -> W.Ready:
-        return W.Ready(version=W.WIRE_VERSION, room=1, engine_id=self.link.engine_id, side_host=self.link.host,
-                       side_port=self.link.port, lease_id=lease_id, src_pages=W.pack_pages(src),
-                       dst_pages=W.pack_pages(src))
+        return self.link.ready(1, lease_id, src, src, None, ())
 
     def drain(self) -> None:
         r = self.link.take()
@@ -160,6 +171,20 @@ def test_a_load_from_a_prefill_that_never_answers_fails_at_its_deadline(pair):
     assert D.recv["4"] and time.monotonic() - t0 < 3
 
 
+def test_metadata_rows_travel_between_slots_and_rows_that_do_not_fit_are_refused():
+    src = [np.arange(32, dtype=np.uint8), np.arange(64, dtype=np.uint8)[::-1].copy()]  # 4 slots each
+    dst = [np.zeros(32, np.uint8), np.zeros(64, np.uint8)]
+    rows = read_rows([a.ctypes.data for a in src], [8, 16], 2)
+    assert rows == (bytes(range(16, 24)), src[1][32:48].tobytes())
+    ptrs, lens = [a.ctypes.data for a in dst], [a.nbytes for a in dst]
+    write_rows(ptrs, lens, [8, 16], 1, rows)
+    assert dst[0][8:16].tobytes() == rows[0] and dst[1][16:32].tobytes() == rows[1]
+    for slot, bad in ((4, rows), (0, (rows[0], rows[1][:4])), (0, rows + (b"x",))):
+        with pytest.raises(WireError):
+            write_rows(ptrs, lens, [8, 16], slot, bad)
+    assert not dst[0][:8].any() and not dst[1][:16].any()  # nothing written by a refused call
+
+
 # -- config --------------------------------------------------------------------------------------------
 def test_config_defaults_to_nixl_push_on_free_ports():
     cfg = load_config("")
@@ -167,12 +192,24 @@ def test_config_defaults_to_nixl_push_on_free_ports():
 
 
 def test_every_pd_key_reaches_the_config_the_core_reads():
-    keys = {"side_channel_host": "127.0.0.1", "side_channel_port": 7100, "advertise_host": "10.0.0.1",
-            "secret": "s3", "handshake_timeout_s": 1.5, "transfer_timeout_s": 2.5, "lease_timeout_s": 9.0,
-            "poll_interval_s": 0.001, "idle_poll_interval_s": 0.03, "verify_checksums": True, "merge_runs": False,
-            "mode": "push"}
-    for backend, extra in (("nixl", {"nixl_backends": ["UCX"], "nixl_progress_thread": True}),
-                           ("mori", {"qp_per_transfer": 2, "mori_port": 7200, "poll_cq_mode": "event"})):
+    keys = {
+        "side_channel_host": "127.0.0.1",
+        "side_channel_port": 7100,
+        "advertise_host": "10.0.0.1",
+        "secret": "s3",
+        "handshake_timeout_s": 1.5,
+        "transfer_timeout_s": 2.5,
+        "lease_timeout_s": 9.0,
+        "poll_interval_s": 0.001,
+        "idle_poll_interval_s": 0.03,
+        "verify_checksums": True,
+        "merge_runs": False,
+        "mode": "push",
+    }
+    for backend, extra in (
+        ("nixl", {"nixl_backends": ["UCX"], "nixl_progress_thread": True}),
+        ("mori", {"qp_per_transfer": 2, "mori_port": 7200, "poll_cq_mode": "event"}),
+    ):
         cfg = load_config(json.dumps({"backend": backend, **keys, **extra}))
         for k, v in {**keys, **extra}.items():
             got = getattr(cfg, k)
@@ -184,4 +221,3 @@ def test_pull_mode_is_refused_naming_the_key(mode):
     with pytest.raises(ConfigError, match="mode 'pull'|mode 'read'") as e:
         load_config(json.dumps({"backend": "nixl", "mode": mode}))
     assert "push" in str(e.value)
-

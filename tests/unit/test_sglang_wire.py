@@ -13,15 +13,32 @@ from kvconnect.metadata import encode
 
 
 def _room(**kw):
-    base = dict(version=W.WIRE_VERSION, room=7, engine_id="d0", side_host="127.0.0.1", side_port=5000,
-                endpoint="127.0.0.1", dst_port=6000, kv_pages=W.pack_pages([5, 1, 9]))
+    base = dict(
+        version=W.WIRE_VERSION,
+        room=7,
+        engine_id="d0",
+        side_host="127.0.0.1",
+        side_port=5000,
+        endpoint="127.0.0.1",
+        dst_port=6000,
+        kv_pages=W.pack_pages([5, 1, 9]),
+    )
     return W.RoomRequest(**{**base, **kw})
 
 
 def _ready(**kw):
-    base = dict(version=W.WIRE_VERSION, room=7, engine_id="p0", side_host="127.0.0.1", side_port=5001,
-                lease_id="7@d0", src_pages=W.pack_pages([1, 2]), dst_pages=W.pack_pages([8, 9]),
-                aux_index=3, aux_rows=(b"\x01" * 4,))
+    base = dict(
+        version=W.WIRE_VERSION,
+        room=7,
+        engine_id="p0",
+        side_host="127.0.0.1",
+        side_port=5001,
+        lease_id="7@d0",
+        src_pages=W.pack_pages([1, 2]),
+        dst_pages=W.pack_pages([8, 9]),
+        aux_index=3,
+        aux_rows=(b"\x01" * 4,),
+    )
     return W.Ready(**{**base, **kw})
 
 

@@ -28,7 +28,6 @@ pools; anything else fails naming what differs.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import uuid
@@ -50,7 +49,15 @@ from sglang.srt.runtime_context import get_device
 from sglang.srt.utils.network import NetworkAddress
 
 from kvconnect.adapters.sglang import wire as W
-from kvconnect.adapters.sglang.link import CONFIG_ENV, RankLink, WorkerFactory, load_config, pool_layers
+from kvconnect.adapters.sglang.link import (
+    CONFIG_ENV,
+    RankLink,
+    WorkerFactory,
+    load_config,
+    pool_layers,
+    read_rows,
+    write_rows,
+)
 from kvconnect.config import PDConfig
 from kvconnect.errors import ConfigError, WireError
 
@@ -83,8 +90,12 @@ class KVConnectKVManager(CommonKVManager):
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         device = get_device().device
         where = "cpu" if device == "cpu" else f"{device}:{args.gpu_id}"
-        signature = {"kv_item_lens": [int(n) for n in args.kv_item_lens], "page_size": int(args.page_size),
-                     "kv_cache_dtype": str(self.kv_cache_dtype_str or ""), "mla": bool(is_mla_backend)}
+        signature = {
+            "kv_item_lens": [int(n) for n in args.kv_item_lens],
+            "page_size": int(args.page_size),
+            "kv_cache_dtype": str(self.kv_cache_dtype_str or ""),
+            "mla": bool(is_mla_backend),
+        }
         engine_id = f"sgl-{disaggregation_mode.value}-{uuid.uuid4().hex[:12]}"
         buffers = pool_layers(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, where)
         self.link = RankLink(self.cfg, engine_id, int(args.engine_rank), buffers, signature, worker_factory)
@@ -153,18 +164,27 @@ class KVConnectKVManager(CommonKVManager):
         return list(W.HELLO)
 
     def build_receiver_metadata_message(
-        self, *, bootstrap_room, required_dst_info_num, kv_indices, aux_index, state_indices,
-        decode_prefix_len, is_dummy, device_kv_indices=None,
+        self,
+        *,
+        bootstrap_room,
+        required_dst_info_num,
+        kv_indices,
+        aux_index,
+        state_indices,
+        decode_prefix_len,
+        is_dummy,
+        device_kv_indices=None,
     ) -> list[bytes]:
         if state_indices and any(s is not None and len(s) for s in state_indices):
             raise ConfigError("kvconnect's SGLang transfer backend does not move state pools")
-        req = W.RoomRequest(
-            version=W.WIRE_VERSION, room=int(bootstrap_room), engine_id=self.link.engine_id,
-            side_host=self.link.host, side_port=self.link.port, endpoint=self.local_ip, dst_port=self.rank_port,
-            kv_pages=b"" if is_dummy else W.pack_pages(kv_indices),
-            aux_index=None if aux_index is None else int(aux_index),
-            required_dst_info_num=int(required_dst_info_num), decode_prefix_len=int(decode_prefix_len or 0),
-            is_dummy=bool(is_dummy),
+        req = self.link.room_request(
+            int(bootstrap_room),
+            self.local_ip,
+            self.rank_port,
+            None if is_dummy else kv_indices,
+            aux_index,
+            int(required_dst_info_num),
+            int(decode_prefix_len or 0),
         )
         return W.frames(W.KIND_ROOM, req)
 
@@ -187,8 +207,9 @@ class KVConnectKVManager(CommonKVManager):
                 continue
             room, status, prefill_rank, reason = parsed
             if status != KVPoll.Success:  # Success is this rank's own load's to say
-                self.apply_prefill_status(bootstrap_room=room, status=status, prefill_rank=prefill_rank,
-                                          failure_reason=reason)
+                self.apply_prefill_status(
+                    bootstrap_room=room, status=status, prefill_rank=prefill_rank, failure_reason=reason
+                )
 
     def _on_ready(self, ready: W.Ready) -> None:
         room = ready.room
@@ -196,7 +217,9 @@ class KVConnectKVManager(CommonKVManager):
             logger.warning("kvconnect decode: READY for room %s, which is not waiting for KV", room)
             return
         try:
-            self._write_aux(ready)
+            if ready.aux_index is not None and ready.aux_rows:
+                a = self.kv_args
+                write_rows(a.aux_data_ptrs, a.aux_data_lens, a.aux_item_lens, ready.aux_index, ready.aux_rows)
         except WireError as e:
             self.record_failure(room, f"kvconnect: prefill's metadata rows do not fit: {e}")
             self.update_status(room, KVPoll.Failed)
@@ -209,23 +232,13 @@ class KVConnectKVManager(CommonKVManager):
             twice = room in self._loading
             self._loading.add(room)
         if twice:
-            self.record_failure(room, "kvconnect: two prefill ranks wrote one room (unsupported rank mapping)")
+            self.record_failure(
+                room, "kvconnect: two prefill ranks wrote one room (unsupported rank mapping)"
+            )
             self.update_status(room, KVPoll.Failed)
             return
         self.update_status(room, KVPoll.Transferring)
         self.link.load(str(room), ready, src, dst)
-
-    def _write_aux(self, ready: W.Ready) -> None:
-        a = self.kv_args
-        if ready.aux_index is None or not ready.aux_rows:
-            return
-        if len(ready.aux_rows) > len(a.aux_item_lens):
-            raise WireError(f"{len(ready.aux_rows)} metadata rows for {len(a.aux_item_lens)} buffers")
-        for dlen, ilen, row in zip(a.aux_data_lens, a.aux_item_lens, ready.aux_rows):
-            if len(row) != ilen or not 0 <= (ready.aux_index + 1) * ilen <= dlen:
-                raise WireError(f"metadata row of {len(row)} bytes at slot {ready.aux_index} does not fit")
-        for ptr, ilen, row in zip(a.aux_data_ptrs, a.aux_item_lens, ready.aux_rows):
-            ctypes.memmove(int(ptr) + ready.aux_index * int(ilen), row, len(row))
 
     # -- prefill side -----------------------------------------------------------------------------------
     def _prefill_control(self) -> None:
@@ -270,14 +283,26 @@ class KVConnectKVManager(CommonKVManager):
             self._fail(room, "Aborted by the decode instance")
 
     def add_transfer_request(
-        self, bootstrap_room, kv_indices, index_slice, is_last_chunk, aux_index=None,
-        state_indices=None, num_kv_tokens=None, *, wait_event=None, indices_event=None, trace_ctx=None,
+        self,
+        bootstrap_room,
+        kv_indices,
+        index_slice,
+        is_last_chunk,
+        aux_index=None,
+        state_indices=None,
+        num_kv_tokens=None,
+        *,
+        wait_event=None,
+        indices_event=None,
+        trace_ctx=None,
     ):
         """Scheduler thread: note one chunk's pages; after the last, lease them and send READY."""
         assert self.disaggregation_mode == DisaggregationMode.PREFILL
         room = int(bootstrap_room)
         with self._lock:
-            self._chunks.setdefault(room, []).append((np.asarray(kv_indices, dtype=np.int64).copy(), index_slice))
+            self._chunks.setdefault(room, []).append(
+                (np.asarray(kv_indices, dtype=np.int64).copy(), index_slice)
+            )
             self._events.setdefault(room, []).extend(e for e in (wait_event, indices_event) if e is not None)
         if is_last_chunk:
             self._lease_room(room, aux_index)
@@ -293,16 +318,16 @@ class KVConnectKVManager(CommonKVManager):
             return  # cleared or failed meanwhile
         src = np.concatenate([p for p, _ in chunks]) if chunks else np.zeros(0, np.int64)
         a = self.kv_args
-        rows = () if aux_index is None else tuple(
-            ctypes.string_at(int(p) + int(aux_index) * int(n), int(n)) for p, n in zip(a.aux_data_ptrs, a.aux_item_lens)
-        )
+        rows = () if aux_index is None else read_rows(a.aux_data_ptrs, a.aux_item_lens, aux_index)
         readies = []
         for agent, req in list(infos.items()):
             if req.is_dummy:
                 continue
             dst = np.concatenate([req.pages()[s] for _, s in chunks]) if chunks else np.zeros(0, np.int64)
             if len(dst) != len(src):
-                self._fail(room, f"decode rank {agent} announced {len(dst)} pages for {len(src)} prefill pages")
+                self._fail(
+                    room, f"decode rank {agent} announced {len(dst)} pages for {len(src)} prefill pages"
+                )
                 return
             readies.append((req, W.lease_id(room, agent), dst))
         self.update_status(room, KVPoll.Transferring)
@@ -312,16 +337,17 @@ class KVConnectKVManager(CommonKVManager):
         for req, lid, dst in readies:
             if len(src):
                 self.link.lease(lid, src)
-            ready = W.Ready(
-                version=W.WIRE_VERSION, room=room, engine_id=self.link.engine_id, side_host=self.link.host,
-                side_port=self.link.port, lease_id=lid, src_pages=W.pack_pages(src), dst_pages=W.pack_pages(dst),
-                aux_index=req.aux_index, aux_rows=rows if req.aux_index is not None else (),
+            ready = self.link.ready(
+                room, lid, src, dst, req.aux_index, rows if req.aux_index is not None else ()
             )
             na = NetworkAddress(req.endpoint, req.dst_port)
             try:
                 self._send_multipart_locked(na.to_tcp(), W.frames(W.KIND_READY, ready), is_ipv6=na.is_ipv6)
             except Exception as e:
-                self._fail(room, f"kvconnect: could not tell decode rank {na.to_host_port_str()} its KV is ready: {e}")
+                self._fail(
+                    room,
+                    f"kvconnect: could not tell decode rank {na.to_host_port_str()} its KV is ready: {e}",
+                )
                 return
         if not len(src):
             with self._lock:

@@ -23,9 +23,10 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvconnect.adapters.sglang import wire as W
 from kvconnect.api import EngineInfo, TransferResults
 from kvconnect.config import PD_BACKENDS, PDConfig, parse_config
-from kvconnect.errors import ConfigError
+from kvconnect.errors import ConfigError, WireError
 from kvconnect.layout import MLA_DIMS, KVLayout
 from kvconnect.pd import wire as PW
 from kvconnect.pd.worker import PDWorker
@@ -94,6 +95,22 @@ def _bytes_at(ptr: int, nbytes: int, device: str):
     return torch.as_tensor(_Cuda(), device=device)
 
 
+def read_rows(ptrs: Sequence[int], item_lens: Sequence[int], slot: int) -> tuple[bytes, ...]:
+    """Prefill: a request's metadata rows (first output token, logprobs, ...), one per buffer."""
+    return tuple(ctypes.string_at(int(p) + int(slot) * int(n), int(n)) for p, n in zip(ptrs, item_lens))
+
+
+def write_rows(ptrs, data_lens, item_lens, slot: int, rows: Sequence[bytes]) -> None:
+    """Decode: put the rows :func:`read_rows` gave into ``slot``; WireError (nothing written) when
+    they do not fit this rank's buffers."""
+    if len(rows) > len(item_lens):
+        raise WireError(f"{len(rows)} metadata rows for {len(item_lens)} buffers")
+    for dlen, ilen, row in zip(data_lens, item_lens, rows):
+        if len(row) != ilen or not (0 <= slot and (slot + 1) * ilen <= dlen):
+            raise WireError(f"metadata row of {len(row)} bytes at slot {slot} does not fit")
+    for ptr, ilen, row in zip(ptrs, item_lens, rows):
+        ctypes.memmove(int(ptr) + slot * int(ilen), row, len(row))
+
 
 class RankLink:
     """A rank's P/D worker, spoken to in SGLang's terms: pages, rooms, leases and loads."""
@@ -111,7 +128,11 @@ class RankLink:
             from kvconnect.registry import create_backend_worker as worker_factory  # noqa: N813
         self.engine_id = engine_id
         engine = EngineInfo(
-            engine_id=engine_id, tp_size=1, tp_rank=0, block_sizes=(1,), num_kv_heads=1,
+            engine_id=engine_id,
+            tp_size=1,
+            tp_rank=0,
+            block_sizes=(1,),
+            num_kv_heads=1,
             # a fixed side_channel_port gives rank r port + r; 0 gives each rank a free one
             dp_rank=rank if cfg.side_channel_port else 0,
             model_signature={"sglang_kv_pool": signature},
@@ -126,6 +147,49 @@ class RankLink:
         self.host: str = handshake.get("host", "")
         self.port: int = int(handshake.get("port", 0))
 
+    def room_request(
+        self,
+        room: int,
+        endpoint: str,
+        port: int,
+        pages,
+        aux_index: int | None,
+        required_dst_info_num: int,
+        decode_prefix_len: int,
+    ) -> W.RoomRequest:
+        """Decode: where ``room``'s KV goes on this rank (``pages`` None: a dummy rank)."""
+        return W.RoomRequest(
+            version=W.WIRE_VERSION,
+            room=room,
+            engine_id=self.engine_id,
+            side_host=self.host,
+            side_port=self.port,
+            endpoint=endpoint,
+            dst_port=port,
+            kv_pages=b"" if pages is None else W.pack_pages(pages),
+            aux_index=None if aux_index is None else int(aux_index),
+            required_dst_info_num=required_dst_info_num,
+            decode_prefix_len=decode_prefix_len,
+            is_dummy=pages is None,
+        )
+
+    def ready(
+        self, room: int, lease_id: str, src, dst, aux_index: int | None, rows: tuple[bytes, ...]
+    ) -> W.Ready:
+        """Prefill: tell a decode rank that ``src`` is leased as ``lease_id`` for its ``dst``."""
+        return W.Ready(
+            version=W.WIRE_VERSION,
+            room=room,
+            engine_id=self.engine_id,
+            side_host=self.host,
+            side_port=self.port,
+            lease_id=lease_id,
+            src_pages=W.pack_pages(src),
+            dst_pages=W.pack_pages(dst),
+            aux_index=aux_index,
+            aux_rows=rows,
+        )
+
     def lease(self, lease_id: str, pages: Sequence[int]) -> None:
         """Prefill: hold ``pages`` for one decode rank's write (checksummed now when verifying)."""
         spec = PW.LeaseSpec(request_id=lease_id, block_ids=(tuple(int(p) for p in pages),))
@@ -135,12 +199,22 @@ class RankLink:
         """Decode: ask the prefill rank of ``ready`` (a :class:`~.wire.Ready`) to write its lease
         into ``dst_pages``; the outcome comes back through :meth:`take` under ``request_id``."""
         params = {
-            "do_remote_prefill": True, "remote_request_id": ready.lease_id, "remote_engine_id": ready.engine_id,
-            "remote_host": ready.side_host, "remote_port": ready.side_port, "tp_size": 1,
-            "remote_block_ids": [int(p) for p in src_pages], "kvconnect_mode": "push",
+            "do_remote_prefill": True,
+            "remote_request_id": ready.lease_id,
+            "remote_engine_id": ready.engine_id,
+            "remote_host": ready.side_host,
+            "remote_port": ready.side_port,
+            "tp_size": 1,
+            "remote_block_ids": [int(p) for p in src_pages],
+            "kvconnect_mode": "push",
         }
-        req = PW.LoadRequest(request_id=request_id, params=params, local_block_ids=(tuple(int(p) for p in dst_pages),),
-                             token_start=0, token_end=len(dst_pages))
+        req = PW.LoadRequest(
+            request_id=request_id,
+            params=params,
+            local_block_ids=(tuple(int(p) for p in dst_pages),),
+            token_start=0,
+            token_end=len(dst_pages),
+        )
         self.worker.bind_step_metadata(PW.PDStepMetadata(loads=(req,)))
 
     def take(self) -> TransferResults:

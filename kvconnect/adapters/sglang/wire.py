@@ -114,7 +114,10 @@ def parse(msg: list[bytes]) -> RoomRequest | Ready:
     if len(msg) != 3 or msg[0] != MAGIC:
         raise WireError(f"kvconnect control message: expected 3 frames starting {MAGIC!r}, got {len(msg)}")
     kind, body = msg[1], msg[2]
-    types = {KIND_ROOM: (RoomRequest, "kvconnect room request"), KIND_READY: (Ready, "kvconnect ready notice")}
+    types = {
+        KIND_ROOM: (RoomRequest, "kvconnect room request"),
+        KIND_READY: (Ready, "kvconnect ready notice"),
+    }
     if kind not in types:
         raise WireError(f"kvconnect control message: unknown kind {kind[:16]!r}")
     cls, what = types[kind]
