@@ -66,7 +66,8 @@ class PDWorker(WorkerConnector):
         self._loop: ProgressLoop | None = None
         self._host = advertised_host(config)
         self._base_port = base_port(config, engine)
-        self._port = self._base_port + engine.tp_rank
+        #: side_channel_port 0: every worker takes a free port (peers must learn it from messages)
+        self._port = self._base_port + engine.tp_rank if config.side_channel_port else 0
         self._md_bytes = b""
         if config.handshake_timeout_s + config.transfer_timeout_s >= config.lease_timeout_s:
             logger.warning(

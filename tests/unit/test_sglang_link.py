@@ -216,6 +216,20 @@ def test_every_pd_key_reaches_the_config_the_core_reads():
             assert (list(got) if isinstance(got, tuple) else got) == v, k
 
 
+@pytest.mark.parametrize("key", ["load_rule", "unsupported_model"])
+def test_composition_keys_are_refused_naming_them(key):
+    value = {"load_rule": "longest", "unsupported_model": "skip"}[key]
+    for shape in ({"backend": "nixl", key: value}, {"backends": [{"backend": "nixl"}], key: value}):
+        with pytest.raises(ConfigError, match=key):
+            load_config(json.dumps(shape))
+
+
+def test_a_one_backend_list_is_read_like_one_backend():
+    with pytest.raises(ConfigError, match="mode 'pull'"):
+        load_config(json.dumps({"backends": [{"backend": "mori", "mode": "pull"}]}))
+    assert load_config(json.dumps({"backends": [{"backend": "mori"}]})).mode == "push"
+
+
 @pytest.mark.parametrize("mode", ["pull", "read"])
 def test_pull_mode_is_refused_naming_the_key(mode):
     with pytest.raises(ConfigError, match="mode 'pull'|mode 'read'") as e:

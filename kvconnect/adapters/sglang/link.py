@@ -48,8 +48,17 @@ def load_config(raw: str | None = None) -> PDConfig:
         data = json.loads(raw) if raw else {"backend": "nixl"}
     except json.JSONDecodeError as e:
         raise ConfigError(f"{CONFIG_ENV} is not valid JSON: {e}") from e
+    one = data.get("backends") if isinstance(data, dict) else None
+    if isinstance(one, list) and len(one) == 1 and isinstance(one[0], dict):  # read like one backend
+        data = {**{k: v for k, v in data.items() if k != "backends"}, **one[0]}
     if isinstance(data, dict) and "backend" not in data and "backends" not in data:
         data = {"backend": "nixl", **data}
+    composition = sorted({"load_rule", "unsupported_model"} & set(data if isinstance(data, dict) else ()))
+    if composition:
+        raise ConfigError(
+            f"{CONFIG_ENV}: {composition} configure a composition of backends; the SGLang transfer "
+            "backend runs one P/D backend, so they have no meaning here: leave them out"
+        )
     if isinstance(data, dict) and data.get("backend") in PD_BACKENDS:
         if data.get("mode", "push") not in ("push", "write"):
             raise ConfigError(
@@ -133,8 +142,8 @@ class RankLink:
             tp_rank=0,
             block_sizes=(1,),
             num_kv_heads=1,
-            # a fixed side_channel_port gives rank r port + r; 0 gives each rank a free one
-            dp_rank=rank if cfg.side_channel_port else 0,
+            # each rank its own engine: a fixed side_channel_port (mori_port) gives rank r port + r
+            dp_rank=rank,
             model_signature={"sglang_kv_pool": signature},
         )
         self.worker = worker_factory(cfg, engine)
