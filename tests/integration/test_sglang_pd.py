@@ -188,6 +188,12 @@ def test_decode_fails_within_its_deadline_when_the_prefill_dies_after_leasing():
     # SGLang's heartbeat would notice the dead prefill too; slowed down, the load's deadline must
     pair = Pair(env={**FAULT_ENV, "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "60"})
     try:
+        # a first request connects prefill's socket to decode's: READY then lands in the kernel's
+        # buffer of the stopped decode process (a first contact would wait for its handshake)
+        pair.send("prefill", "prefill", 5000, [3, 4], 2, 1, STEP_S)
+        pair.send("decode", "decode", 5000, [3, 4], [7, 8], 2, STEP_S)
+        assert pair.expect("decode", "decode-done")[3] == SUCCESS
+        assert pair.expect("prefill", "prefill-done")[3] == SUCCESS
         room = 5001
         pair.send("decode", "decode", room, [1, 2], [5, 6], 1, STEP_S)
         pair.send("prefill", "prefill", room, [1, 2], 1, 1, STEP_S, True)
@@ -197,7 +203,7 @@ def test_decode_fails_within_its_deadline_when_the_prefill_dies_after_leasing():
         try:
             pair.send("prefill", "go")
             pair.expect("prefill", "prefill-sent")
-            time.sleep(0.2)  # READY flushed to the decode's socket
+            time.sleep(0.2)  # READY flushed into the decode's socket
             pair.kill("prefill")
             pair.p["prefill"].join(10)
         finally:
