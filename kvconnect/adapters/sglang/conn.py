@@ -105,6 +105,7 @@ class KVConnectKVManager(CommonKVManager):
         self._leases: dict[str, int] = {}  # prefill: lease id -> room
         self._pending: dict[int, set[str]] = {}  # prefill: room -> leases not yet ended
         self._loading: set[int] = set()  # decode: rooms whose load is in flight
+        self._announced: dict[int, np.ndarray] = {}  # decode: pages a room's KV may be written to
         self._stop = threading.Event()
         self._wake_addr = f"inproc://kvconnect-sgl-{id(self)}"
         self._wake_rx = self._zmq_ctx.socket(zmq.PAIR)
@@ -154,8 +155,7 @@ class KVConnectKVManager(CommonKVManager):
             if room not in self.request_status:
                 continue  # cleared meanwhile: a failure record would outlive it
             if rid in r.failed_recving:
-                self.record_failure(room, f"kvconnect: {r.failure_reasons.get(rid, 'KV load failed')}")
-                self.update_status(room, KVPoll.Failed)
+                self._fail_decode(room, f"kvconnect: {r.failure_reasons.get(rid, 'KV load failed')}")
             else:
                 self.update_status(room, KVPoll.Success)
 
@@ -177,6 +177,9 @@ class KVConnectKVManager(CommonKVManager):
     ) -> list[bytes]:
         if state_indices and any(s is not None and len(s) for s in state_indices):
             raise ConfigError("kvconnect's SGLang transfer backend does not move state pools")
+        if not is_dummy:
+            with self._lock:
+                self._announced[int(bootstrap_room)] = np.asarray(kv_indices, dtype=np.int64).copy()
         req = self.link.room_request(
             int(bootstrap_room),
             self.local_ip,
@@ -221,10 +224,14 @@ class KVConnectKVManager(CommonKVManager):
                 a = self.kv_args
                 write_rows(a.aux_data_ptrs, a.aux_data_lens, a.aux_item_lens, ready.aux_index, ready.aux_rows)
         except WireError as e:
-            self.record_failure(room, f"kvconnect: prefill's metadata rows do not fit: {e}")
-            self.update_status(room, KVPoll.Failed)
+            self._fail_decode(room, f"kvconnect: prefill's metadata rows do not fit: {e}")
             return
         src, dst = W.unpack_pages(ready.src_pages, "READY"), W.unpack_pages(ready.dst_pages, "READY")
+        with self._lock:
+            announced = self._announced.pop(room, np.zeros(0, np.int64))
+        if not np.isin(dst, announced).all():
+            self._fail_decode(room, "kvconnect: prefill named pages this request did not announce")
+            return
         if not len(dst):
             self.update_status(room, KVPoll.Success)
             return
@@ -232,13 +239,14 @@ class KVConnectKVManager(CommonKVManager):
             twice = room in self._loading
             self._loading.add(room)
         if twice:
-            self.record_failure(
-                room, "kvconnect: two prefill ranks wrote one room (unsupported rank mapping)"
-            )
-            self.update_status(room, KVPoll.Failed)
+            self._fail_decode(room, "kvconnect: two prefill ranks wrote one room (unsupported rank mapping)")
             return
         self.update_status(room, KVPoll.Transferring)
         self.link.load(str(room), ready, src, dst)
+
+    def _fail_decode(self, room: int, reason: str) -> None:
+        self.record_failure(room, reason)
+        self.update_status(room, KVPoll.Failed)
 
     # -- prefill side -----------------------------------------------------------------------------------
     def _prefill_control(self) -> None:
@@ -355,11 +363,13 @@ class KVConnectKVManager(CommonKVManager):
             self.conclude_transfer(bootstrap_room=room, status=KVPoll.Success)
 
     def forget_room(self, room: int) -> None:
-        """Prefill: the sender cleared ``room``; drop what it left (a lease still ends by itself)."""
+        """The sender or receiver cleared ``room``; drop what it left (a lease or load still ends
+        by itself)."""
         with self._lock:
             self._chunks.pop(room, None)
             self._events.pop(room, None)
             self._pending.pop(room, None)
+            self._announced.pop(room, None)
 
     def _fail(self, room: int, reason: str) -> None:
         logger.warning("kvconnect prefill: room %s failed: %s", room, reason)
@@ -408,6 +418,10 @@ class KVConnectKVSender(CommonKVSender):
 
 class KVConnectKVReceiver(CommonKVReceiver):
     """SGLang's receiver state machine; the manager loads the request's KV once prefill says READY."""
+
+    def clear(self) -> None:
+        super().clear()
+        self.kv_mgr.forget_room(int(self.bootstrap_room))
 
 
 class KVConnectKVBootstrapServer(CommonKVBootstrapServer):
