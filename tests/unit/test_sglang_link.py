@@ -150,7 +150,7 @@ def test_a_lease_nobody_loads_ends_failed_at_lease_timeout(pair):
 
 
 def test_a_write_into_a_dead_decode_engine_fails_both_sides_with_a_reason(pair):
-    P, D = pair()
+    P, D = pair(handshake_timeout_s=0.5, transfer_timeout_s=0.5, lease_timeout_s=2.0)
     t = D.link.worker._transport
     if pair.backend == "nixl":
         t.agent.kill()  # its side channel still answers; the transfer engine is gone
