@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -152,6 +153,8 @@ class RankLink:
         except BaseException:
             self.worker.shutdown()
             raise
+        #: SGLang calls in from its scheduler and control threads; the worker takes one call at once
+        self._calls = threading.Lock()
         handshake = self.worker.get_handshake_metadata() or {}
         self.host: str = handshake.get("host", "")
         self.port: int = int(handshake.get("port", 0))
@@ -202,7 +205,8 @@ class RankLink:
     def lease(self, lease_id: str, pages: Sequence[int]) -> None:
         """Prefill: hold ``pages`` for one decode rank's write (checksummed now when verifying)."""
         spec = PW.LeaseSpec(request_id=lease_id, block_ids=(tuple(int(p) for p in pages),))
-        self.worker.bind_step_metadata(PW.PDStepMetadata(leases=(spec,)))
+        with self._calls:
+            self.worker.bind_step_metadata(PW.PDStepMetadata(leases=(spec,)))
 
     def load(self, request_id: str, ready: Any, src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
         """Decode: ask the prefill rank of ``ready`` (a :class:`~.wire.Ready`) to write its lease
@@ -224,10 +228,13 @@ class RankLink:
             token_start=0,
             token_end=len(dst_pages),
         )
-        self.worker.bind_step_metadata(PW.PDStepMetadata(loads=(req,)))
+        with self._calls:
+            self.worker.bind_step_metadata(PW.PDStepMetadata(loads=(req,)))
 
     def take(self) -> TransferResults:
-        return self.worker.get_transfer_results(set())
+        with self._calls:
+            return self.worker.get_transfer_results(set())
 
     def close(self) -> None:
-        self.worker.shutdown()
+        with self._calls:
+            self.worker.shutdown()
