@@ -55,7 +55,7 @@ def _snapshot(P: Engine) -> SimpleNamespace:
 
 
 def _sums_taken(P: Engine, rid: str) -> bool:
-    return all(rid in w._loop._sums for w in P.workers)
+    return all(rid in w._loop.leases.served for w in P.workers)
 
 
 def _recompute(ref, D: Engine, p_ids, d_ids, n: int) -> None:
