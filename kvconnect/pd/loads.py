@@ -348,4 +348,4 @@ class Loads:
             invalid.update(ids[token_start // bs: -(-token_end // bs)])
         if len(local_block_ids) > 1:
             invalid.discard(0)
-        self._out.load_failed(rid, invalid)
+        self._out.load_failed(rid, invalid, why)

@@ -62,13 +62,14 @@ class Outcomes:
             self._add("transfer_s", took)
             record_transfer(self._stats, "load", took, nbytes)
 
-    def load_failed(self, rid: str, invalid: set[int]) -> None:
+    def load_failed(self, rid: str, invalid: set[int], why: str = "") -> None:
         """The load's blocks are invalid (or, for a request the engine aborted meanwhile, free)."""
         with self._lock:
             if not self._aborted(rid):
                 self._results.finished_recving.add(rid)
                 self._results.failed_recving.add(rid)
                 self._results.invalid_block_ids |= invalid
+                self._results.failure_reasons[rid] = why or "KV load failed"
             self._add("loads_failed", 1)
 
     def abort_without_load(self, rid: str) -> None:
@@ -79,9 +80,12 @@ class Outcomes:
                 self._aborting.discard(rid)
                 self._results.finished_sending.add(rid)
 
-    def lease_ended(self, rid: str, *, expired: bool) -> None:
+    def lease_ended(self, rid: str, *, expired: bool, failure: str | None = None) -> None:
+        """The lease's blocks are free; ``failure`` says why a consumer was not served."""
         with self._lock:
             self._results.finished_sending.add(rid)
+            if failure is not None:
+                self._results.failure_reasons[rid] = failure
             self._add("leases_expired" if expired else "leases_done", 1)
 
     def ended_loads(self) -> set[str]:
