@@ -133,9 +133,11 @@ class Leases:
                 continue
             s.release(h)
             if st is Status.DONE:
-                self._out.stat("bytes_sent", nbytes)
+                with self._out.counting() as c:
+                    c.bytes_sent += nbytes
             else:
-                self._out.stat("writes_failed")
+                with self._out.counting() as c:
+                    c.writes_failed += 1
                 logger.warning("request %s: write to consumer %s rank %d failed", rid, *peer.key)
                 ls.failure = ls.failure or f"write to consumer {peer.key[0]} rank {peer.key[1]} failed"
                 s.notify(peer, s.mine(W.FAILED, crid))
