@@ -154,7 +154,7 @@ def test_capacity_is_split_over_tp_ranks_unless_per_rank():
     "extra, words",
     [
         ({"backend_name": "kvconnect"}, "'kvconnect' object"),
-        ({"kvconnect": {"backend": "nixl"}}, "one 'cpu_offload' backend"),
+        ({"kvconnect": {"backend": "nixl"}}, "one 'cpu_offload' or 'mooncake' backend"),
         ({"kvconnect": {"backend": "cpu_offload", "cpu_bytes_to_use": 10, "eviction": "lru"}}, "eviction_policy"),
     ],
 )
@@ -174,7 +174,7 @@ def test_mla_pages_copy_byte_for_byte_in_one_memmove_per_contiguous_run(layout, 
     # A page-first MLA page is one piece: pages 3, 4 (consecutive) go to slots 0, 1 (consecutive)
     # as one run, page 9 as a second; slots 0-2 come back into pages 12-14 as one. A layer-first
     # page is one piece per layer, none adjacent to the next: 3 pages x 2 layers both ways.
-    from kvconnect.adapters.sglang import hicache
+    from kvconnect.adapters.sglang import hicache_cpu as hicache
 
     pool = make_mla_host_pool(layout)
     st = _store(pool, slots=8)
