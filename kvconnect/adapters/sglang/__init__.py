@@ -7,10 +7,11 @@ backend, from one ``pip install kvconnect`` and without patching SGLang.
 * HiCache storage: ``--hicache-storage-backend dynamic`` with
   ``{"backend_name": "kvconnect", "module_path": "kvconnect.adapters.sglang.hicache",
   "class_name": "KVConnectHiCacheStorage", "interface_v1": 1, "kvconnect": {...}}`` stores
-  pages in kvconnect's host slot pool (:mod:`.hicache`).
+  pages in kvconnect's host slot pool (:mod:`.hicache_cpu`) or on the Mooncake shared tier
+  (:mod:`.hicache_mooncake`); :mod:`.hicache` picks one from the config.
 
 Modules: ``plugin`` (registration, cheap to import), ``wire`` and ``plan`` (pure), ``push`` (the
-transport's thread), ``conn`` (the SGLang classes), ``hicache``. Only ``plugin``, ``wire`` and
+transport's thread), ``conn`` (the SGLang classes), ``hicache*``. Only ``plugin``, ``wire`` and
 ``plan`` import without SGLang installed.
 """
 

@@ -137,6 +137,9 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
                                               tuple(int(s) for s in sizes))
         logger.info("kvconnect HiCache storage on Mooncake: pages of %d bytes, keys %s<page hash>",
                     self.page_bytes, self.prefix)
+        if self.storage_config.should_split_heads:
+            logger.info("kvconnect HiCache storage on Mooncake: pages are keyed per TP split (heads are not "
+                        "split further); instances with another TP size do not share them")
 
     def object_key(self, page_hash: str) -> str:
         return f"{self.prefix}{page_hash}"
@@ -161,6 +164,7 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
             fut = self._helper.submit(self.store.batch_is_exist, [self.object_key(k) for k in keys])
             flags = list(fut.result(timeout=self.cfg.lookup_timeout_s))
         except TimeoutError:
+            fut.cancel()  # if it never started (both helpers stuck), it never will
             self.counters.add(lookup_timeouts=1)
             self.health.failed(f"batch_is_exist gave no answer within lookup_timeout_s={self.cfg.lookup_timeout_s}")
             return 0
