@@ -129,7 +129,8 @@ def test_a_killed_store_makes_lookups_miss_and_io_fail_quickly_and_the_tier_retu
         t0 = time.monotonic()
         assert call() == want, what
         timings[what] = time.monotonic() - t0
-    assert timings["exists"] < 2.0 and timings["set"] < 8.0 and timings["get"] < 8.0, timings
+    # exists and the set's existence query: lookup_timeout_s; a get: Mooncake's own RPC failure (~4 s)
+    assert timings["exists"] < 2.0 and timings["set"] < 2.0 and timings["get"] < 8.0, timings
     store.start()
     # Mooncake's client reconnects to the restarted master by itself (the old objects are gone).
     deadline = time.monotonic() + 30

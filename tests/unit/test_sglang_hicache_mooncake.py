@@ -215,6 +215,19 @@ def test_a_stuck_existence_query_is_a_miss_within_lookup_timeout(make, monkeypat
     release.set()
 
 
+def test_a_set_whose_existence_query_is_stuck_returns_false_within_lookup_timeout(make, monkeypatch):
+    st, pool = make(lookup_timeout_s=0.3)
+    release = threading.Event()
+    real = st.store.batch_is_exist
+    monkeypatch.setattr(st.store, "batch_is_exist", lambda keys: release.wait(10) and real(keys))
+    puts = cluster.calls.get("batch_put_from_multi_buffers", 0)
+    t0 = time.monotonic()
+    assert st.batch_set_v1(_keys(2), _idx(pool, [0, 1])) == [False, False]
+    assert time.monotonic() - t0 < 1.5
+    assert st.stats["sets_dropped"] == 2 and cluster.calls.get("batch_put_from_multi_buffers", 0) == puts
+    release.set()
+
+
 def test_a_get_past_its_deadline_waits_for_the_batch_in_flight_and_starts_no_other(make):
     # SGLang frees a failed get's pages once the call returns: no Mooncake write may land later.
     st, pool = make(batch_objects=2, load_timeout_s=0.3)

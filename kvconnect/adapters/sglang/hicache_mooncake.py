@@ -15,9 +15,10 @@ SGLang instance stored are read by every instance of the deployment, on any node
   ``page + header`` bytes, the header fits this namespace's page and key, and the checksum of
   the bytes that landed in the host pool equals the stored one. The first page that fails ends
   the load there (SGLang uses the leading run); a corrupt object is removed.
-* **A store that is down or slow.** ``batch_exists`` runs on a helper thread and counts as a
-  miss past ``lookup_timeout_s``; puts and gets run on SGLang's own storage threads in batches
-  of ``batch_objects``, and no batch starts past ``store_timeout_s`` / ``load_timeout_s``. A
+* **A store that is down or slow.** Existence queries (``batch_exists``, and the one before each
+  put batch, so that stored pages are not sent again) run on a helper thread and count as a miss
+  past ``lookup_timeout_s``; puts and gets run on SGLang's own storage threads in batches of
+  ``batch_objects``, and no batch starts past ``store_timeout_s`` / ``load_timeout_s``. A
   batch in flight is waited for: SGLang frees the pages of a failed get once the call returns,
   and a late write must never land in pages it has handed to someone else (Mooncake ends a call
   to a dead master in about 4 s). A failed call opens the store's back-off
@@ -160,17 +161,8 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
         if not self.health.usable():
             self.counters.add(lookups_skipped=1)
             return 0
-        try:
-            fut = self._helper.submit(self.store.batch_is_exist, [self.object_key(k) for k in keys])
-            flags = list(fut.result(timeout=self.cfg.lookup_timeout_s))
-        except TimeoutError:
-            fut.cancel()  # if it never started (both helpers stuck), it never will
-            self.counters.add(lookup_timeouts=1)
-            self.health.failed(f"batch_is_exist gave no answer within lookup_timeout_s={self.cfg.lookup_timeout_s}")
-            return 0
-        except Exception as e:
-            self.counters.add(errors=1)
-            self.health.failed(f"batch_is_exist raised {type(e).__name__}: {e}")
+        flags = self._query([self.object_key(k) for k in keys])
+        if flags is None:
             return 0
         n = next((i for i, f in enumerate(flags) if f != 1), len(flags))
         if any(f < 0 for f in flags):
@@ -179,6 +171,24 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
             self.health.ok()
         self.counters.add(hit_pages=n)
         return n
+
+    def _query(self, okeys: list[str]) -> list[int] | None:
+        """``batch_is_exist`` on a helper thread, or None (back-off opened) when it raised or gave
+        no answer within ``lookup_timeout_s``: the query touches no pages, so it can be left behind."""
+        try:
+            fut = self._helper.submit(self.store.batch_is_exist, okeys)
+        except RuntimeError:  # closed
+            return None
+        try:
+            return list(fut.result(timeout=self.cfg.lookup_timeout_s))
+        except TimeoutError:
+            fut.cancel()  # if it never started (both helpers stuck), it never will
+            self.counters.add(lookup_timeouts=1)
+            self.health.failed(f"batch_is_exist gave no answer within lookup_timeout_s={self.cfg.lookup_timeout_s}")
+        except Exception as e:
+            self.counters.add(errors=1)
+            self.health.failed(f"batch_is_exist raised {type(e).__name__}: {e}")
+        return None
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
@@ -203,6 +213,7 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
 
     def _set(self, uniq: list[str], first: dict[str, int], host_indices: torch.Tensor, keys: list[str],
              ok: list[bool]) -> int:
+        """One existence query for the call, then puts of the missing pages, ``batch_objects`` a call."""
         if not uniq:
             return 0
         if self.prefix is None or not self.health.usable():
@@ -210,51 +221,49 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
             return 0
         pieces = self._page_pieces(keys, host_indices)
         deadline = time.monotonic() + self.cfg.store_timeout_s
+        exist = self._query([self.object_key(k) for k in uniq])
+        if exist is None or any(e < 0 for e in exist):
+            if exist is not None:
+                self.health.failed(f"batch_is_exist returned {min(exist)}")
+            self.counters.add(sets_dropped=len(uniq))
+            return 0
+        missing = []
+        for k, e in zip(uniq, exist):
+            if e == 1:
+                ok[first[k]] = True
+            else:
+                missing.append(k)
+        self.counters.add(objects_present=len(uniq) - len(missing))
         stored = 0
         hp = self._headers["set"]
         with self._header_locks["set"]:
-            for lo in range(0, len(uniq), self.cfg.batch_objects):
-                chunk = uniq[lo : lo + self.cfg.batch_objects]
+            for lo in range(0, len(missing), self.cfg.batch_objects):
                 if time.monotonic() > deadline:
-                    self.counters.add(deadline_misses=1, sets_dropped=len(uniq) - lo)
+                    self.counters.add(deadline_misses=1, sets_dropped=len(missing) - lo)
                     break
-                okeys = [self.object_key(k) for k in chunk]
-                exist = list(self.store.batch_is_exist(okeys))
-                if any(e < 0 for e in exist):
-                    self.health.failed(f"batch_is_exist returned {min(exist)}")
-                    self.counters.add(sets_dropped=len(uniq) - lo)
-                    break
-                todo, ptrs, sizes = [], [], []
-                for j, e in enumerate(exist):
-                    if e == 1:
-                        ok[first[chunk[j]]] = True
-                        continue
-                    p = [int(a) for a, _ in pieces[first[chunk[j]]]]
-                    s = [int(n) for _, n in pieces[first[chunk[j]]]]
-                    slot = len(todo)
-                    ob.pack_header(hp.array[slot], self.page_bytes, ob.checksum_of(p, s), self.layout,
-                                   header_key(chunk[j]))
-                    todo.append(j)
-                    ptrs.append(p + [hp.ptr(slot)])
-                    sizes.append(s + [ob.HEADER_BYTES])
-                self.counters.add(objects_present=len(chunk) - len(todo))
-                if not todo:
-                    continue
-                codes = list(self.store.batch_put_from_multi_buffers([okeys[j] for j in todo], ptrs, sizes,
-                                                                     self._shared.replicate))  # type: ignore[union-attr]
-                good = [j for j, c in zip(todo, codes) if c == 0]
-                for j in good:
-                    ok[first[chunk[j]]] = True
+                chunk = missing[lo : lo + self.cfg.batch_objects]
+                ptrs, sizes = [], []
+                for j, k in enumerate(chunk):
+                    p = [int(a) for a, _ in pieces[first[k]]]
+                    n = [int(b) for _, b in pieces[first[k]]]
+                    ob.pack_header(hp.array[j], self.page_bytes, ob.checksum_of(p, n), self.layout, header_key(k))
+                    ptrs.append(p + [hp.ptr(j)])
+                    sizes.append(n + [ob.HEADER_BYTES])
+                codes = list(self.store.batch_put_from_multi_buffers(
+                    [self.object_key(k) for k in chunk], ptrs, sizes, self._shared.replicate))  # type: ignore[union-attr]
+                good = [k for k, c in zip(chunk, codes) if c == 0]
+                for k in good:
+                    ok[first[k]] = True
                 stored += len(good)
                 self.counters.add(set_pages=len(good), set_bytes=len(good) * (self.page_bytes + ob.HEADER_BYTES))
                 bad = [c for c in codes if c != 0]
-                if bad:
-                    self.counters.add(put_failures=len(bad))
-                    if self._down(bad, "batch_put_from_multi_buffers"):
-                        self.counters.add(sets_dropped=len(uniq) - lo - len(chunk))
-                        break
-                else:
+                if not bad:
                     self.health.ok()
+                    continue
+                self.counters.add(put_failures=len(bad))
+                if self._down(bad, "batch_put_from_multi_buffers"):
+                    self.counters.add(sets_dropped=len(missing) - lo - len(chunk))
+                    break
         return stored
 
     # -- get --------------------------------------------------------------------------------------------
