@@ -39,7 +39,7 @@ def _layers(torch, n_layers: int, blocks: int, block_size: int, heads: int, head
 
 
 def _free_port() -> int:
-    from kvconnect.testing.servers import free_port_range  # imported where used: no cost at start
+    from kvconnect.testing.ports import free_port_range  # imported where used: no cost at start
 
     return free_port_range(1)
 

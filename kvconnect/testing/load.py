@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvconnect.testing.servers import DEFAULT_MODEL_NAME
+from kvconnect.testing.launch import DEFAULT_MODEL_NAME
 
 
 @dataclass(frozen=True)

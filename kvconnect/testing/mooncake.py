@@ -1,6 +1,6 @@
 """A Mooncake Store for tests and demos: ``mooncake_master`` plus one standalone memory holder
 (``mooncake_client --global_segment_size=...``), both on 127.0.0.1 and free ports, each its own
-:class:`~kvconnect.testing.servers.ServerProcess` (own process group, log file, stopped at exit).
+:class:`~kvconnect.testing.procs.ServerProcess` (own process group, log file, stopped at exit).
 
 The master holds only metadata; objects live in the holder's memory, so they outlive the
 engines that stored them. ``metadata="http"`` runs the master's HTTP metadata server too
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvconnect.testing.servers import HOST, ServerError, ServerProcess, free_port
+from kvconnect.testing.ports import free_port
+from kvconnect.testing.procs import HOST, ServerError, ServerProcess
 
 START_DEADLINE_S = 30.0
 

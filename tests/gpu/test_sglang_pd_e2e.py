@@ -51,7 +51,7 @@ def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
 
 
 def _sglang(name: str, model: str, workdir, port: int, extra: list[str], env: dict | None = None):
-    from kvconnect.testing.servers import ServerProcess
+    from kvconnect.testing.procs import ServerProcess
 
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--host", "127.0.0.1",
             "--port", str(port), "--mem-fraction-static", "0.3", "--disable-cuda-graph", *extra]
@@ -71,7 +71,8 @@ def _greedy(url: str, prompt: str, extra: dict | None = None) -> list[int]:
 
 def test_kvconnect_pd_matches_a_single_instance_token_for_token(tmp_path):
     _need_gpu_sglang()
-    from kvconnect.testing.servers import free_port, running
+    from kvconnect.testing.ports import free_port
+    from kvconnect.testing.procs import running
     from kvconnect.testing.tiny_models import build_llama_gqa
 
     model = str(build_llama_gqa(tmp_path / "model"))

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-from kvconnect.testing.servers import free_port_range  # noqa: E402
+from kvconnect.testing.ports import free_port_range  # noqa: E402
 from tests.integration.nixl_procs import Child, close_all  # noqa: E402
 
 pytestmark = pytest.mark.integration

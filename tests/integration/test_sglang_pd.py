@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("sglang", reason="SGLang is not installed")
 pytest.importorskip("nixl_cu12._api", reason="real NIXL (nixl-cu12) is not installed")
 
-from kvconnect.testing.servers import free_port  # noqa: E402
+from kvconnect.testing.ports import free_port  # noqa: E402
 from tests.sglang_stubs import pd_harness as H  # noqa: E402
 
 pytestmark = pytest.mark.integration

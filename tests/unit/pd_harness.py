@@ -15,7 +15,7 @@ from kvconnect.api import EngineInfo, RequestView, StepView
 from kvconnect.backends.nixl import NixlScheduler, NixlWorker
 from kvconnect.config import NixlConfig
 from kvconnect.layout import FLASH_HND_DIMS, FLASH_NHD_DIMS, MLA_DIMS, VLLM_CPU_DIMS, KVLayout, rank_heads
-from kvconnect.testing.servers import free_port_range
+from kvconnect.testing.ports import free_port_range
 
 DIMS = {"flash": FLASH_NHD_DIMS, "hnd": FLASH_HND_DIMS, "cpu": VLLM_CPU_DIMS, "mla": MLA_DIMS}
 HEAD_DIM = 8

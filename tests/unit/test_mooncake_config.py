@@ -12,7 +12,7 @@ from kvconnect.backends.mooncake import store as mstore
 from kvconnect.cli import main as cli_main
 from kvconnect.config import MooncakeConfig, parse_config
 from kvconnect.errors import ConfigError
-from kvconnect.testing.servers import free_port
+from kvconnect.testing.ports import free_port
 from tests.fakes import fake_mooncake
 from tests.unit.mooncake_harness import config
 

@@ -18,7 +18,7 @@ import pytest
 
 from kvconnect.config import MoriConfig, PDConfig
 from kvconnect.metadata import HandshakeMetadata, encode
-from kvconnect.testing.servers import free_port_range
+from kvconnect.testing.ports import free_port_range
 from tests.fakes import fake_mori as fm
 from tests.unit.pd_harness import decode_start, prefill, run_until
 from tests.unit.test_mori_harness import MoriEngine, mori_engines

@@ -15,7 +15,7 @@ from kvconnect.handshake import (
     zmq_endpoint,
 )
 from kvconnect.metadata import encode
-from kvconnect.testing.servers import free_port
+from kvconnect.testing.ports import free_port
 
 pytestmark = pytest.mark.unit
 
