@@ -91,6 +91,18 @@ def test_pages_one_instance_sets_another_instance_gets_byte_for_byte(make, kind)
     assert b.stats["get_bytes"] == 3 * (a.page_bytes + HEADER_BYTES)
 
 
+def test_a_set_spanning_several_put_batches_stores_every_page_verified(make):
+    # batch_objects=2: 7 pages are 4 puts, each batch's checksums computed while the previous is put
+    a, pa = make(batch_objects=2)
+    b, pb = make(make_host_pool(seed=1), batch_objects=2)
+    k = _keys(7)
+    puts = cluster.calls["batch_put_from_multi_buffers"]  # the connection's probe put
+    assert a.batch_set_v1(k, _idx(pa, range(7))) == [True] * 7
+    assert cluster.calls["batch_put_from_multi_buffers"] == puts + 4
+    assert b.batch_get_v1(k, _idx(pb, range(8, 15))) == [True] * 7
+    assert [page_bytes(pb, p) for p in range(8, 15)] == [page_bytes(pa, p) for p in range(7)]
+
+
 def test_objects_are_keyed_by_the_sglang_page_hash_under_the_rank_namespace(make):
     st, pool = make(sc_kw={"tp_size": 2, "tp_rank": 1})
     key = _keys(1)[0]

@@ -111,7 +111,9 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
         self._helper = ThreadPoolExecutor(2, thread_name_prefix="kvc-hicache-mooncake")
         self.prefix: str | None = None
         self.layout = b""
-        self._headers = {k: ob.HeaderPool(self.cfg.batch_objects) for k in ("get", "set")}
+        # set: two batches' headers (one being put while the next one's checksums are computed)
+        self._headers = {"get": ob.HeaderPool(self.cfg.batch_objects), "set": ob.HeaderPool(2 * self.cfg.batch_objects)}
+        self._checksummer = ThreadPoolExecutor(1, thread_name_prefix="kvc-hicache-crc")
         self._header_locks = {k: threading.Lock() for k in ("get", "set")}
         for hp in self._headers.values():
             self._shared.register(hp.base, hp.nbytes)
@@ -235,20 +237,18 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
                 missing.append(k)
         self.counters.add(objects_present=len(uniq) - len(missing))
         stored = 0
-        hp = self._headers["set"]
+        B = self.cfg.batch_objects
+        chunks = [missing[lo : lo + B] for lo in range(0, len(missing), B)]
         with self._header_locks["set"]:
-            for lo in range(0, len(missing), self.cfg.batch_objects):
+            nxt = self._checksummer.submit(self._prepare_put, chunks[0], pieces, first, 0) if chunks else None
+            for n, chunk in enumerate(chunks):
+                ptrs, sizes = nxt.result()  # type: ignore[union-attr]
+                nxt = None
                 if time.monotonic() > deadline:
-                    self.counters.add(deadline_misses=1, sets_dropped=len(missing) - lo)
+                    self.counters.add(deadline_misses=1, sets_dropped=len(missing) - n * B)
                     break
-                chunk = missing[lo : lo + self.cfg.batch_objects]
-                ptrs, sizes = [], []
-                for j, k in enumerate(chunk):
-                    p = [int(a) for a, _ in pieces[first[k]]]
-                    n = [int(b) for _, b in pieces[first[k]]]
-                    ob.pack_header(hp.array[j], self.page_bytes, ob.checksum_of(p, n), self.layout, header_key(k))
-                    ptrs.append(p + [hp.ptr(j)])
-                    sizes.append(n + [ob.HEADER_BYTES])
+                if n + 1 < len(chunks):  # checksums of the next batch while this one is put
+                    nxt = self._checksummer.submit(self._prepare_put, chunks[n + 1], pieces, first, (n + 1) % 2)
                 codes = list(self.store.batch_put_from_multi_buffers(
                     [self.object_key(k) for k in chunk], ptrs, sizes, self._shared.replicate))  # type: ignore[union-attr]
                 good = [k for k, c in zip(chunk, codes) if c == 0]
@@ -262,9 +262,24 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
                     continue
                 self.counters.add(put_failures=len(bad))
                 if self._down(bad, "batch_put_from_multi_buffers"):
-                    self.counters.add(sets_dropped=len(missing) - lo - len(chunk))
+                    self.counters.add(sets_dropped=max(0, len(missing) - (n + 1) * B))
                     break
+            if nxt is not None:
+                nxt.result()  # never leave the checksummer writing headers the next call reuses
         return stored
+
+    def _prepare_put(self, chunk: list[str], pieces: list[list[tuple[int, int]]], first: dict[str, int],
+                     half: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Buffers of one put batch: each page's pieces and its header (checksum computed here)."""
+        hp, base = self._headers["set"], half * self.cfg.batch_objects
+        ptrs, sizes = [], []
+        for j, k in enumerate(chunk):
+            p = [int(a) for a, _ in pieces[first[k]]]
+            n = [int(b) for _, b in pieces[first[k]]]
+            ob.pack_header(hp.array[base + j], self.page_bytes, ob.checksum_of(p, n), self.layout, header_key(k))
+            ptrs.append(p + [hp.ptr(base + j)])
+            sizes.append(n + [ob.HEADER_BYTES])
+        return ptrs, sizes
 
     # -- get --------------------------------------------------------------------------------------------
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
@@ -364,4 +379,5 @@ class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
         if sh is not None:
             self.prefix = None  # later calls miss instead of reaching a closed client
             self._helper.shutdown(wait=False)
+            self._checksummer.shutdown(wait=False)
             release_store(sh)
