@@ -3,57 +3,40 @@
 A connector has two halves that live in different places:
 
 * the **scheduler half** (:class:`SchedulerConnector`) runs inside the engine's scheduling loop,
-  once per engine. Every call here is on the hot path of every step: O(1) work per request, no
-  I/O, no blocking, no large allocations.
+  once per engine, on the engine's scheduler thread. Every call is on the hot path of every step:
+  O(1) work per request, no I/O, no blocking, no large allocations.
 * the **worker half** (:class:`WorkerConnector`) runs in each model worker (one per TP rank), next
-  to the KV cache tensors. It moves bytes.
+  to the KV cache tensors, on the thread that runs the forward pass. It moves bytes; it must never
+  stall the forward pass beyond the waits its methods allow.
 
-The halves talk only through the per-step metadata that the scheduler builds
-(:meth:`SchedulerConnector.build_step_metadata`) and the worker binds
-(:meth:`WorkerConnector.bind_step_metadata`), and through :class:`TransferResults` flowing back.
+The engine calls each half from one thread, never two of its methods at once; a backend's own
+threads (a progress loop, copy threads) are its business. The halves talk only through the
+per-step metadata that the scheduler builds (:meth:`SchedulerConnector.build_step_metadata`) and
+the worker binds (:meth:`WorkerConnector.bind_step_metadata`), and through
+:class:`TransferResults` flowing back.
 
 Engine objects never appear here. An adapter (``kvconnect.adapters``) turns the engine's request
 into a :class:`RequestView`, its block tables into :data:`BlockIds` and its KV tensors into
 :class:`kvconnect.layout.KVLayout` descriptions.
 
-Scheduler half, in the order an engine calls it for one request
-----------------------------------------------------------------
-``get_num_new_matched_tokens(request, num_computed_tokens)``
-    How many tokens beyond ``num_computed_tokens`` can this connector supply from outside (a remote
-    prefill, the CPU tier)? Returns ``(n, is_async)``; ``n is None`` means "not known yet, ask again
-    next step". May be called several times for the same request before allocation (the engine
-    retries when it cannot allocate), so it must be free of side effects that matter.
-``update_state_after_alloc(request, block_ids, num_external_tokens)``
-    The engine allocated ``block_ids`` for the request; ``num_external_tokens`` is what it accepted
-    from this connector (zero when another connector owns the load). Record what the worker must
-    load or save.
-``build_step_metadata(step)``
-    Called once per engine step after scheduling: hand the workers everything recorded since the
-    last call, then forget it. Returns a msgspec Struct (it may cross a process boundary).
-``request_finished(request, block_ids)``
-    The request finished (or was aborted). Returns ``(delay_free, transfer_params)``:
-    ``delay_free=True`` keeps the blocks allocated until a worker reports the request in
-    ``finished_sending``; ``transfer_params`` go back to the client/router (P/D).
-``update_worker_output(results)``
-    The aggregated :class:`TransferResults` of all workers for one step.
-``take_events()``, ``get_gauges()``
-    Once per step, after the worker output: KV cache events of a storage tier
-    (:mod:`kvconnect.events`), and levels such as the blocks and bytes a tier holds.
-``hit_source_of(request_id)``
-    Right after an allocation notice with external tokens: the tier they come from (``host``,
-    ``p2p``, ...), so the engine can count hits per tier.
+Call order (each method's docstring holds its contract)
+-------------------------------------------------------
+Scheduler half, for one request: :meth:`~SchedulerConnector.get_num_new_matched_tokens` (maybe
+several times) → :meth:`~SchedulerConnector.update_state_after_alloc` →
+:meth:`~SchedulerConnector.hit_source_of` → once per step
+:meth:`~SchedulerConnector.build_step_metadata` … → :meth:`~SchedulerConnector.request_finished`;
+every step :meth:`~SchedulerConnector.update_worker_output`, then
+:meth:`~SchedulerConnector.take_events` and :meth:`~SchedulerConnector.get_gauges`.
 
-Worker half, in the order an engine calls it for one step
----------------------------------------------------------
-``register_kv_caches(caches)`` once at start; then per step: ``bind_step_metadata(meta)`` →
-``start_load_kv()`` → (forward pass: ``wait_for_layer_load(layer)`` before a layer's attention,
-``save_kv_layer(layer, tensor)`` after it) → ``wait_for_save()`` →
-``get_transfer_results(finished_request_ids)`` → ``clear_step_metadata()``.
+Worker half: :meth:`~WorkerConnector.register_kv_caches` once at start, then per step
+:meth:`~WorkerConnector.bind_step_metadata` → :meth:`~WorkerConnector.start_load_kv` → (forward
+pass: :meth:`~WorkerConnector.wait_for_layer_load` before a layer's attention,
+:meth:`~WorkerConnector.save_kv_layer` after it) → :meth:`~WorkerConnector.wait_for_save` →
+:meth:`~WorkerConnector.get_transfer_results` → :meth:`~WorkerConnector.clear_step_metadata`.
 
-``get_transfer_results`` reports requests whose sends or receives completed since the last call.
-A failed or timed-out load is reported as received *and* failed, with the engine block ids it
-covered in ``invalid_block_ids``, so the engine's load-failure policy (recompute or fail) applies.
-A worker never reports a request finished before every status of its transfer succeeded.
+Both halves: bad input from outside (a malformed transfer param, garbage from a peer) fails that
+request's load through the engine's load-failure path, never the engine; errors that stop a start
+are :class:`~kvconnect.errors.KVConnectError` subclasses naming what was wrong.
 """
 
 from __future__ import annotations
@@ -201,7 +184,8 @@ class EngineInfo:
 
 
 class SchedulerConnector(abc.ABC):
-    """Scheduler half. See the module docstring for the call order and the rules."""
+    """Scheduler half: runs in the engine's scheduling loop, on its hot path (module docstring:
+    the call order; each method: its contract)."""
 
     #: A composition supports hybrid (multi-group) models only when every part does.
     supports_hybrid: bool = False
@@ -221,41 +205,85 @@ class SchedulerConnector(abc.ABC):
     hit_source: str | None = None
 
     def hit_source_of(self, request_id: str) -> str | None:
-        """The tier supplying ``request_id``'s external tokens (asked right after
-        ``update_state_after_alloc`` accepted some)."""
+        """The tier supplying ``request_id``'s external tokens (``host``, ``p2p``, ...), so the
+        engine can count hits per tier. Asked right after :meth:`update_state_after_alloc`
+        accepted some; hot path: a lookup, nothing more."""
         return self.hit_source
 
     @abc.abstractmethod
     def get_num_new_matched_tokens(
         self, request: RequestView, num_computed_tokens: int
-    ) -> tuple[int | None, bool]: ...
+    ) -> tuple[int | None, bool]:
+        """How many tokens beyond ``num_computed_tokens`` this connector can supply from outside
+        (a remote prefill, a storage tier), and whether that load is asynchronous.
+
+        Returns ``(n, is_async)``; ``n is None`` means "not known yet, ask again next step" (an
+        answer still being looked up off the engine thread). Called on the scheduler thread
+        when the engine considers scheduling ``request``; it may call again for the same request
+        before allocating (it retries when it cannot allocate), so repeated calls must give
+        the same answer and leave nothing behind that :meth:`update_state_after_alloc` with
+        ``num_external_tokens == 0`` does not release. Hot path: no I/O, no blocking, no
+        allocation beyond a small per-request record. Must not raise for anything the request
+        carries (the worker refuses a malformed transfer param when it loads).
+        """
 
     @abc.abstractmethod
     def update_state_after_alloc(
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
-    ) -> None: ...
+    ) -> None:
+        """The engine allocated ``block_ids`` for ``request`` (every group, from token 0).
+
+        ``num_external_tokens`` is how many tokens it accepted from this connector's last
+        :meth:`get_num_new_matched_tokens` answer: zero when it took none (or another connector
+        owns the load), in which case anything the lookup pinned must be released. Record what
+        the worker must load or save for the next :meth:`build_step_metadata`. Called on the
+        scheduler thread, once per allocation; hot path: no I/O, no blocking.
+        """
 
     @abc.abstractmethod
-    def build_step_metadata(self, step: StepView) -> Any: ...
+    def build_step_metadata(self, step: StepView) -> Any:
+        """Everything the workers need for this step: what was recorded since the last call
+        (loads, stores, finished requests), which is then forgotten.
+
+        Called on the scheduler thread once per engine step, after scheduling. The result is
+        handed to every worker's :meth:`WorkerConnector.bind_step_metadata` and may cross a
+        process boundary: a msgspec Struct (or None). Hot path: work in proportion to what
+        happened this step; when :attr:`reads_step` is False, ``step`` may be empty.
+        """
 
     def request_finished(
         self, request: RequestView, block_ids: BlockIds
     ) -> tuple[bool, dict[str, Any] | None]:
+        """``request`` finished or was aborted (``request.finish_reason`` says which).
+
+        Returns ``(delay_free, transfer_params)``. ``delay_free=True`` keeps the blocks allocated
+        until a worker reports the request in ``finished_sending`` — which it then must do, on
+        success, failure or expiry alike, or the blocks leak. ``transfer_params`` go back to the
+        client or router (P/D: what the decode instance needs to pull). Called on the scheduler
+        thread, once per request; no I/O, no blocking.
+        """
         return False, None
 
     def update_worker_output(self, results: TransferResults) -> None:
+        """One step's :class:`TransferResults`, aggregated over every worker (a request appears
+        once every worker has reported it). Called on the scheduler thread once per step, after
+        the forward pass. ``results`` is read-only: it may hold the engine's own sets."""
         return None
 
     def has_pending_work(self) -> bool:
         """True while work the engine must keep stepping for is in flight (e.g. stores or pushes
-        of finished requests), so an idle engine does not stall it."""
+        of finished requests), so an idle engine does not stall it. Asked on the scheduler
+        thread when the engine has nothing else to run; cheap."""
         return False
 
     def set_handshake_metadata(self, metadata: Mapping[int, Any]) -> None:
-        """Worker handshake metadata, keyed by TP rank, when the engine forwards it."""
+        """Every worker's :meth:`WorkerConnector.get_handshake_metadata`, keyed by TP rank, when
+        the engine forwards it: once at start, before the first step, on the scheduler thread."""
         return None
 
     def get_stats(self) -> dict[str, Any]:
+        """A snapshot of this half's own counters, for diagnostics and benchmarks (metrics come
+        from the workers' :attr:`TransferResults.stats`). Scheduler thread; cheap; no side effect."""
         return {}
 
     def take_events(self) -> list[Any]:
@@ -270,42 +298,77 @@ class SchedulerConnector(abc.ABC):
         return {}
 
     def shutdown(self) -> None:
+        """Stop whatever the half started (threads, sockets) and give back what it holds.
+        Called once, when the engine shuts down; every wait in it has a deadline."""
         return None
 
 
 class WorkerConnector(abc.ABC):
-    """Worker half. See the module docstring for the call order and the rules."""
+    """Worker half: one per TP rank, next to the KV cache, on the forward pass's thread (module
+    docstring: the call order; each method: its contract)."""
 
     supports_hybrid: bool = False
 
     @abc.abstractmethod
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
-        """``caches`` maps layer name to its tensor and layout, in model layer order."""
+        """The engine's KV cache: ``caches`` maps layer name to its tensor and layout, in model
+        layer order. Called once on the worker thread, before any step. The one call that may
+        take its time: allocate pools, register memory with a transport, open listeners (every
+        wait bounded). Raises :class:`~kvconnect.errors.LayoutError` (or another
+        :class:`~kvconnect.errors.KVConnectError`) naming the layer when it cannot serve a
+        layout: the engine's start then fails."""
 
     @abc.abstractmethod
-    def bind_step_metadata(self, metadata: Any) -> None: ...
+    def bind_step_metadata(self, metadata: Any) -> None:
+        """This step's metadata from :meth:`SchedulerConnector.build_step_metadata` (possibly
+        decoded in another process). Called on the worker thread once per step, before
+        :meth:`start_load_kv`; no blocking."""
 
     def clear_step_metadata(self) -> None:
+        """The step is over (after :meth:`get_transfer_results`): drop the bound metadata."""
         return None
 
     def start_load_kv(self) -> None:
+        """Start this step's loads, before the forward pass. Asynchronous loads run in the
+        background and end in :meth:`get_transfer_results`; must not wait for a transfer."""
         return None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Before ``layer_name``'s attention: return once this step's synchronous loads into
+        that layer have landed, or have failed or run past their deadline (then reported as
+        failed loads). Never waits for asynchronous loads."""
         return None
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
+        """After ``layer_name``'s attention in the forward pass: the layer's KV of this step is
+        written. May start a copy of it; must not block the forward pass."""
         return None
 
     def wait_for_save(self) -> None:
+        """After the forward pass: start (or finish) this step's stores. Once it returns the engine
+        may free and reuse the blocks of finished requests, except those whose freeing the
+        scheduler half deferred (``delay_free``): a store still running after it returns may
+        read only blocks the engine keeps."""
         return None
 
     @abc.abstractmethod
-    def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults: ...
+    def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:
+        """What ended since the last call: sends, stores and loads, each request once. Called on
+        the worker thread once per step, after the forward pass; ``finished_request_ids`` are the
+        requests the engine finished since the last call. A poll: it never waits for a transfer.
+
+        A request is reported finished only when every status of its transfer succeeded; a failed
+        or timed-out load is reported received *and* failed, with the engine block ids it covered
+        in ``invalid_block_ids``, so the engine's load-failure policy (recompute or fail) applies.
+        """
 
     def get_handshake_metadata(self) -> Any | None:
-        """Metadata the engine may forward to the scheduler half (e.g. side-channel address)."""
+        """What this worker publishes for the scheduler half (e.g. its side-channel address):
+        asked once after :meth:`register_kv_caches`, forwarded to
+        :meth:`SchedulerConnector.set_handshake_metadata`. None when there is nothing."""
         return None
 
     def shutdown(self) -> None:
+        """Stop the half's threads and listeners, give back every lent block and registered
+        region. Called once, when the engine shuts down; every wait in it has a deadline."""
         return None

@@ -89,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "fn"):
         p.print_help()
         return 0
-    return int(args.fn(args) or 0)
+    from kvconnect.errors import KVConnectError
+
+    try:
+        return int(args.fn(args) or 0)
+    except KVConnectError as e:
+        # kvconnect's own refusals name what was wrong: the message is the report, not a traceback.
+        print(f"kvconnect {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,3 +42,8 @@ class TransferError(KVConnectError):
 
 class BackendUnavailableError(KVConnectError, ImportError):
     """A selected backend needs a package that is not installed; the message says how to install it."""
+
+
+class BenchmarkError(KVConnectError):
+    """A benchmark run went wrong (a transfer failed or timed out, bytes differ after a round trip,
+    a server could not be reset): its figures would be wrong, so it stops, saying what happened."""

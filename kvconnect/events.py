@@ -96,10 +96,6 @@ class TierEvents:
         self._held: dict[bytes, tuple[Any, int]] = {}
         self._out: list[TierEvent] = []
 
-    @property
-    def num_held(self) -> int:
-        return len(self._held)
-
     def planned(self, request: RequestView, block_indices: Sequence[int], keys: Sequence[bytes],
                 group: int = 0) -> None:
         hashes = request.block_hashes

@@ -20,11 +20,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import msgspec
 
 from kvconnect.errors import HandshakeError, PeerRefusedError, WireError
 from kvconnect.metadata import decode, encode
+from kvconnect.telemetry import Counters
 
 logger = logging.getLogger(__name__)
 
@@ -75,31 +77,6 @@ def _as_secret(secret: str | bytes | None) -> bytes | None:
 
 
 # -- addresses -------------------------------------------------------------------------------------
-def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port``, a bare IPv6 literal, or a bare host (with ``default_port``)."""
-    s = text.strip()
-    if not s:
-        raise ValueError("empty address")
-    if s.startswith("["):
-        host, _, rest = s[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    elif s.count(":") > 1:  # bare IPv6 literal
-        host, port_s = s, ""
-    else:
-        host, _, port_s = s.partition(":")
-    if not host:
-        raise ValueError(f"address {text!r} has no host")
-    if port_s:
-        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-            raise ValueError(f"address {text!r} has a bad port")
-        port = int(port_s)
-    elif default_port is not None:
-        port = default_port
-    else:
-        raise ValueError(f"address {text!r} has no port")
-    return host, port
-
-
 def is_ipv6(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).version == 6
@@ -115,6 +92,16 @@ def zmq_endpoint(host: str, port: int) -> str:
 
 
 # -- listener -------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class SideChannelCounters(Counters):
+    """What a side-channel listener counts (written on its thread only)."""
+
+    requests: int = 0
+    rejected_auth: int = 0
+    rejected_garbage: int = 0
+    handler_errors: int = 0
+
+
 class SideChannelServer:
     """Answers requests from a handler table on a background thread.
 
@@ -151,7 +138,7 @@ class SideChannelServer:
             self._sock.close()
             raise HandshakeError(f"side channel cannot listen on {host}:{port}: {e}") from e
         self.host = host
-        self.stats = {"requests": 0, "rejected_auth": 0, "rejected_garbage": 0, "handler_errors": 0}
+        self._counts = SideChannelCounters()
         self._wake_addr = f"inproc://kvconnect-side-channel-{id(self)}-{os.getpid()}"
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         self._wake_rx.bind(self._wake_addr)
@@ -160,8 +147,10 @@ class SideChannelServer:
         self._thread = threading.Thread(target=self._run, name="kvconnect-side-channel", daemon=True)
         self._thread.start()
 
-    def add_handler(self, kind: str, handler: Handler) -> None:
-        self._handlers[kind] = handler
+    @property
+    def stats(self) -> dict[str, float]:
+        """A snapshot of the listener's counters (:class:`SideChannelCounters`)."""
+        return self._counts.as_dict()
 
     def _run(self) -> None:
         zmq = self._zmq
@@ -178,7 +167,7 @@ class SideChannelServer:
                 except zmq.Again:
                     continue
                 if len(frames) < 2:
-                    self.stats["rejected_garbage"] += 1
+                    self._counts.rejected_garbage += 1
                     continue
                 ident, frame = frames[0], frames[-1]
                 reply = self._answer(frame)
@@ -194,23 +183,23 @@ class SideChannelServer:
         try:
             req = _open(self._secret, frame, Request, "side-channel request")
         except PermissionError:
-            self.stats["rejected_auth"] += 1
+            self._counts.rejected_auth += 1
             logger.warning("side channel: rejected a request with a bad HMAC")
             return None  # say nothing to an unauthenticated client
         except WireError:
-            self.stats["rejected_garbage"] += 1
+            self._counts.rejected_garbage += 1
             return None
-        self.stats["requests"] += 1
+        self._counts.requests += 1
         handler = self._handlers.get(req.kind)
         if handler is None:
             return _sign(self._secret, Reply(req.nonce, False, error=f"unknown request kind {req.kind!r}"))
         try:
             body = handler(req.body)
         except (WireError, ValueError, KeyError) as e:
-            self.stats["handler_errors"] += 1
+            self._counts.handler_errors += 1
             return _sign(self._secret, Reply(req.nonce, False, error=f"{req.kind}: {e}"))
         except Exception:
-            self.stats["handler_errors"] += 1
+            self._counts.handler_errors += 1
             logger.exception("side channel handler %r failed", req.kind)
             return _sign(self._secret, Reply(req.nonce, False, error=f"{req.kind}: internal error"))
         return _sign(self._secret, Reply(req.nonce, True, body=body))

@@ -103,10 +103,3 @@ def token_head_sums(
         acc = s if acc is None else acc + s
     assert acc is not None
     return acc.cpu().numpy()
-
-
-def mismatched_tokens(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-    """Row indices (tokens) where two ``[tokens, heads]`` tables differ."""
-    if mine.shape != theirs.shape:
-        return np.arange(max(len(mine), len(theirs)))
-    return np.flatnonzero((mine != theirs).any(axis=1))

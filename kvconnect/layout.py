@@ -24,7 +24,7 @@ a feature-major plane (block-size conversion) is correct too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -252,17 +252,6 @@ def pair_rows(
     return merge_segments(np.stack([lo[order], ro[order], np.full_like(lo, run)], axis=1))
 
 
-def merge_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted, de-duplicated ``(start, length)`` runs of consecutive integers."""
-    arr = np.unique(np.fromiter(ids, dtype=np.int64))
-    if arr.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(arr) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [arr.size]))
-    return [(int(arr[s]), int(e - s)) for s, e in zip(starts, ends)]
-
-
 def merge_paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
     """``(src_start, dst_start, length)`` runs where both id lists advance by one together.
     Order is kept: pairs are transferred as given."""
@@ -276,84 +265,6 @@ def merge_paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int,
     starts = np.flatnonzero(np.concatenate(([True], ~cont)))
     ends = np.concatenate((starts[1:], [len(s)]))
     return [(int(s[a]), int(d[a]), int(b - a)) for a, b in zip(starts, ends)]
-
-
-# -- block sizes ---------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class TokenChunk:
-    """A run of tokens that lies in one block on each side."""
-
-    local_block: int
-    local_offset: int
-    remote_block: int
-    remote_offset: int
-    num_tokens: int
-
-
-def token_chunks(
-    local_block_ids: Sequence[int],
-    local_block_size: int,
-    remote_block_ids: Sequence[int],
-    remote_block_size: int,
-    num_tokens: int,
-) -> list[TokenChunk]:
-    """Split the first ``num_tokens`` tokens into runs that never cross a block boundary on
-    either side, so peers with different block sizes can exchange KV."""
-    if local_block_size <= 0 or remote_block_size <= 0:
-        raise LayoutError("block sizes must be positive")
-    for name, ids, bs in (
-        ("local", local_block_ids, local_block_size),
-        ("remote", remote_block_ids, remote_block_size),
-    ):
-        need = -(-num_tokens // bs)
-        if len(ids) < need:
-            raise LayoutError(f"{num_tokens} tokens need {need} {name} blocks, got {len(ids)}")
-    if num_tokens <= 0:
-        return []
-    bounds = sorted(
-        set(range(0, num_tokens, local_block_size))
-        | set(range(0, num_tokens, remote_block_size))
-        | {num_tokens}
-    )
-    out = []
-    for a, b in zip(bounds, bounds[1:]):
-        out.append(
-            TokenChunk(
-                local_block_ids[a // local_block_size],
-                a % local_block_size,
-                remote_block_ids[a // remote_block_size],
-                a % remote_block_size,
-                b - a,
-            )
-        )
-    return out
-
-
-def blocks_to_pages(block_ids: Sequence[int], block_size: int, page_size: int) -> np.ndarray:
-    """Engine blocks to the pages of a smaller page size that cover them (e.g. 16-token blocks to
-    1-token slots). ``page_size`` must divide ``block_size``."""
-    if page_size <= 0 or block_size <= 0 or block_size % page_size:
-        raise LayoutError(f"page size {page_size} must divide block size {block_size}")
-    per = block_size // page_size
-    b = np.asarray(block_ids, dtype=np.int64)
-    return (b[:, None] * per + np.arange(per, dtype=np.int64)[None, :]).reshape(-1)
-
-
-def pages_to_blocks(page_ids: Sequence[int], page_size: int, block_size: int) -> np.ndarray:
-    """Pages back to the blocks they fill; each group of ``block_size // page_size`` pages must
-    be exactly one whole, aligned block, or a LayoutError says which is not."""
-    if page_size <= 0 or block_size <= 0 or block_size % page_size:
-        raise LayoutError(f"page size {page_size} must divide block size {block_size}")
-    per = block_size // page_size
-    p = np.asarray(page_ids, dtype=np.int64)
-    if p.size % per:
-        raise LayoutError(f"{p.size} pages do not fill whole blocks of {per} pages")
-    grid = p.reshape(-1, per)
-    blocks = grid[:, 0] // per
-    bad = np.flatnonzero((grid != blocks[:, None] * per + np.arange(per)[None, :]).any(axis=1))
-    if bad.size:
-        raise LayoutError(f"pages {grid[bad[0]].tolist()} are not one aligned block")
-    return blocks
 
 
 # -- tensor parallelism ---------------------------------------------------------------------------

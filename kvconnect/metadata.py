@@ -94,7 +94,7 @@ class LayerRegion(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def __post_init__(self) -> None:
         if not len(self.dims) == len(self.shape) == len(self.strides):
-            raise ValueError(f"layer {self.name!r}: {len(self.dims)} dims, {len(self.shape)} sizes and "
+            raise WireError(f"layer {self.name!r}: {len(self.dims)} dims, {len(self.shape)} sizes and "
                              f"{len(self.strides)} strides")
 
 
@@ -119,7 +119,7 @@ class HandshakeMetadata(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     def __post_init__(self) -> None:
         if self.tp_rank >= self.tp_size:
-            raise ValueError(f"tp_rank {self.tp_rank} is not below tp_size {self.tp_size}")
+            raise WireError(f"tp_rank {self.tp_rank} is not below tp_size {self.tp_size}")
 
 
 class KVTransferParams(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

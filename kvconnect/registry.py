@@ -4,11 +4,17 @@ selecting one backend never imports another's dependencies."""
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kvconnect.api import EngineInfo, SchedulerConnector, WorkerConnector
 from kvconnect.config import KVConnectConfig, backend_name
+from kvconnect.errors import ConfigError
+from kvconnect.multi import MultiScheduler, MultiWorker
+from kvconnect.multi.metadata import build_children, check_composition, child_names
 from kvconnect.telemetry import StatNames
+
+T = TypeVar("T")
 
 #: name -> (module, scheduler class, worker class). A backend class is built as ``cls(config, engine)``.
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -30,18 +36,19 @@ STATS: dict[str, str] = {
 
 
 def stat_names(name: str) -> StatNames:
+    """The stats backend ``name`` declares; :class:`ConfigError` for a backend with none."""
     try:
         module = STATS[name]
-    except KeyError:
-        raise KeyError(f"backend {name!r} declares no stats (kvconnect.registry.STATS)") from None
+    except KeyError as e:
+        raise ConfigError(f"backend {name!r} declares no stats; known: {sorted(STATS)}") from e
     return importlib.import_module(module).STATS
 
 
 def _load(name: str, half: int) -> type:
     try:
         module, *classes = BACKENDS[name]
-    except KeyError:
-        raise KeyError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
+    except KeyError as e:
+        raise ConfigError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}") from e
     return getattr(importlib.import_module(module), classes[half])
 
 
@@ -61,18 +68,28 @@ def create_backend_worker(backend_cfg: Any, engine: EngineInfo) -> WorkerConnect
     return worker_class(backend_name(backend_cfg))(backend_cfg, engine)
 
 
+def _build_children(cfg: KVConnectConfig, engine: EngineInfo,
+                    create: Callable[[Any, EngineInfo], T]) -> tuple[list[T], list[str], list[tuple[str, str]]]:
+    """Every child of a composition, built in config order (see
+    :func:`kvconnect.multi.metadata.build_children`); the composition is checked first, before
+    anything holds a socket or a thread."""
+    names = child_names([backend_name(b) for b in cfg.backends])
+    check_composition(names)
+    return build_children(create, cfg.backends, engine, names)
+
+
 def create_scheduler(cfg: KVConnectConfig, engine: EngineInfo) -> SchedulerConnector:
-    """One backend is used directly; several are composed by the MultiConnector."""
+    """One backend is used directly; several are built here and composed by the MultiConnector."""
     if len(cfg.backends) == 1:
         return create_backend_scheduler(cfg.backends[0], engine)
-    from kvconnect.multi import MultiScheduler
-
-    return MultiScheduler(cfg, engine)
+    children, names, refused = _build_children(cfg, engine, create_backend_scheduler)
+    return MultiScheduler(children, engine, names, unsupported_model=cfg.unsupported_model,
+                          load_rule=cfg.load_rule, refused=refused)
 
 
 def create_worker(cfg: KVConnectConfig, engine: EngineInfo) -> WorkerConnector:
+    """The worker half matching :func:`create_scheduler` (same children, same order, same names)."""
     if len(cfg.backends) == 1:
         return create_backend_worker(cfg.backends[0], engine)
-    from kvconnect.multi import MultiWorker
-
-    return MultiWorker(cfg, engine)
+    children, names, refused = _build_children(cfg, engine, create_backend_worker)
+    return MultiWorker(children, engine, names, unsupported_model=cfg.unsupported_model, refused=refused)

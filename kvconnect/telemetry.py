@@ -10,13 +10,16 @@ steps) plus two reserved sections::
 An engine adapter keys them by backend name, turns counters into counters, ``transfers`` into
 histograms of time and size, and ``gauges`` into gauges. Every backend declares the names it can
 report once (:class:`StatNames`, in a light module listed in ``kvconnect.registry.STATS``), so
-metrics exist, at zero, from the start.
+metrics exist, at zero, from the start. A backend's counters are a :class:`Counters` record whose
+fields are those names: code adds to ``counters.load_blocks``, so a misspelt name raises instead of
+starting a new metric series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cache
 from typing import Any
 
 #: Section of a backend's stats with one ``[seconds, bytes]`` sample per finished transfer.
@@ -33,6 +36,37 @@ class StatNames:
     #: Transfer directions with a sample per transfer (``load``, ``store``, ...).
     transfers: tuple[str, ...] = ()
     gauges: tuple[str, ...] = ()
+
+
+class Counters:
+    """Base of a record of counters, one numeric field each (subclasses are
+    ``@dataclass(slots=True)`` with every field defaulting to 0): ``c.load_blocks += 1`` adds,
+    and assigning a name the record does not declare raises AttributeError."""
+
+    __slots__ = ()
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every counter, in declaration order (what :class:`StatNames` lists)."""
+        return _field_names(cls)
+
+    def as_dict(self) -> dict[str, float]:
+        return {n: getattr(self, n) for n in _field_names(type(self))}
+
+    def take(self) -> dict[str, float]:
+        """The counters that moved since the last call, and zero them all (a worker's report)."""
+        out = {}
+        for n in _field_names(type(self)):
+            v = getattr(self, n)
+            if v:
+                out[n] = v
+                setattr(self, n, 0)
+        return out
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 def record_transfer(stats: dict[str, Any], direction: str, seconds: float, nbytes: int) -> None:

@@ -39,6 +39,7 @@ from kvconnect.backends.cpu_offload import CpuOffloadScheduler, CpuOffloadWorker
 from kvconnect.backends.cpu_offload.copier import CopyHelpers, copy_blocks
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadStepMetadata, StoreJob
 from kvconnect.config import CpuOffloadConfig
+from kvconnect.errors import BenchmarkError
 from kvconnect.layout import FLASH_HND_DIMS, FLASH_NHD_DIMS, MLA_DIMS, KVLayout
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,12 +134,12 @@ def _run(worker: CpuOffloadWorker, meta: OffloadStepMetadata, expect: int, timeo
     while True:
         r = worker.get_transfer_results(set())
         if r.failed_recving or r.failed_sending:
-            raise RuntimeError(f"benchmark copy failed: {r}")
+            raise BenchmarkError(f"benchmark copy failed: {r}")
         seen |= r.finished_sending | r.finished_recving
         if len(seen) >= expect:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError("benchmark copies did not finish")
+            raise BenchmarkError("benchmark copies did not finish")
         time.sleep(0.001)
     worker.clear_step_metadata()
     return time.perf_counter() - t0
@@ -227,7 +228,7 @@ def verify(w: CpuOffloadWorker, caches: dict[str, tuple[torch.Tensor, KVLayout]]
     for name, x, y in zip(caches, want, _snapshot(caches, dst, every=True)):
         bad = (x != y).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:
-            raise RuntimeError(f"offload benchmark: {len(bad)} of {n} blocks of {name} differ after a store and "
+            raise BenchmarkError(f"offload benchmark: {len(bad)} of {n} blocks of {name} differ after a store and "
                                f"a load (first: block {src[bad[0]]} -> slot {bad[0]} -> block {dst[bad[0]]})")
 
 
@@ -274,7 +275,7 @@ def _bandwidth_row(a: argparse.Namespace, caches: dict, n: int, nb: int, per_blo
         _sync(a.device == "cuda")
         for x, y in zip(want, _snapshot(caches, [dst[i] for i in probe])):  # byte-for-byte round trip
             if not torch.equal(x, y):
-                raise RuntimeError("benchmark round trip corrupted data")
+                raise BenchmarkError("benchmark round trip corrupted data")
         times["out"].append(min(before, _plain_copy(w, threads, to_engine=False)))  # the faster: strict
         times["in"].append(_plain_copy(w, threads, to_engine=True))
         times["gather"].append(_bare(w, "store", src, helpers))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kvconnect.bench import serve_stats as SS
+from kvconnect.errors import BenchmarkError
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +211,9 @@ def reset_prefix_caches(servers: dict[str, str], deadline_s: float = 60.0) -> No
                 if S.post_json(url + "/reset_prefix_cache", {}, timeout=30).get("success"):
                     break
             except S.ServerError as e:
-                raise RuntimeError(f"{name}: /reset_prefix_cache failed (is VLLM_SERVER_DEV_MODE=1 set?): {e}") from e
+                raise BenchmarkError(f"{name}: /reset_prefix_cache failed (is VLLM_SERVER_DEV_MODE=1 set?): {e}") from e
             if time.monotonic() > end:
-                raise RuntimeError(f"{name}: prefix cache could not be reset within {deadline_s:.0f} s")
+                raise BenchmarkError(f"{name}: prefix cache could not be reset within {deadline_s:.0f} s")
             time.sleep(0.5)
 
 

@@ -31,6 +31,7 @@ from kvconnect.api import EngineInfo, RequestView
 from kvconnect.backends.mooncake import MooncakeScheduler, MooncakeWorker
 from kvconnect.backends.mooncake.messages import MooncakeStepMetadata, StoreLoad, StoreSave
 from kvconnect.config import MooncakeConfig
+from kvconnect.errors import BenchmarkError
 from kvconnect.layout import VLLM_CPU_DIMS, KVLayout
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,14 +76,14 @@ def _drive(w: MooncakeWorker, meta: MooncakeStepMetadata, rid: str, kind: str, t
         out = w.get_transfer_results(set())
         if kind == "load" and rid in out.finished_recving:
             if out.invalid_block_ids:
-                raise RuntimeError(f"bench load failed: {len(out.invalid_block_ids)} invalid blocks")
+                raise BenchmarkError(f"bench load failed: {len(out.invalid_block_ids)} invalid blocks")
             return time.perf_counter() - t0
         if kind == "save" and rid in out.finished_sending:
             if rid in out.failed_sending:
-                raise RuntimeError("bench store failed (is the memory holder large enough?)")
+                raise BenchmarkError("bench store failed (is the memory holder large enough?)")
             return time.perf_counter() - t0
         time.sleep(0.0005)
-    raise TimeoutError(f"bench {kind} did not finish in {timeout} s")
+    raise BenchmarkError(f"bench {kind} did not finish in {timeout} s")
 
 
 def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]]:
@@ -110,14 +111,14 @@ def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]
             codes = store.batch_put_from(raw_keys[lo:lo + step], runs_src[lo:lo + step],
                                          [per_layer_block] * len(raw_keys[lo:lo + step]))
             if any(c != 0 for c in codes):
-                raise RuntimeError(f"raw put failed: {sorted(set(codes))[:3]}")
+                raise BenchmarkError(f"raw put failed: {sorted(set(codes))[:3]}")
         raw_put = time.perf_counter() - t0
         t0 = time.perf_counter()
         for lo in range(0, len(raw_keys), step):
             got = store.batch_get_into(raw_keys[lo:lo + step], runs_dst[lo:lo + step],
                                        [per_layer_block] * len(raw_keys[lo:lo + step]))
             if any(g != per_layer_block for g in got):
-                raise RuntimeError(f"raw get failed: {sorted(set(got))[:3]}")
+                raise BenchmarkError(f"raw get failed: {sorted(set(got))[:3]}")
         raw_get = time.perf_counter() - t0
         store.remove_all(True)
         for t in caches:
@@ -127,7 +128,7 @@ def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]
         load = _drive(w, MooncakeStepMetadata(loads=[StoreLoad(request_id=f"l{rep}", block_ids=dst, keys=keys)]),
                       f"l{rep}", "load")
         if not all(torch.equal(t[src[0]], t[dst[0]]) and torch.equal(t[src[-1]], t[dst[-1]]) for t in caches):
-            raise RuntimeError("bench: loaded blocks differ from the stored ones")
+            raise BenchmarkError("bench: loaded blocks differ from the stored ones")
         store.remove_all(True)
         nbytes = n * per_block
         rows.append({"repeat": rep, "blocks": n, "bytes": nbytes,

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from kvconnect.errors import BenchmarkError
+
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("UCX_LOG_LEVEL", "error")
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs INFO lines to stdout: keep --json clean
@@ -139,7 +141,7 @@ class _Pair:
         self.proc = ctx.Process(target=_producer_main, args=(args, merge, child), daemon=True)
         self.proc.start()
         if not self.conn.poll(120):
-            raise RuntimeError("the producer process did not start")
+            raise BenchmarkError("the producer process did not start")
         _, self.p_port, self.p_engine, self.raw_md, self.raw_regions = self.conn.recv()
         self.worker, self.caches = _worker(args, "decode", _free_port(), merge, nixl_agent, nixl_agent_config)
         self.n = 0
@@ -166,7 +168,7 @@ class _Pair:
         # and the producer process is idle again: its burst of work on them is not timed.
         self.conn.send(("lease", leases))
         if not self.conn.poll(30) or self.conn.recv()[0] != "leased":
-            raise RuntimeError("the producer did not take the leases")
+            raise BenchmarkError("the producer did not take the leases")
         time.sleep(0.002)
         t0 = time.perf_counter()
         D.bind_step_metadata(W.PDStepMetadata(loads=tuple(loads)))
@@ -174,18 +176,18 @@ class _Pair:
         while True:
             r = D.get_transfer_results(set())
             if r.failed_recving:
-                raise RuntimeError("kvconnect transfer failed")
+                raise BenchmarkError("kvconnect transfer failed")
             got |= r.finished_recving
             if got >= want:
                 return time.perf_counter() - t0
             if time.perf_counter() > deadline:
-                raise RuntimeError("kvconnect transfer timed out")
+                raise BenchmarkError("kvconnect transfer timed out")
             time.sleep(0.0002)  # an engine checks once per step; this is a fast engine
 
     def producer_digests(self, block_ids: list[int]) -> list[bytes]:
         self.conn.send(("digest", block_ids))
         if not self.conn.poll(120):
-            raise RuntimeError("the producer did not send its block digests")
+            raise BenchmarkError("the producer did not send its block digests")
         return self.conn.recv()[1]
 
     def scramble(self, block_ids: list[int]) -> None:
@@ -259,7 +261,7 @@ class _Raw:
         for h, st in handles:
             self.a.release_xfer_handle(h)
             if st != "DONE":
-                raise RuntimeError(f"raw transfer ended {st}")
+                raise BenchmarkError(f"raw transfer ended {st}")
         return dt
 
 
@@ -282,7 +284,7 @@ def verify(pair: _Pair, raw: _Raw, batch: list[tuple[list[int], list[int]]], ski
         bad = [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
         if bad or len(got) != len(want):
             layer, j = divmod(bad[0], len(p_ids)) if bad else (0, 0)
-            raise RuntimeError(f"{what} left wrong bytes: {len(bad)} of {len(want)} (layer, block) pairs "
+            raise BenchmarkError(f"{what} left wrong bytes: {len(bad)} of {len(want)} (layer, block) pairs "
                                f"differ; first: layer {layer}, producer block {p_ids[j]} -> consumer block {d_ids[j]}")
 
     check("the timed runs")
@@ -335,7 +337,7 @@ def run(args) -> dict[str, Any]:
         finally:
             freed = pair.close()
         if freed != pair.n:
-            raise RuntimeError(f"the producer freed {freed} of {pair.n} leased requests")
+            raise BenchmarkError(f"the producer freed {freed} of {pair.n} leased requests")
     head = rows[0]
     return {
         "benchmark": "transfer", "backend": "nixl", "iterations": args.iters, "layers": args.layers,

@@ -1,4 +1,5 @@
-"""What the MultiConnector's scheduler half hands its worker half each step, and child naming.
+"""What the MultiConnector's scheduler half hands its worker half each step, and child naming
+and composition rules (the registry builds the children; both halves compose them alike).
 
 The per-step metadata carries, besides one entry per child, the two facts the worker half needs
 to count completions per child and that only the scheduler knows:
@@ -111,27 +112,18 @@ def check_composition(names: Sequence[str]) -> None:
         )
 
 
-def resolve_children(config: Any, engine: Any, names: Sequence[str] | None,
-                     create: Callable[[Any, Any], T],
-                     unsupported_model: str = "fail") -> tuple[list[T], list[str]]:
-    """The children and their names: built from a KVConnectConfig through ``create`` (names
-    derived from the backends), or given already built (named ``names``, else by class); those
-    that cannot serve the model are skipped or fail the start (:mod:`kvconnect.multi.hybrid`;
-    the config's ``unsupported_model``, else ``unsupported_model``)."""
-    from kvconnect.config import KVConnectConfig, backend_name
-
-    if isinstance(config, KVConnectConfig):
-        if names is not None:
-            raise ConfigError("names are derived from the config; pass names only with built children")
-        names = child_names([backend_name(b) for b in config.backends])
-        check_composition(names)
-        built, kept, refused = build_children(create, config.backends, engine, names)
-        return fit_to_model(built, kept, engine, config.unsupported_model, refused)
-    children = list(config)
+def compose(children: Sequence[T], names: Sequence[str] | None, engine: Any,
+            unsupported_model: str = "fail",
+            refused: Sequence[tuple[str, str]] = ()) -> tuple[list[T], list[str]]:
+    """The built children that make up a composition and their names (``names``, by default
+    after the children's classes): refuses compositions that cannot work and applies
+    ``unsupported_model`` to those that cannot serve the model (:mod:`kvconnect.multi.hybrid`);
+    ``refused`` lists ``(name, why)`` of children whose build already refused the model."""
+    children = list(children)
     names = check_names(names if names is not None else child_names([type(c).__name__ for c in children]),
                         len(children))
-    check_composition(names)
-    return fit_to_model(children, names, engine, unsupported_model)
+    check_composition([*names, *(n for n, _ in refused)])
+    return fit_to_model(children, names, engine, unsupported_model, refused)
 
 
 def base_name(child_name: str) -> str:

@@ -64,9 +64,8 @@ from kvconnect.api import (
     StepView,
     TransferResults,
 )
-from kvconnect.config import KVConnectConfig
 from kvconnect.errors import ConfigError, KVConnectError, WireError
-from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, resolve_children
+from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, compose
 
 logger = logging.getLogger(__name__)
 
@@ -89,26 +88,18 @@ def external_blocks(block_ids: BlockIds, block_sizes: Sequence[int], num_compute
 class MultiScheduler(SchedulerConnector):
     """Scheduler half composing ``children`` (highest load priority first)."""
 
-    def __init__(self, config: KVConnectConfig | Sequence[SchedulerConnector], engine: EngineInfo, *,
-                 names: Sequence[str] | None = None, unsupported_model: str = "fail",
-                 load_rule: str | None = None) -> None:
-        """Build the children from ``config`` through the registry, in order; or compose a list of
-        already-built children (named ``names``, by default after their classes)."""
-        from kvconnect.registry import create_backend_scheduler
-
-        children, names = resolve_children(config, engine, names, create_backend_scheduler, unsupported_model)
-        self._setup(children, names, engine)
-        rule = load_rule or getattr(config, "load_rule", "first")
-        if rule not in ("first", "longest"):
-            raise ConfigError(f"load_rule must be 'first' or 'longest', got {rule!r}")
-        self._longest = rule == "longest"
-
-    @classmethod
-    def from_children(cls, children: Sequence[SchedulerConnector], engine: EngineInfo,
-                      names: Sequence[str] | None = None, unsupported_model: str = "fail",
-                      load_rule: str = "first") -> MultiScheduler:
-        """Compose already-built children (tests, embedders)."""
-        return cls(children, engine, names=names, unsupported_model=unsupported_model, load_rule=load_rule)
+    def __init__(self, children: Sequence[SchedulerConnector], engine: EngineInfo,
+                 names: Sequence[str] | None = None, *, unsupported_model: str = "fail",
+                 load_rule: str = "first", refused: Sequence[tuple[str, str]] = ()) -> None:
+        """Compose built ``children`` (highest load priority first), named ``names`` (by default
+        after their classes). ``refused``: ``(name, why)`` of children whose build refused the
+        model (:func:`kvconnect.multi.metadata.compose`). :func:`kvconnect.registry.create_scheduler`
+        builds the children from a config and calls this."""
+        if load_rule not in ("first", "longest"):
+            raise ConfigError(f"load_rule must be 'first' or 'longest', got {load_rule!r}")
+        built, names = compose(children, names, engine, unsupported_model, refused)
+        self._setup(built, names, engine)
+        self._longest = load_rule == "longest"
 
     def _setup(self, children: list[SchedulerConnector], names: list[str], engine: EngineInfo) -> None:
         self.children = children

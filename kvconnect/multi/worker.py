@@ -26,10 +26,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
-from kvconnect.config import KVConnectConfig
 from kvconnect.errors import WireError
 from kvconnect.multi.completion import CompletionTracker
-from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, resolve_children
+from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, compose
 
 if TYPE_CHECKING:
     import torch
@@ -42,20 +41,14 @@ logger = logging.getLogger(__name__)
 class MultiWorker(WorkerConnector):
     """Worker half composing ``children`` (same order as the scheduler half's)."""
 
-    def __init__(self, config: KVConnectConfig | Sequence[WorkerConnector], engine: EngineInfo, *,
-                 names: Sequence[str] | None = None, unsupported_model: str = "fail") -> None:
-        """Build the children from ``config`` through the registry, in order; or compose a list of
-        already-built children (named ``names``, by default after their classes)."""
-        from kvconnect.registry import create_backend_worker
-
-        children, names = resolve_children(config, engine, names, create_backend_worker, unsupported_model)
-        self._setup(children, names, engine)
-
-    @classmethod
-    def from_children(cls, children: Sequence[WorkerConnector], engine: EngineInfo,
-                      names: Sequence[str] | None = None, unsupported_model: str = "fail") -> MultiWorker:
-        """Compose already-built children (tests, embedders)."""
-        return cls(children, engine, names=names, unsupported_model=unsupported_model)
+    def __init__(self, children: Sequence[WorkerConnector], engine: EngineInfo,
+                 names: Sequence[str] | None = None, *, unsupported_model: str = "fail",
+                 refused: Sequence[tuple[str, str]] = ()) -> None:
+        """Compose built ``children`` (in the scheduler half's order), named ``names`` (by default
+        after their classes); ``refused`` as for :class:`~kvconnect.multi.scheduler.MultiScheduler`.
+        :func:`kvconnect.registry.create_worker` builds the children from a config."""
+        built, names = compose(children, names, engine, unsupported_model, refused)
+        self._setup(built, names, engine)
 
     def _setup(self, children: list[WorkerConnector], names: list[str], engine: EngineInfo) -> None:
         self.children = children

@@ -26,6 +26,7 @@ from kvconnect.metadata import HandshakeMetadata, LayerRegion, compat_hash, deco
 from kvconnect.pd import plan as P
 from kvconnect.pd import wire as W
 from kvconnect.pd.control import ControlThread
+from kvconnect.pd.messages import StepMeta, WriteRequested
 from kvconnect.pd.peers import LocalSide
 from kvconnect.pd.progress import ProgressLoop, decode_write_request
 from kvconnect.pd.scheduler import advertised_host, base_port
@@ -139,7 +140,7 @@ class PDWorker(WorkerConnector):
     def _serve_write(self, body: bytes) -> bytes:
         wr = decode_write_request(body)  # WireError -> a clear refusal to the sender
         assert self._loop is not None
-        self._loop.post(("write", wr))
+        self._loop.post(WriteRequested(wr))
         return b"ok"
 
     def _serve_checksums(self, body: bytes) -> bytes:
@@ -164,7 +165,7 @@ class PDWorker(WorkerConnector):
             raise RuntimeError("step metadata arrived before register_kv_caches")
         if metadata.aborts:
             self._loop.abort_loads(metadata.aborts)
-        self._loop.post(("meta", metadata))
+        self._loop.post(StepMeta(metadata))
 
     def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:
         if self._loop is None:

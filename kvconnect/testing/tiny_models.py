@@ -164,8 +164,8 @@ def build(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build a model by kind name: ``llama_gqa``, ``llama_mqa``, ``mla`` or ``hybrid``."""
     try:
         fn = BUILDERS[kind]
-    except KeyError:
-        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(BUILDERS)}") from None
+    except KeyError as e:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(BUILDERS)}") from e
     return fn(out_dir, seed=seed)
 
 
@@ -179,11 +179,6 @@ def cached(kind: str, seed: int = 0, root: str | os.PathLike | None = None) -> P
     """Build a model of ``kind`` once under ``root`` (default :func:`default_cache_dir`) and reuse it."""
     base = Path(root) if root is not None else default_cache_dir()
     return build(kind, base / f"{kind}-seed{seed}", seed=seed)
-
-
-def is_built(out_dir: str | os.PathLike) -> bool:
-    """True if ``out_dir`` holds a finished build (any recipe)."""
-    return (Path(out_dir) / MARKER).is_file()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -249,8 +249,8 @@ class MultiRig:
         self.engine = engine or EngineInfo(engine_id="e0", block_sizes=(16,))
         self.pairs = {p.name: p for p in pairs}
         names = [p.name for p in pairs]
-        self.scheduler = MultiScheduler.from_children([p.scheduler for p in pairs], self.engine, names)
-        self.worker = MultiWorker.from_children([p.worker for p in pairs], self.engine, names)
+        self.scheduler = MultiScheduler([p.scheduler for p in pairs], self.engine, names)
+        self.worker = MultiWorker([p.worker for p in pairs], self.engine, names)
         self.last_meta: Any = None
 
     def __getitem__(self, name: str) -> FakePair:

@@ -84,7 +84,7 @@ def serve(role: str, specs: dict, inq, outq) -> None:
                 delay, _ = eng.sched.request_finished(Req(rid, list(range(n)), params, "abort").view(), ids)
                 outq.put(("aborted", rid, delay))
             elif cmd[0] == "idle":
-                held = eng.sched.has_pending_work() or any(w._loop._loads or w._loop._leases for w in eng.workers)
+                held = eng.sched.has_pending_work() or any(w._loop.holds_work() for w in eng.workers)
                 outq.put(("idle", cmd[1], not held))
         for eng in engines.values():
             eng.shutdown()

@@ -180,7 +180,8 @@ def test_p_d_scheduler_never_raises_on_router_params(p, prompt_len, reason):
         except WireError as e:
             assert str(e).startswith("kv_transfer_params:")
             continue
-        assert spec.token_end <= len(spec.remote_block_ids[0]) * 16 and spec.remote.tp_size > 0
+        block_size = p.get("remote_block_size") or 16  # the params' own size, else this engine's
+        assert spec.token_end <= len(spec.remote_block_ids[0]) * block_size and spec.remote.tp_size > 0
         assert 0 < spec.remote.port < 65536 and spec.remote_request_id and spec.mode in ("pull", "push")
     req.finish_reason = reason
     s.request_finished(req, [[5, 6, 7, 8]])

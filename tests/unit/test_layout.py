@@ -1,8 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from kvconnect.errors import LayoutError
 from kvconnect.layout import (
@@ -11,16 +9,12 @@ from kvconnect.layout import (
     MLA_DIMS,
     VLLM_CPU_DIMS,
     KVLayout,
-    blocks_to_pages,
     head_sources,
     head_targets,
     merge_paired_runs,
-    merge_runs,
     merge_segments,
-    pages_to_blocks,
     pair_rows,
     rank_heads,
-    token_chunks,
 )
 
 pytestmark = pytest.mark.unit
@@ -133,61 +127,11 @@ def test_merge_segments_needs_both_sides_contiguous():
 
 
 # -- runs --------------------------------------------------------------------------------------
-def test_merge_runs_sorts_dedups_and_handles_edges():
-    assert merge_runs([]) == []
-    assert merge_runs([7]) == [(7, 1)]
-    assert merge_runs([5, 3, 4, 9, 10, 1, 4]) == [(1, 1), (3, 3), (9, 2)]
-
-
-@given(st.lists(st.integers(0, 200), max_size=60))
-def test_merge_runs_covers_exactly_the_input_set(ids):
-    runs = merge_runs(ids)
-    covered = [s + i for s, n in runs for i in range(n)]
-    assert covered == sorted(set(ids))
-    assert all(a[0] + a[1] < b[0] for a, b in zip(runs, runs[1:]))  # runs never touch
-
-
 def test_merge_paired_runs_breaks_when_either_side_jumps():
     assert merge_paired_runs([1, 2, 3, 7], [4, 5, 9, 10]) == [(1, 4, 2), (3, 9, 1), (7, 10, 1)]
     assert merge_paired_runs([], []) == []
     with pytest.raises(LayoutError):
         merge_paired_runs([1], [])
-
-
-# -- block sizes ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("lbs,rbs,n", [(16, 32, 70), (32, 16, 70), (16, 16, 32), (16, 48, 5), (1, 16, 33)])
-def test_token_chunks_never_cross_a_block_and_cover_every_token(lbs, rbs, n):
-    lids = list(range(100, 100 + -(-n // lbs)))
-    rids = list(range(500, 500 + -(-n // rbs)))
-    chunks = token_chunks(lids, lbs, rids, rbs, n)
-    pos = 0
-    for c in chunks:
-        assert c.local_offset + c.num_tokens <= lbs and c.remote_offset + c.num_tokens <= rbs
-        assert lids[pos // lbs] == c.local_block and pos % lbs == c.local_offset
-        assert rids[pos // rbs] == c.remote_block and pos % rbs == c.remote_offset
-        pos += c.num_tokens
-    assert pos == n
-
-
-def test_token_chunks_refuse_too_few_blocks():
-    with pytest.raises(LayoutError, match="need 3 remote blocks"):
-        token_chunks([1, 2, 3], 16, [1, 2], 16, 40)
-
-
-def test_blocks_to_pages_and_back_round_trip():
-    pages = blocks_to_pages([3, 5], 16, 1)
-    assert pages.tolist() == list(range(48, 64)) + list(range(80, 96))
-    assert pages_to_blocks(pages, 1, 16).tolist() == [3, 5]
-    assert blocks_to_pages([2], 16, 4).tolist() == [8, 9, 10, 11]
-
-
-def test_pages_that_are_not_whole_aligned_blocks_are_refused():
-    with pytest.raises(LayoutError, match="not one aligned block"):
-        pages_to_blocks([1, 2, 3, 4], 1, 4)
-    with pytest.raises(LayoutError, match="whole blocks"):
-        pages_to_blocks([0, 1, 2], 1, 4)
-    with pytest.raises(LayoutError, match="must divide"):
-        blocks_to_pages([0], 16, 3)
 
 
 # -- tensor parallelism ----------------------------------------------------------------------------

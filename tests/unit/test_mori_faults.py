@@ -103,7 +103,7 @@ def test_load_waiting_for_a_handshake_blocks_instead_of_spinning(engines):
         assert time.monotonic() - t0 < 0.1, "the engine thread must not wait for the handshake"
         time.sleep(0.1)
         loop = D.workers[0]._loop
-        assert loop._loads, "the load should be waiting for its handshake"
+        assert loop.loads.active, "the load should be waiting for its handshake"
         rounds0, calls0, cpu0, w0 = loop.rounds, calls["n"], time.process_time(), time.monotonic()
         time.sleep(0.6)
         assert "d" not in D.recving  # still waiting

@@ -201,9 +201,9 @@ def test_invalid_blocks_of_a_sync_load_are_reported():
 def test_send_done_only_when_every_deferring_child_on_every_rank_finished():
     engine = EngineInfo(engine_id="e0", tp_size=2)
     scheds = [FakeScheduler("a", defer={"r"}), FakeScheduler("b", defer={"r"})]
-    s = MultiScheduler.from_children(scheds, engine, ["a", "b"])
+    s = MultiScheduler(scheds, engine, ["a", "b"])
     ranks = [[FakeWorker("a"), FakeWorker("b")] for _ in range(2)]
-    workers = [MultiWorker.from_children(ch, engine, ["a", "b"]) for ch in ranks]
+    workers = [MultiWorker(ch, engine, ["a", "b"]) for ch in ranks]
     agg = FinishedAggregator(world_size=2)
     from tests.fakes.fake_connector import request
 

@@ -10,6 +10,7 @@ from kvconnect.api import EngineInfo
 from kvconnect.config import parse_config
 from kvconnect.errors import ConfigError, UnsupportedModelError
 from kvconnect.multi import MultiScheduler, MultiWorker
+from kvconnect.registry import create_scheduler
 from tests.fakes.fake_connector import FakeScheduler, FakeWorker
 
 pytestmark = pytest.mark.unit
@@ -24,19 +25,19 @@ NIXL_CPU = [{"backend": "nixl"}, {"backend": "cpu_offload", "cpu_bytes_to_use": 
 
 
 def test_nixl_and_cpu_offload_start_on_a_sliding_window_and_full_attention_model():
-    s = MultiScheduler(parse_config({"backends": NIXL_CPU}), HYBRID)
+    s = create_scheduler(parse_config({"backends": NIXL_CPU}), HYBRID)
     assert s.names == ["nixl", "cpu_offload"] and s.supports_hybrid
     s.shutdown()
 
 
 def test_a_child_refusing_a_group_fails_the_start_naming_the_child_and_the_group():
     with pytest.raises(UnsupportedModelError, match=r"child 'cpu_offload' cannot serve.*group 0 uses 'MambaSpec'"):
-        MultiScheduler(parse_config({"backends": NIXL_CPU}), MAMBA)
+        create_scheduler(parse_config({"backends": NIXL_CPU}), MAMBA)
 
 
 def test_skip_leaves_the_refusing_child_out_on_both_halves_alike():
     cfg = parse_config({"backends": NIXL_CPU, "unsupported_model": "skip"})
-    s = MultiScheduler(cfg, MAMBA)
+    s = create_scheduler(cfg, MAMBA)
     assert s.names == ["nixl"] and s.supports_hybrid
     w = MultiWorker([FakeWorker("nixl", hybrid=True), FakeWorker("cpu", hybrid=False)], MAMBA,
                     names=["nixl", "cpu_offload"], unsupported_model="skip")
@@ -47,25 +48,25 @@ def test_skip_leaves_the_refusing_child_out_on_both_halves_alike():
 def test_a_one_group_child_fails_the_start_on_a_hybrid_model_and_every_child_is_shut_down():
     a, b = FakeScheduler("a", hybrid=True), FakeScheduler("b", hybrid=False)
     with pytest.raises(UnsupportedModelError, match=r"child 'b' cannot serve .*supports_hybrid=False.*\"skip\""):
-        MultiScheduler.from_children([a, b], HYBRID, ["a", "b"])
+        MultiScheduler([a, b], HYBRID, ["a", "b"])
     assert a.calls_to("shutdown") == [()] and b.calls_to("shutdown") == [()]
 
 
 def test_skip_shuts_down_only_the_skipped_child():
     a, b = FakeScheduler("a", hybrid=True), FakeScheduler("b", hybrid=False)
-    s = MultiScheduler.from_children([a, b], HYBRID, ["a", "b"], unsupported_model="skip")
+    s = MultiScheduler([a, b], HYBRID, ["a", "b"], unsupported_model="skip")
     assert s.children == [a] and s.names == ["a"]
     assert b.calls_to("shutdown") == [()] and a.calls_to("shutdown") == []
 
 
 def test_skip_still_fails_when_no_child_can_serve_the_model():
     with pytest.raises(UnsupportedModelError, match="no child can serve it"):
-        MultiScheduler.from_children([FakeScheduler("a"), FakeScheduler("b")], HYBRID, ["a", "b"],
+        MultiScheduler([FakeScheduler("a"), FakeScheduler("b")], HYBRID, ["a", "b"],
                                      unsupported_model="skip")
 
 
 def test_one_group_children_compose_freely_on_a_one_group_model():
-    s = MultiScheduler.from_children([FakeScheduler("a"), FakeScheduler("b")], ONE_GROUP, ["a", "b"])
+    s = MultiScheduler([FakeScheduler("a"), FakeScheduler("b")], ONE_GROUP, ["a", "b"])
     assert s.names == ["a", "b"] and not s.supports_hybrid
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("kvconnect.backends.cpu_offload")
 from kvconnect.api import EngineInfo, RequestView, ScheduledRequest, StepView, TransferResults  # noqa: E402
 from kvconnect.config import parse_config  # noqa: E402
 from kvconnect.layout import VLLM_CPU_DIMS, KVLayout  # noqa: E402
-from kvconnect.multi import MultiScheduler, MultiWorker  # noqa: E402
+from kvconnect.registry import create_scheduler, create_worker  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -34,8 +34,8 @@ class Engine:
     def __init__(self, backends: list[dict]) -> None:
         cfg = parse_config({"backends": backends})
         self.info = EngineInfo("e0", block_sizes=(BS,))
-        self.sched = MultiScheduler(cfg, self.info)
-        self.worker = MultiWorker(cfg, self.info)
+        self.sched = create_scheduler(cfg, self.info)
+        self.worker = create_worker(cfg, self.info)
         self.caches = {f"layer.{i}": torch.zeros((NUM_BLOCKS, HEADS, BS, 2 * DIM)) for i in range(LAYERS)}
         self.worker.register_kv_caches(
             {n: (t, KVLayout.of_tensor(t, VLLM_CPU_DIMS)) for n, t in self.caches.items()})

@@ -25,7 +25,7 @@ ENGINE = EngineInfo(engine_id="e0", block_sizes=(16,))
 
 
 def sched(*children, names=None):
-    return MultiScheduler.from_children(children, ENGINE, names or [c.name for c in children])
+    return MultiScheduler(children, ENGINE, names or [c.name for c in children])
 
 
 # -- hybrid support ---------------------------------------------------------------------------
@@ -33,13 +33,13 @@ def sched(*children, names=None):
 
 def test_hybrid_supported_when_every_child_supports_it():
     s = sched(FakeScheduler("a", hybrid=True), FakeScheduler("b", hybrid=True))
-    w = MultiWorker.from_children([FakeWorker("a", hybrid=True), FakeWorker("b", hybrid=True)], ENGINE, ["a", "b"])
+    w = MultiWorker([FakeWorker("a", hybrid=True), FakeWorker("b", hybrid=True)], ENGINE, ["a", "b"])
     assert s.supports_hybrid and w.supports_hybrid
 
 
 def test_hybrid_unsupported_when_one_child_lacks_it():
     s = sched(FakeScheduler("a", hybrid=True), FakeScheduler("b", hybrid=False))
-    w = MultiWorker.from_children([FakeWorker("a", hybrid=True), FakeWorker("b")], ENGINE, ["a", "b"])
+    w = MultiWorker([FakeWorker("a", hybrid=True), FakeWorker("b")], ENGINE, ["a", "b"])
     assert not s.supports_hybrid and not w.supports_hybrid
 
 
@@ -160,7 +160,7 @@ def test_each_worker_child_binds_its_own_metadata():
 
 
 def test_worker_refuses_metadata_for_another_composition():
-    w = MultiWorker.from_children([FakeWorker("a"), FakeWorker("b")], ENGINE, ["a", "b"])
+    w = MultiWorker([FakeWorker("a"), FakeWorker("b")], ENGINE, ["a", "b"])
     with pytest.raises(WireError, match="configs differ"):
         w.bind_step_metadata(MultiStepMetadata(children=(None,)))
     with pytest.raises(WireError, match="MultiStepMetadata"):
@@ -218,14 +218,14 @@ def test_step_metadata_carries_which_children_deferred():
 
 
 def test_handshake_metadata_is_keyed_by_child():
-    w = MultiWorker.from_children(
+    w = MultiWorker(
         [FakeWorker("nixl", handshake={"port": 1}), FakeWorker("cpu"), FakeWorker("x", handshake=b"m")],
         ENGINE, ["nixl", "cpu", "x"])
     assert w.get_handshake_metadata() == {"nixl": {"port": 1}, "x": b"m"}
 
 
 def test_handshake_metadata_is_none_when_no_child_has_any():
-    w = MultiWorker.from_children([FakeWorker("a"), FakeWorker("b")], ENGINE, ["a", "b"])
+    w = MultiWorker([FakeWorker("a"), FakeWorker("b")], ENGINE, ["a", "b"])
     assert w.get_handshake_metadata() is None
 
 
@@ -268,16 +268,16 @@ def test_repeated_backend_names_are_numbered():
 
 def test_empty_composition_is_refused():
     with pytest.raises(ConfigError, match="at least one"):
-        MultiScheduler.from_children([], ENGINE, [])
+        MultiScheduler([], ENGINE, [])
     with pytest.raises(ConfigError, match="at least one"):
-        MultiWorker.from_children([], ENGINE, [])
+        MultiWorker([], ENGINE, [])
 
 
 def test_two_pd_children_are_refused():
     with pytest.raises(ConfigError, match="P/D"):
         sched(FakeScheduler("a"), FakeScheduler("b"), names=["nixl", "mori"])
     with pytest.raises(ConfigError, match="P/D"):
-        MultiWorker.from_children([FakeWorker(), FakeWorker()], ENGINE, ["nixl#1", "nixl#2"])
+        MultiWorker([FakeWorker(), FakeWorker()], ENGINE, ["nixl#1", "nixl#2"])
 
 
 def test_names_must_match_children_and_be_unique():
@@ -337,7 +337,7 @@ def test_a_child_that_fails_to_start_shuts_down_those_already_built(monkeypatch)
     cfg = parse_config({"backends": [{"backend": "cpu_offload", "cpu_bytes_to_use": 1},
                                      {"backend": "cpu_offload", "cpu_bytes_to_use": 2}]})
     with pytest.raises(RuntimeError, match="no memory"):
-        MultiScheduler(cfg, ENGINE)
+        registry.create_scheduler(cfg, ENGINE)
     assert [c.calls_to("shutdown") for c in built] == [[()]]
 
 
@@ -358,7 +358,7 @@ def test_step_metadata_survives_pickling():
 
 def test_longest_rule_gives_the_load_to_the_longest_hit():
     a, b = FakeScheduler("a", default_hit=64), FakeScheduler("b", default_hit=1280)
-    s = MultiScheduler.from_children([a, b], ENGINE, ["a", "b"], load_rule="longest")
+    s = MultiScheduler([a, b], ENGINE, ["a", "b"], load_rule="longest")
     assert s.get_num_new_matched_tokens(request("r"), 0) == (1280, True)
     s.update_state_after_alloc(request("r"), ([1, 2],), 1280)
     assert a.calls_to("update_state_after_alloc")[-1][-1] == 0
@@ -367,13 +367,13 @@ def test_longest_rule_gives_the_load_to_the_longest_hit():
 
 def test_longest_rule_keeps_the_earlier_child_on_a_tie():
     a, b = FakeScheduler("a", default_hit=64, is_async=False), FakeScheduler("b", default_hit=64)
-    s = MultiScheduler.from_children([a, b], ENGINE, ["a", "b"], load_rule="longest")
+    s = MultiScheduler([a, b], ENGINE, ["a", "b"], load_rule="longest")
     assert s.get_num_new_matched_tokens(request("r"), 0) == (64, False)
 
 
 def test_longest_rule_waits_for_a_child_that_asks_again_later():
     a, b = FakeScheduler("a", default_hit=64), FakeScheduler("b", default_hit=None)
-    s = MultiScheduler.from_children([a, b], ENGINE, ["a", "b"], load_rule="longest")
+    s = MultiScheduler([a, b], ENGINE, ["a", "b"], load_rule="longest")
     assert s.get_num_new_matched_tokens(request("r"), 0) == (None, False)
 
 
@@ -384,3 +384,13 @@ def test_first_rule_is_the_default_and_load_rule_parses_from_the_config():
     assert cfg.load_rule == "longest"
     with pytest.raises(ConfigError, match="load_rule"):
         parse_config({"load_rule": "biggest", "backends": [{"backend": "nixl"}]})
+
+
+def test_an_unknown_backend_name_is_a_config_error_naming_it_with_its_cause():
+    from kvconnect import registry
+
+    with pytest.raises(ConfigError, match="unknown backend 'nope'") as e:
+        registry.scheduler_class("nope")
+    assert isinstance(e.value.__cause__, KeyError)
+    with pytest.raises(ConfigError, match="backend 'nope' declares no stats"):
+        registry.stat_names("nope")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvconnect.bench import offload, report
+from kvconnect.errors import BenchmarkError
 
 pytestmark = pytest.mark.unit
 
@@ -61,6 +62,6 @@ def test_a_load_that_drops_a_block_fails_the_bench_after_the_timed_runs(monkeypa
         return real(layers, kind, block_ids, slots, *a, **kw)
 
     monkeypatch.setattr(offload_worker, "copy_blocks", lossy)
-    with pytest.raises(RuntimeError, match=r"1 of \d+ blocks of layer\.0\.k differ after a store and a load"):
+    with pytest.raises(BenchmarkError, match=r"1 of \d+ blocks of layer\.0\.k differ after a store and a load"):
         offload.main(["--quick", "--json", "--layers", "2", "--gb", "0.004", "--repeats", "1", "--block-sizes", "16",
                       "--lookup-stored", "1000", "--copy-threads", "1", "--device", "cpu"])

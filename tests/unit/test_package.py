@@ -72,3 +72,26 @@ def test_the_public_api_stays_light_to_import():
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_cli_reports_a_kvconnect_error_by_name_without_a_traceback(monkeypatch, capsys):
+    from kvconnect import cli
+    from kvconnect.errors import BenchmarkError
+
+    def fails(args):
+        raise BenchmarkError("bytes differ after a round trip")
+
+    monkeypatch.setattr(cli, "_cmd_demo", fails)
+    assert main(["demo"]) == 1
+    assert capsys.readouterr().err == "kvconnect demo: BenchmarkError: bytes differ after a round trip\n"
+
+
+def test_every_connector_method_documents_its_own_contract():
+    import inspect
+
+    from kvconnect.api import SchedulerConnector, WorkerConnector
+
+    for cls in (SchedulerConnector, WorkerConnector):
+        for name, fn in vars(cls).items():
+            if inspect.isfunction(fn) and not name.startswith("_"):
+                assert (fn.__doc__ or "").strip(), f"{cls.__name__}.{name} has no docstring of its own"

@@ -108,13 +108,13 @@ def test_load_fails_when_the_first_status_failed_and_the_last_succeeded(engines,
         agent.knobs.cycles_before_done = 200  # polls: the sibling is still in flight when the first fails
     loop = D.workers[0]._loop
     states_at_report = []
-    report = loop._report_failed
+    report = loop.loads._report_failed
 
     def spy(*args, **kw):
         states_at_report.append([h.state for h in posted])
         return report(*args, **kw)
 
-    loop._report_failed = spy
+    loop.loads._report_failed = spy
     _start(P, D)
     _assert_failed(D, others=[P])
     assert len(posted) >= 2, f"the load should need several transfers, posted {posted}"

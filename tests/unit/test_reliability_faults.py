@@ -36,8 +36,8 @@ def _idle(*engines: Engine) -> None:
     for e in engines:
         assert not e.sched.has_pending_work(), f"{e.name}: scheduler still holds {e.sched.get_stats()}"
         for w in e.workers:
-            assert not w._loop._loads and not w._loop._leases, f"{e.name}: worker still holds work"
-            assert not w._loop._sums
+            assert not w._loop.holds_work(), f"{e.name}: worker still holds work"
+            assert not w._loop.leases.served
 
 
 def _serves_next(P: Engine, D: Engine, tag: str = "next") -> None:
@@ -64,7 +64,7 @@ def test_abort_while_the_read_is_in_flight_keeps_the_blocks_until_it_ended(engin
     _, params = prefill(P, "p", 40, [[1, 2, 3]])
     D.agent(0).knobs.peer_stopped = True  # the READ is posted and stays in flight
     decode_start(D, "d", 40, params, [[4, 5, 6]])
-    assert run_until([P, D], lambda: any(ld.handles for ld in D.workers[0]._loop._loads.values()), 3.0)
+    assert run_until([P, D], lambda: any(ld.handles for ld in D.workers[0]._loop.loads.active.values()), 3.0)
     delay, out = _abort(D, "d", params)
     assert delay is True and out is None  # the READ may still write into the blocks
     end = time.monotonic() + 0.3
@@ -108,7 +108,7 @@ def test_abort_after_the_load_ended_but_before_it_was_reported_frees_at_once(eng
     D.workers[0].bind_step_metadata(meta)
     loop = D.workers[0]._loop
     end = time.monotonic() + 3
-    while "d" not in loop._results.finished_recving and time.monotonic() < end:  # ended, not drained
+    while "d" not in loop._outcomes.ended_loads() and time.monotonic() < end:  # ended, not drained
         time.sleep(0.002)
     assert _abort(D, "d", params)[0] is True
     assert run_until([P, D], lambda: "d" in D.sending and "p" in P.sending, 3.0)
@@ -137,7 +137,7 @@ def test_abort_on_every_tp_rank_is_counted_once_all_ranks_ended(engines):
     _, params = prefill(P, "p", 40, [[1, 2, 3]])
     D.agent(1).knobs.peer_stopped = True  # rank 1's read stays in flight, rank 0's completes
     decode_start(D, "d", 40, params, [[4, 5, 6]])
-    assert run_until([P, D], lambda: any(ld.handles for ld in D.workers[1]._loop._loads.values()), 3.0)
+    assert run_until([P, D], lambda: any(ld.handles for ld in D.workers[1]._loop.loads.active.values()), 3.0)
     assert _abort(D, "d", params)[0] is True
     for _ in range(50):
         D.step()

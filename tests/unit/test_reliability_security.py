@@ -59,7 +59,7 @@ def test_unauthenticated_write_request_is_never_acted_on(engines):
             c.request("127.0.0.1", w.port, "write", body, timeout_s=0.3)
     finally:
         c.close()
-    assert not w._loop._pending_writes and w.side_channel_stats["rejected_auth"] == 1
+    assert not w._loop.leases.pending_writes and w.side_channel_stats["rejected_auth"] == 1
 
 
 @pytest.mark.parametrize("mode", ["pull", "push"])

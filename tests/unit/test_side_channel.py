@@ -11,7 +11,6 @@ from kvconnect.handshake import (
     SideChannelClient,
     SideChannelServer,
     Signed,
-    parse_address,
     zmq_endpoint,
 )
 from kvconnect.metadata import encode
@@ -160,26 +159,6 @@ def test_ipv6_loopback_works_where_available():
         c.close()
     finally:
         srv.close()
-
-
-@pytest.mark.parametrize(
-    "text,want",
-    [
-        ("10.0.0.1:5600", ("10.0.0.1", 5600)),
-        ("[fe80::1]:7000", ("fe80::1", 7000)),
-        ("::1", ("::1", 5600)),
-        ("prefill-0.svc", ("prefill-0.svc", 5600)),
-        ("prefill-0.svc:81", ("prefill-0.svc", 81)),
-    ],
-)
-def test_address_forms(text, want):
-    assert parse_address(text, default_port=5600) == want
-
-
-@pytest.mark.parametrize("text", ["", ":80", "host:0", "host:99999", "host:abc", "[::1]:x"])
-def test_bad_addresses_are_refused(text):
-    with pytest.raises(ValueError):
-        parse_address(text, default_port=5600)
 
 
 def test_zmq_endpoints_bracket_ipv6():

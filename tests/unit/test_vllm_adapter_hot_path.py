@@ -8,7 +8,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def env():
     pytest.importorskip("vllm")
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     return B.make_env(16, 256, 512)
 
@@ -37,7 +37,7 @@ def _blocks():
 
 
 def test_pd_backend_is_not_asked_about_requests_it_never_loads_for(env, monkeypatch):
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     conn = B.build_connector(env, "KVConnect", "kv_consumer", dict(B.PD_NIXL))
     calls = _counting(conn, monkeypatch)
@@ -59,7 +59,7 @@ def test_pd_backend_is_not_asked_about_requests_it_never_loads_for(env, monkeypa
 
 
 def test_offload_backend_is_asked_about_every_request(env, monkeypatch):
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     conn = B.build_connector(env, "KVConnect", "kv_both",
                              {"backend": "cpu_offload", "cpu_bytes_to_use": env.bytes_per_block * 8})
@@ -107,7 +107,7 @@ def test_finish_reason_of_vllm_requests_named_once_per_status():
 
 def test_step_is_translated_only_for_backends_that_read_it(env, monkeypatch):
     from kvconnect.adapters import vllm_translate as tr
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     translated = []
     real = tr.step_view
@@ -127,7 +127,7 @@ def test_step_is_translated_only_for_backends_that_read_it(env, monkeypatch):
 
 
 def test_steps_with_nothing_to_send_reuse_one_metadata_object(env):
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     conn = B.build_connector(env, "KVConnect", "kv_consumer", dict(B.PD_NIXL))
     first = conn.build_connector_meta(_empty_output())

@@ -15,7 +15,7 @@ BS = 16
 @pytest.fixture(scope="module")
 def env():
     pytest.importorskip("vllm")
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     return B.make_env(BS, 256, 512)
 
@@ -82,7 +82,7 @@ def test_removed_blocks_become_block_removed_with_medium(env):
 def _connector(env, extra, events: bool):
     from vllm.config import KVEventsConfig
 
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     env2 = copy.copy(env)
     env2.vllm_config = copy.copy(env.vllm_config)
@@ -150,7 +150,7 @@ def test_a_composition_names_the_source_of_the_child_that_owns_the_load():
         def build_step_metadata(self, step):
             return None
 
-    m = MultiScheduler.from_children([Child(0, "p2p"), Child(32, "host")], EngineInfo("e", block_sizes=(16,)),
+    m = MultiScheduler([Child(0, "p2p"), Child(32, "host")], EngineInfo("e", block_sizes=(16,)),
                                      names=["nixl", "cpu_offload"])
     view = RequestView("r", list(range(40)))
     assert m.get_num_new_matched_tokens(view, 0) == (32, True)

@@ -166,7 +166,7 @@ def test_pd_transfer_reports_only_declared_stats(engines):
 
 def test_scheduler_half_reports_tier_gauges_once_per_change():
     pytest.importorskip("vllm")
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     env = B.make_env(16, 64, 512)
     conn = B.build_connector(env, "KVConnect", "kv_both",
@@ -184,7 +184,7 @@ def test_engine_load_wait_runs_from_allocation_to_the_load_reported_received(mon
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-    from kvconnect.bench import scheduler as B
+    from kvconnect.bench import vllm_env as B
 
     env = B.make_env(16, 64, 512)
     conn = B.build_connector(env, "KVConnect", "kv_both",

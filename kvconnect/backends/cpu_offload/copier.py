@@ -42,6 +42,7 @@ from kvconnect.backends.cpu_offload.rows import (
     plan_spans,
     pool_row_view,
 )
+from kvconnect.backends.cpu_offload.stats import LoadCheck
 from kvconnect.errors import LayoutError
 from kvconnect.layout import KVLayout
 
@@ -133,8 +134,8 @@ class CopyTask:
     #: KV-cache group of each block (hybrid models); empty: all in group 0.
     groups: list[int] = field(default_factory=list)
     error: str | None = None
-    #: A counter to bump for the failure (``key_mismatches``, ``checksum_failures``), if any.
-    failure_stat: str | None = None
+    #: The check that refused the load before its copy, if one did (counted on its own).
+    failed_check: LoadCheck | None = None
     cancelled: bool = False
     seconds: float = 0.0
     done: bool = False

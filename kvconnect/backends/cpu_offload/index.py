@@ -63,9 +63,6 @@ class SlotIndex:
     def key_of(self, slot: int) -> bytes | None:
         return self._key_of[slot]
 
-    def is_ready(self, slot: int) -> bool:
-        return bool(self._ready[slot])
-
     def pins(self, slot: int) -> int:
         return self._pins[slot]
 

@@ -166,8 +166,8 @@ POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "arc": ARCPolicy}
 def make_policy(name: str, capacity: int) -> EvictionPolicy:
     try:
         cls = POLICIES[name]
-    except KeyError:
+    except KeyError as e:
         raise ConfigError(
             f"cpu_offload.eviction_policy: unknown policy {name!r}; known: {sorted(POLICIES)}"
-        ) from None
+        ) from e
     return cls(capacity)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvconnect.api import BlockIds, EngineInfo, RequestView, SchedulerConnector, StepView, TransferResults
@@ -39,65 +38,15 @@ from kvconnect.backends.cpu_offload import sizing
 from kvconnect.backends.cpu_offload.hashing import KeyCache
 from kvconnect.backends.cpu_offload.index import SlotIndex
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
+from kvconnect.backends.cpu_offload.plan import Lookup, ReqState, known_kv_tokens, load_entries, per_group
 from kvconnect.backends.cpu_offload.policies import make_policy
+from kvconnect.backends.cpu_offload.stats import SchedulerCounters
 from kvconnect.config import CpuOffloadConfig
-from kvconnect.errors import ConfigError, LayoutError
+from kvconnect.errors import ConfigError
 from kvconnect.events import MEDIUM_CPU, TierEvents
 from kvconnect.metadata import as_struct
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Lookup:
-    num_computed: int
-    start: int
-    #: Block index after the hit's last block.
-    end: int
-    #: Pinned slot and key of every block the hit loads.
-    slots: list[int]
-    keys: list[bytes]
-    #: (group, block index) of each slot; None: group 0, blocks ``start, start + 1, ...``.
-    where: list[tuple[int, int]] | None = None
-
-
-@dataclass(slots=True)
-class _Req:
-    view: RequestView
-    #: The request's block ids, per KV-cache group.
-    blocks: list[list[int]]
-    #: Leading blocks already planned (stored, being stored, loaded from here, or skipped), per group.
-    planned: list[int]
-    #: Tokens whose KV is computed once the latest scheduled step ran.
-    computed: int = 0
-    #: Slots/keys of the load in flight (None: no load in flight).
-    load_slots: list[int] | None = None
-    load_keys: list[bytes] = field(default_factory=list)
-    load_tokens: int = 0
-    #: Pending slots/keys of every store planned for the request, in chain order.
-    store_slots: list[int] = field(default_factory=list)
-    store_keys: list[bytes] = field(default_factory=list)
-    finished: bool = False
-
-
-def per_group(block_ids: BlockIds, n_groups: int, what: str) -> list[list[int]]:
-    """The engine's block ids as one list per group; an empty ``block_ids`` gives empty lists."""
-    if n_groups == 1 and len(block_ids) == 1:
-        return [list(block_ids[0])]
-    if not len(block_ids):
-        return [[] for _ in range(n_groups)]
-    if len(block_ids) != n_groups:
-        raise LayoutError(
-            f"cpu_offload: {what} has {len(block_ids)} KV-cache groups; the engine announced {n_groups}"
-        )
-    return [list(ids) for ids in block_ids]
-
-
-def known_kv_tokens(view: RequestView) -> int:
-    """Tokens whose KV can exist: the final sampled token is never fed back, so once there are
-    outputs the last token has no KV."""
-    n = len(view.all_token_ids) if view.all_token_ids is not None else len(view.prompt_token_ids)
-    return n - 1 if n > len(view.prompt_token_ids) else n
 
 
 class CpuOffloadScheduler(SchedulerConnector):
@@ -115,15 +64,12 @@ class CpuOffloadScheduler(SchedulerConnector):
         self._null = engine.null_block_id
         self._keys = KeyCache(config.hash_salt, self.block_size)
         self.index: SlotIndex | None = None
-        self._reqs: dict[str, _Req] = {}
-        self._lookups: dict[str, _Lookup] = {}
+        self._reqs: dict[str, ReqState] = {}
+        self._lookups: dict[str, Lookup] = {}
         self._loads: list[LoadJob] = []
         self._stores: list[StoreJob] = []
         self._closed: list[str] = []
-        self._counters = dict.fromkeys(
-            ("hits", "misses", "hit_tokens", "load_failures", "store_failures", "loaded_tokens",
-             "stored_tokens", "stored_blocks", "skipped_stores"), 0
-        )
+        self._counters = SchedulerCounters()
         self._worker: dict[str, Any] = {}
         #: KV cache events of this tier (only when the engine publishes them).
         self._events = TierEvents(MEDIUM_CPU, self.block_size) if engine.kv_events else None
@@ -198,12 +144,12 @@ class CpuOffloadScheduler(SchedulerConnector):
             keys = self._keys.keys(request, limit)
             slots = self.index.ready_prefix(keys, start, limit)
             end = start + len(slots)
-            lk = _Lookup(num_computed_tokens, start, end, slots, keys[start:end])
+            lk = Lookup(num_computed_tokens, start, end, slots, keys[start:end])
         else:
             end, entries = G.longest_hit(
                 self.index, lambda g, n: self._keys.group_keys(request, n, g), self.rules, start, limit, bs
             )
-            lk = _Lookup(num_computed_tokens, start, end, [e[2] for e in entries], [e[3] for e in entries],
+            lk = Lookup(num_computed_tokens, start, end, [e[2] for e in entries], [e[3] for e in entries],
                          [(e[0], e[1]) for e in entries])
         if end <= start:
             return 0, False
@@ -218,14 +164,14 @@ class CpuOffloadScheduler(SchedulerConnector):
         blocks = per_group(block_ids, self.n_groups, "update_state_after_alloc")
         st = self._reqs.get(rid)
         if st is None:
-            st = self._reqs[rid] = _Req(view=request, blocks=blocks, planned=[0] * self.n_groups)
+            st = self._reqs[rid] = ReqState(view=request, blocks=blocks, planned=[0] * self.n_groups)
         else:
             st.view, st.blocks = request, blocks
         lk = self._lookups.pop(rid, None)
         if num_external_tokens <= 0:
             if lk is not None and self.index is not None:
                 self.index.unpin(lk.slots)
-            self._counters["misses"] += 1
+            self._counters.misses += 1
             return
         if lk is None or self.index is None:
             self._fail_load(st, self._real(blocks, 0, len(blocks[0])),
@@ -233,7 +179,7 @@ class CpuOffloadScheduler(SchedulerConnector):
             return
         bs = self.block_size
         end = -(-(lk.num_computed + num_external_tokens) // bs)
-        take = self._entries_for(lk, end, blocks)
+        take = load_entries(lk, end, blocks, self.rules, bs, self._null)
         if take is None:
             self.index.unpin(lk.slots)
             self._fail_load(
@@ -253,39 +199,13 @@ class CpuOffloadScheduler(SchedulerConnector):
         st.load_tokens = (end - lk.start) * bs
         st.planned = [max(p, end) for p in st.planned]
         self._loads.append(LoadJob(request_id=rid, block_ids=block_list, slots=slots, keys=keys, groups=groups))
-        self._counters["hits"] += 1
-        self._counters["hit_tokens"] += num_external_tokens
-
-    def _entries_for(self, lk: _Lookup, end: int, blocks: list[list[int]]):
-        """What a load ending at block ``end`` copies: the indices into the lookup's pins, the
-        engine block of each and their groups (empty for one group); None when the pins do not
-        cover what the engine allocated (it took more tokens than offered, or fewer and a sliding
-        window then reaches blocks that were not pinned)."""
-        if end > lk.end or end <= lk.start or any(len(b) < end for b in blocks):
-            return None
-        if lk.where is None:
-            return list(range(end - lk.start)), blocks[0][lk.start : end], []
-        have = {w: j for j, w in enumerate(lk.where)}
-        js: list[int] = []
-        ids: list[int] = []
-        groups: list[int] = []
-        for g, rule in enumerate(self.rules):
-            for i in range(max(lk.start, rule.first_needed(end, self.block_size)), end):
-                b = blocks[g][i]
-                if b == self._null:
-                    continue  # the engine keeps nothing there
-                j = have.get((g, i))
-                if j is None:
-                    return None
-                js.append(j)
-                ids.append(b)
-                groups.append(g)
-        return js, ids, groups
+        self._counters.hits += 1
+        self._counters.hit_tokens += num_external_tokens
 
     def _real(self, blocks: list[list[int]], lo: int, hi: int) -> list[int]:
         return [b for ids in blocks for b in ids[lo:hi] if b != self._null]
 
-    def _fail_load(self, st: _Req, blocks: list[int], why: str) -> None:
+    def _fail_load(self, st: ReqState, blocks: list[int], why: str) -> None:
         logger.error("cpu_offload: request %s: %s; failing its load", st.view.request_id, why)
         st.load_slots, st.load_keys = [], []
         self._loads.append(
@@ -293,7 +213,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         )
 
     # -- stores ---------------------------------------------------------------------------------------
-    def _plan_store(self, st: _Req, blocks: list[list[int]], after_forward: bool, alive_tokens: int) -> None:
+    def _plan_store(self, st: ReqState, blocks: list[list[int]], after_forward: bool, alive_tokens: int) -> None:
         """Plan stores of the full, computed blocks not yet planned. ``alive_tokens``: the engine
         still holds every sliding-window block inside the window at that many computed tokens."""
         if self.index is None or not blocks:
@@ -315,7 +235,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         slots = self.index.reserve([t[3] for t in todo])
         st.planned = [max(p, n_full) for p in st.planned]
         if len(slots) < len(todo):
-            self._counters["skipped_stores"] += len(todo) - len(slots)
+            self._counters.skipped_stores += len(todo) - len(slots)
             for g, i, _, _ in todo[len(slots):]:
                 st.planned[g] = min(st.planned[g], i)
         if not slots:
@@ -399,7 +319,7 @@ class CpuOffloadScheduler(SchedulerConnector):
         return False, None
 
     # -- results --------------------------------------------------------------------------------------
-    def _end_load(self, st: _Req, failed: bool) -> None:
+    def _end_load(self, st: ReqState, failed: bool) -> None:
         slots, keys = st.load_slots or [], st.load_keys
         st.load_slots, st.load_keys = None, []
         if self.index is None:
@@ -407,9 +327,9 @@ class CpuOffloadScheduler(SchedulerConnector):
         self.index.unpin(slots)
         if failed:
             self.index.discard(slots, keys)
-            self._counters["load_failures"] += 1
+            self._counters.load_failures += 1
         else:
-            self._counters["loaded_tokens"] += st.load_tokens
+            self._counters.loaded_tokens += st.load_tokens
 
     def update_worker_output(self, results: TransferResults) -> None:
         failed_sending = results.failed_sending
@@ -426,11 +346,11 @@ class CpuOffloadScheduler(SchedulerConnector):
             if self.index is not None and st.store_slots:
                 if rid in failed_sending:
                     self.index.discard(st.store_slots, st.store_keys)
-                    self._counters["store_failures"] += 1
+                    self._counters.store_failures += 1
                 else:
                     self.index.commit(st.store_slots, st.store_keys)
-                    self._counters["stored_blocks"] += len(st.store_slots)
-                    self._counters["stored_tokens"] += len(st.store_slots) * self.block_size
+                    self._counters.stored_blocks += len(st.store_slots)
+                    self._counters.stored_tokens += len(st.store_slots) * self.block_size
             del self._reqs[rid]
         if results.stats:
             for k, v in results.stats.items():
@@ -438,7 +358,7 @@ class CpuOffloadScheduler(SchedulerConnector):
                     self._worker[k] = self._worker.get(k, 0) + v
 
     def get_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self._counters)
+        out: dict[str, Any] = self._counters.as_dict()
         idx = self.index
         out["evictions"] = idx.evictions if idx else 0
         out["num_slots"] = idx.num_slots if idx else 0

@@ -41,6 +41,7 @@ from kvconnect.backends.cpu_offload.copier import (
 )
 from kvconnect.backends.cpu_offload.messages import LoadJob, OffloadHandshake, OffloadStepMetadata, StoreJob
 from kvconnect.backends.cpu_offload.rows import block_shape
+from kvconnect.backends.cpu_offload.stats import LoadCheck, WorkerCounters
 from kvconnect.config import CpuOffloadConfig
 from kvconnect.errors import ConfigError, LayoutError
 from kvconnect.layout import KVLayout
@@ -76,7 +77,9 @@ class CpuOffloadWorker(WorkerConnector):
         self._closed: set[str] = set()
         self._store_failed: set[str] = set()
         self._out = TransferResults()
-        self._stats: dict[str, Any] = {}
+        self._counters = WorkerCounters()
+        #: The ``transfers`` section of the next report (:func:`kvconnect.telemetry.record_transfer`).
+        self._transfers: dict[str, Any] = {}
 
     # -- registration ---------------------------------------------------------------------------------
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
@@ -182,13 +185,13 @@ class CpuOffloadWorker(WorkerConnector):
             for s, k in zip(task.slots, task.keys):
                 if self._slot_keys[s] != k:
                     task.error = f"slot {s} no longer holds the expected block (evicted or overwritten)"
-                    task.failure_stat = "key_mismatches"
+                    task.failed_check = LoadCheck.KEY_MISMATCH
                     return
             if self.cfg.verify_checksums:
                 for s in task.slots:
                     if self._slot_sums[s] is None or slot_checksum(self.layers, s) != self._slot_sums[s]:
                         task.error = f"slot {s} failed its checksum"
-                        task.failure_stat = "checksum_failures"
+                        task.failed_check = LoadCheck.CHECKSUM
                         return
         else:
             for s in task.slots:
@@ -218,12 +221,12 @@ class CpuOffloadWorker(WorkerConnector):
     def _run_task(self, task: CopyTask) -> None:
         try:
             self._start_task(task)
-        except Exception as e:
+        except Exception:
             if task.kind == "store":
                 for s in task.slots:
                     if 0 <= s < self.num_slots:
                         self._slot_keys[s] = None
-            raise e
+            raise
         self._finish_task(task)
 
     # -- per step -------------------------------------------------------------------------------------
@@ -284,14 +287,10 @@ class CpuOffloadWorker(WorkerConnector):
         ok = task.error is None
         kind = task.kind
         if ok:
-            self._add(f"{kind}_bytes", task.nbytes)
-            self._add(f"{kind}_blocks", len(task.block_ids))
-            self._add(f"{kind}_seconds", task.seconds)
-            record_transfer(self._stats, kind, task.seconds, task.nbytes)
+            self._counters.add_copy(kind, task.nbytes, len(task.block_ids), task.seconds)
+            record_transfer(self._transfers, kind, task.seconds, task.nbytes)
         else:
-            self._add(f"{kind}_failures", 1)
-            if task.failure_stat:
-                self._add(task.failure_stat, 1)
+            self._counters.add_failure(kind, task.failed_check)
             logger.warning("cpu_offload: %s for request %s failed: %s", kind, task.request_id, task.error)
         if kind == "load":
             self._out.finished_recving.add(task.request_id)
@@ -305,9 +304,6 @@ class CpuOffloadWorker(WorkerConnector):
             lst[:] = [t for t in lst if t is not task]
             if not lst:
                 del self._inflight[task.request_id]
-
-    def _add(self, key: str, v: float) -> None:
-        self._stats[key] = self._stats.get(key, 0) + v
 
     def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:
         if self._deferred:  # a step without wait_for_save: its stores still have to run
@@ -323,8 +319,12 @@ class CpuOffloadWorker(WorkerConnector):
                 if rid in self._store_failed:
                     self._store_failed.discard(rid)
                     out.failed_sending.add(rid)
-        if self._stats:
-            out.stats, self._stats = self._stats, {}
+        stats: dict[str, Any] = self._counters.take()
+        if self._transfers:
+            stats.update(self._transfers)
+            self._transfers = {}
+        if stats:
+            out.stats = stats
         return out
 
     def shutdown(self) -> None:

@@ -1,0 +1,103 @@
+"""What the P/D progress thread hands the engine thread, behind one lock.
+
+The progress thread records each load's and lease's end here as it happens; the engine thread
+takes everything recorded so far once a step (:meth:`Outcomes.take`). A consumer request the
+engine aborted while its load was in flight is reported in ``finished_sending`` (its blocks are
+free to take back) rather than in ``finished_recving``, whichever thread learns of its end first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from kvconnect.api import TransferResults
+from kvconnect.telemetry import record_transfer
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._results = TransferResults()
+        self._stats: dict[str, Any] = {}
+        #: consumer requests the engine aborted while loading: their load, when it ends, is
+        #: reported in ``finished_sending``, never in ``finished_recving``
+        self._aborting: set[str] = set()
+
+    # -- engine thread --------------------------------------------------------------------------
+    def take(self) -> TransferResults:
+        with self._lock:
+            out, self._results = self._results, TransferResults()
+            if self._stats:
+                out.stats, self._stats = self._stats, {}
+        return out
+
+    def abort_loads(self, request_ids: Iterable[str]) -> None:
+        """At bind time (before this step's results are taken): a load that ended but was not yet
+        reported is turned into ``finished_sending`` at once; the others are noted, and reported
+        so when their transfer ended."""
+        with self._lock:
+            for rid in request_ids:
+                if rid in self._results.finished_recving:
+                    self._results.finished_recving.discard(rid)
+                    self._results.failed_recving.discard(rid)
+                    self._results.finished_sending.add(rid)
+                    self._add("loads_aborted", 1)
+                else:
+                    self._aborting.add(rid)
+
+    # -- progress thread ------------------------------------------------------------------------
+    def stat(self, key: str, value: float = 1) -> None:
+        with self._lock:
+            self._add(key, value)
+
+    def load_succeeded(self, rid: str, nbytes: int, ndescs: int, took: float) -> None:
+        with self._lock:
+            if not self._aborted(rid):
+                self._results.finished_recving.add(rid)
+            self._add("loads_done", 1)
+            self._add("bytes_received", nbytes)
+            self._add("descriptors", ndescs)
+            self._add("transfer_s", took)
+            record_transfer(self._stats, "load", took, nbytes)
+
+    def load_failed(self, rid: str, invalid: set[int]) -> None:
+        """The load's blocks are invalid (or, for a request the engine aborted meanwhile, free)."""
+        with self._lock:
+            if not self._aborted(rid):
+                self._results.finished_recving.add(rid)
+                self._results.failed_recving.add(rid)
+                self._results.invalid_block_ids |= invalid
+            self._add("loads_failed", 1)
+
+    def abort_without_load(self, rid: str) -> None:
+        """The abort of a request with no load in flight reached the progress thread: free it now
+        (unless that was done at bind time)."""
+        with self._lock:
+            if rid in self._aborting:
+                self._aborting.discard(rid)
+                self._results.finished_sending.add(rid)
+
+    def lease_ended(self, rid: str, *, expired: bool) -> None:
+        with self._lock:
+            self._results.finished_sending.add(rid)
+            self._add("leases_expired" if expired else "leases_done", 1)
+
+    def ended_loads(self) -> set[str]:
+        """Loads that ended and wait for the engine to take them (for tests and tools)."""
+        with self._lock:
+            return set(self._results.finished_recving)
+
+    # -- under the lock -------------------------------------------------------------------------
+    def _aborted(self, rid: str) -> bool:
+        """Report an aborted request's ended load as ``finished_sending``; False if not aborted."""
+        if rid not in self._aborting:
+            return False
+        self._aborting.discard(rid)
+        self._results.finished_sending.add(rid)
+        self._add("loads_aborted", 1)
+        return True
+
+    def _add(self, key: str, value: float) -> None:
+        self._stats[key] = self._stats.get(key, 0) + value
