@@ -311,3 +311,18 @@ def test_sglang_storage_metrics_report_pages_and_bandwidth_per_call(make):
     assert m.backup_pgs == [3] and m.prefetch_pgs == [3]
     assert m.backup_bandwidth[0] > 0 and m.prefetch_bandwidth[0] > 0
     assert st.get_stats().backup_pgs == []
+
+
+@pytest.mark.parametrize("module, cls", [("hicache_mooncake", "MooncakeHiCacheStorage"), ("hicache_cpu", "CpuHiCacheStorage")])
+def test_every_counter_a_storage_adds_is_declared(module, cls):
+    # An undeclared name raises inside the storage, where it would be counted as an error.
+    import ast
+    import importlib
+
+    mod = importlib.import_module(f"kvconnect.adapters.sglang.{module}")
+    tree = ast.parse(open(mod.__file__).read())
+    used = {kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "add"
+            and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "counters"
+            for kw in node.keywords}
+    assert used and used <= set(getattr(mod, cls).COUNTERS)

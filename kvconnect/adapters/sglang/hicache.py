@@ -71,9 +71,10 @@ class Counters:
         self._v: dict[str, float] = dict.fromkeys(names, 0)
 
     def add(self, **kv: float) -> None:
+        """Add to declared counters (a name not declared raises KeyError)."""
         with self._lock:
             for k, v in kv.items():
-                self._v[k] = self._v.get(k, 0) + v
+                self._v[k] += v
 
     def __getitem__(self, name: str) -> float:
         return self._v[name]
