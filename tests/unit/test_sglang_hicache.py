@@ -65,7 +65,9 @@ def test_real_argument_parser_accepts_the_dynamic_kvconnect_storage_backend():
 def test_sglang_factory_builds_kvconnect_storage_from_the_dynamic_config():
     pool = make_host_pool()
     st = _store(pool, slots=8)
-    assert isinstance(st, KVConnectHiCacheStorage) and isinstance(st, HS.HiCacheStorage)
+    from kvconnect.adapters.sglang.hicache_cpu import CpuHiCacheStorage
+
+    assert isinstance(st, CpuHiCacheStorage) and isinstance(st, HS.HiCacheStorage)
     assert st.num_slots == 8 and st.page_bytes == len(page_bytes(pool, 0))
 
 

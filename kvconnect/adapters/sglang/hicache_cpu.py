@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-from kvconnect.adapters.sglang.hicache import KVConnectHiCacheStorage
+from kvconnect.adapters.sglang.hicache_base import KVConnectHiCacheBase
 from kvconnect.backends.cpu_offload.index import SlotIndex
 from kvconnect.backends.cpu_offload.policies import make_policy
 from kvconnect.backends.cpu_offload.sizing import slot_count
@@ -43,7 +43,7 @@ def _copy_runs(segments: list[tuple[int, int, int]]) -> None:
             ctypes.memmove(dst, src, n)
 
 
-class CpuHiCacheStorage(KVConnectHiCacheStorage):
+class CpuHiCacheStorage(KVConnectHiCacheBase):
     COUNTERS = ("set_pages", "get_pages", "hits", "misses", "rejected")
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:

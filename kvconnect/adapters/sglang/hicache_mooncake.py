@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
-from kvconnect.adapters.sglang.hicache import KVConnectHiCacheStorage
+from kvconnect.adapters.sglang.hicache_base import KVConnectHiCacheBase
 from kvconnect.api import EngineInfo
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake import objects as ob
@@ -91,7 +91,7 @@ def header_key(page_hash: str) -> bytes:
     return hashlib.blake2b(page_hash.encode(), digest_size=8).digest()
 
 
-class MooncakeHiCacheStorage(KVConnectHiCacheStorage):
+class MooncakeHiCacheStorage(KVConnectHiCacheBase):
     COUNTERS = ("lookups", "lookup_pages", "hit_pages", "lookups_skipped", "lookup_timeouts",
                 "set_pages", "set_bytes", "objects_present", "put_failures", "sets_dropped",
                 "get_pages", "get_bytes", "objects_missing", "objects_corrupt", "get_failures",
