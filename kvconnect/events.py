@@ -38,9 +38,13 @@ from kvconnect.api import RequestView
 
 logger = logging.getLogger(__name__)
 
-#: Medium names, as vLLM spells them in its KV cache events.
+#: Medium names, as vLLM spells them in its KV cache events (``vllm.v1.kv_offload.base.Medium``).
 MEDIUM_CPU = "CPU"
 MEDIUM_STORAGE = "STORAGE"
+#: Locality of a tier's storage relative to the publishing instance, as vLLM spells it
+#: (``vllm.v1.kv_offload.base.Locality``); None: unspecified.
+LOCALITY_LOCAL = "LOCAL"
+LOCALITY_REMOTE = "REMOTE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,10 @@ class BlocksStored:
     first_block: int = 0
     #: KV-cache group of the blocks.
     group: int = 0
+    #: Where the tier's storage is relative to the instance (``LOCALITY_*``), and which tier it
+    #: is when one medium has several (vLLM's ``ownership``: a secondary tier's name).
+    locality: str | None = None
+    ownership: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,8 @@ class BlocksRemoved:
     medium: str
     block_hashes: tuple[Any, ...]
     group: int = 0
+    locality: str | None = None
+    ownership: str | None = None
 
 
 TierEvent = BlocksStored | BlocksRemoved
@@ -88,13 +98,20 @@ class _Planned:
 class TierEvents:
     """Engine hashes of what one tier holds, and the events not yet taken. O(blocks named) per call."""
 
-    def __init__(self, medium: str, block_size: int) -> None:
+    def __init__(self, medium: str, block_size: int, locality: str | None = None,
+                 ownership: str | None = None) -> None:
         self.medium = medium
         self.block_size = block_size
+        self.locality = locality
+        self.ownership = ownership
         self._planned: dict[bytes, _Planned] = {}
         #: key -> (engine hash, group) of every block published as stored and not yet removed.
         self._held: dict[bytes, tuple[Any, int]] = {}
         self._out: list[TierEvent] = []
+
+    def holds(self, key: bytes) -> bool:
+        """Whether ``key`` was published as stored and not since removed."""
+        return key in self._held
 
     def planned(self, request: RequestView, block_indices: Sequence[int], keys: Sequence[bytes],
                 group: int = 0) -> None:
@@ -134,6 +151,7 @@ class TierEvents:
             medium=self.medium, block_hashes=tuple(p.hash for p in run), parent_block_hash=first.parent,
             token_ids=tuple(t for p in run for t in p.tokens), block_size=self.block_size,
             request=first.request, first_block=first.index, group=first.group,
+            locality=self.locality, ownership=self.ownership,
         ))
 
     def dropped(self, keys: Sequence[bytes]) -> None:
@@ -156,7 +174,7 @@ class TierEvents:
         for h, g in gone:
             by_group.setdefault(g, []).append(h)
         for g, hashes in by_group.items():
-            self._out.append(BlocksRemoved(self.medium, tuple(hashes), g))
+            self._out.append(BlocksRemoved(self.medium, tuple(hashes), g, self.locality, self.ownership))
 
     def take(self) -> list[TierEvent]:
         out, self._out = self._out, []

@@ -69,12 +69,16 @@ def to_vllm_events(events: Iterable[Any]) -> list[KVCacheEvent]:
                 lora_name=lora.name if lora else None,
                 extra_keys=_extra_keys(req, e.first_block, len(e.block_hashes), e.block_size),
                 group_idx=e.group,
+                locality=e.locality,
+                ownership=e.ownership,
             ))
         elif isinstance(e, BlocksRemoved):
             out.append(BlockRemoved(
                 block_hashes=[conv(h) for h in e.block_hashes],
                 medium=e.medium,
                 group_idx=e.group,
+                locality=e.locality,
+                ownership=e.ownership,
             ))
         else:
             logger.warning("kvconnect: unknown tier event %s dropped", type(e).__name__)

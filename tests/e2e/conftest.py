@@ -36,6 +36,9 @@ SWEEP: tuple[SweepConfig, ...] = (
     SweepConfig("gqa-mooncake-store-killed", "gqa", "mooncake, policy recompute", "32",
                 "holder then master killed mid-run: both instances == single, no hang; restarted store hit again"),
     SweepConfig("mla-pull-router", "mla", "P/D pull", "P16->D16", "== vLLM NixlConnector MLA P/D"),
+    SweepConfig("hybrid-mooncake-cross-instance", "hybrid", "mooncake shared tier, two instances, KV events",
+                "32", "3 KV-cache groups: A stores (window blocks only), fresh B hits from the store; == single; "
+                "A's STORAGE BlockStored hashes == device"),
     SweepConfig("hybrid-pull-router", "hybrid", "P/D pull", "P32->D32",
                 "3 KV-cache groups (2 sliding + full), decode [nixl, cpu_offload]; == single"),
     SweepConfig("hybrid-pull+offload-decode", "hybrid", "P/D pull + cpu_offload (decode)", "P32->D32",

@@ -99,9 +99,10 @@ class Instance:
 
 
 def make_instance(cfg: MooncakeConfig, layers: int = 2, model_name: str = "m", tp_rank: int = 0,
-                  engine_id: str = "e", store_factory=FakeMooncakeDistributedStore) -> Instance:
+                  engine_id: str = "e", store_factory=FakeMooncakeDistributedStore,
+                  kv_events: bool = False) -> Instance:
     eng = EngineInfo(engine_id, block_sizes=(BS,), model_signature={"arch": "tiny"},
-                     model_name=model_name, tp_rank=tp_rank)
+                     model_name=model_name, tp_rank=tp_rank, kv_events=kv_events)
     kv = [torch.zeros(NUM_BLOCKS, 2, BS, 16) for _ in range(layers)]
     w = MooncakeWorker(cfg, eng, store_factory=store_factory)
     w.register_kv_caches({f"l{i}": (t, KVLayout.of_tensor(t, VLLM_CPU_DIMS)) for i, t in enumerate(kv)})

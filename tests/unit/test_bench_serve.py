@@ -240,7 +240,10 @@ def test_load_driver_times_first_token_and_gaps_and_hangs_up():
     s, gone = rep.results["s"], rep.results["gone"]
     assert s.token_ids == [10, 11, 12, 13] and s.error is None
     assert 0.14 <= s.ttft_s < s.latency_s
-    assert len(s.itl_s) == 3 and all(0.03 <= g < 0.5 for g in s.itl_s)
+    # Lower bounds hold on a loaded machine too: the server sends the last token 0.3 s in, so the
+    # client cannot see it sooner, however its reads bunch the tokens together.
+    assert len(s.itl_s) == 3 and all(0 <= g < 2 for g in s.itl_s)
+    assert 0.29 <= s.ttft_s + sum(s.itl_s) <= s.latency_s
     assert gone.aborted and gone.token_ids is None and gone.ttft_s is None and gone.itl_s == []
 
 

@@ -157,3 +157,21 @@ def test_a_composition_names_the_source_of_the_child_that_owns_the_load():
     m.update_state_after_alloc(view, [[1, 2, 3]], 32)
     assert m.hit_source_of("r") == "host"
     assert m.hit_source_of("other") is None
+
+
+def test_a_remote_storage_tiers_locality_and_ownership_reach_vllms_events(env):
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+    from kvconnect.adapters.vllm_events import to_vllm_events
+    from kvconnect.events import LOCALITY_REMOTE, MEDIUM_STORAGE
+
+    req = _request(env, "r7", 2 * BS)
+    toks = tuple(req.all_token_ids[: 2 * BS])
+    stored, gone = to_vllm_events([
+        BlocksStored(MEDIUM_STORAGE, tuple(req.block_hashes), None, toks, BS, locality=LOCALITY_REMOTE,
+                     ownership="mooncake"),
+        BlocksRemoved(MEDIUM_STORAGE, tuple(req.block_hashes[:1]), 0, LOCALITY_REMOTE, "mooncake"),
+    ])
+    assert isinstance(stored, BlockStored) and isinstance(gone, BlockRemoved)
+    for e in (stored, gone):
+        assert (e.medium, e.locality, e.ownership) == ("STORAGE", "REMOTE", "mooncake")

@@ -48,7 +48,7 @@ class ReqState:
     finished: bool = False
 
 
-def per_group(block_ids: BlockIds, n_groups: int, what: str) -> list[list[int]]:
+def per_group(block_ids: BlockIds, n_groups: int, what: str, who: str = "cpu_offload") -> list[list[int]]:
     """The engine's block ids as one list per group; an empty ``block_ids`` gives empty lists."""
     if n_groups == 1 and len(block_ids) == 1:
         return [list(block_ids[0])]
@@ -56,7 +56,7 @@ def per_group(block_ids: BlockIds, n_groups: int, what: str) -> list[list[int]]:
         return [[] for _ in range(n_groups)]
     if len(block_ids) != n_groups:
         raise LayoutError(
-            f"cpu_offload: {what} has {len(block_ids)} KV-cache groups; the engine announced {n_groups}"
+            f"{who}: {what} has {len(block_ids)} KV-cache groups; the engine announced {n_groups}"
         )
     return [list(ids) for ids in block_ids]
 

@@ -1,6 +1,7 @@
 """Object keys of the shared tier.
 
-One object holds one engine block of one TP rank (every layer of it). Its key is::
+One object holds one engine block of one TP rank (every layer of it; on a hybrid model, every
+layer of one KV-cache group). Its key is::
 
     kvc1/<namespace>/<layout>/<tp_size>.<rank>/<block key>
 
@@ -15,8 +16,9 @@ One object holds one engine block of one TP rank (every layer of it). Its key is
 * ``<tp_size>.<rank>``: the rank's share of the KV heads.
 * ``block key``: the chained prefix hash of the block (:mod:`kvconnect.backends.cpu_offload.hashing`,
   shared with the host tier), folded with the namespace, the request's cache salt and the block
-  size; when the engine supplies its own block hashes (vLLM), they carry LoRA adapters and
-  multimodal inputs too. vLLM's hashes are the same on every instance with its default
+  size, and with the KV-cache group for groups other than 0 (``cpu_offload.groups.group_key``);
+  when the engine supplies its own block hashes (vLLM), they carry LoRA adapters and multimodal
+  inputs too. vLLM's hashes are the same on every instance with its default
   (sha256) prefix-caching hash; with a non-cryptographic one, give every instance the same
   ``PYTHONHASHSEED`` or instances will not share (they stay correct).
 """

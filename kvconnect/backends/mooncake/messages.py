@@ -16,6 +16,8 @@ class StoreLoad(_Wire, frozen=True):
     request_id: str
     block_ids: list[int]
     keys: list[bytes]
+    #: KV-cache group of each block (hybrid models); empty: every block is in group 0.
+    groups: list[int] = msgspec.field(default_factory=list)
     #: Set when the scheduler cannot serve the load the engine accepted: the worker fails it at
     #: once (a failed receive covering ``block_ids``).
     error: str | None = None
@@ -27,6 +29,8 @@ class StoreSave(_Wire, frozen=True):
     request_id: str
     block_ids: list[int]
     keys: list[bytes]
+    #: KV-cache group of each block (hybrid models); empty: every block is in group 0.
+    groups: list[int] = msgspec.field(default_factory=list)
 
 
 class MooncakeStepMetadata(_Wire, frozen=True):

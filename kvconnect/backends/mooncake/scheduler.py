@@ -18,7 +18,27 @@ never waits on it:
   were not just loaded from the store (the worker skips those the store already holds) and defers
   freeing the blocks (``delay_free=True``) until the workers report the request's jobs returned.
 
-Hybrid models (several KV-cache groups) are not supported, as in the host tier.
+Hybrid models (several KV-cache groups: sliding-window and full attention) are served as in the
+host tier: one object per (group, block), and a hit is the longest prefix every group can use
+(:mod:`groups`). Models with other kinds of groups (Mamba) are refused at construction
+(:class:`~kvconnect.errors.UnsupportedModelError`, which the MultiConnector's
+``unsupported_model`` rule reads).
+
+KV cache events (when the engine publishes them; :mod:`kvconnect.events`), with medium
+``"STORAGE"``, locality ``"REMOTE"`` and ownership ``"mooncake"`` (vLLM's names for an
+offloading tier on storage that is not the instance's own):
+
+* ``BlockStored`` when a store this instance planned ended with every object of the request in
+  the store (put by it, or found there already);
+* ``BlockRemoved`` for a block this instance published when it learns the object is gone: a
+  lookup found it missing, or a load of it failed (the object was missing, failed verification
+  and was removed, or did not arrive in time); and for everything it published when the store
+  becomes unreachable (nothing it holds can be loaded then; a restarted master holds nothing).
+
+A shared tier cannot know more: objects other instances store, and objects the store evicts, are
+not seen by this instance until one of its own lookups or loads meets them. Its events say what
+this instance stored and has not seen go; a router that needs the store's whole content must
+ask the store.
 """
 
 from __future__ import annotations
@@ -32,13 +52,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvconnect.api import BlockIds, EngineInfo, RequestView, SchedulerConnector, StepView, TransferResults
+from kvconnect.backends.cpu_offload import groups as G
 from kvconnect.backends.cpu_offload.hashing import KeyCache
-from kvconnect.backends.cpu_offload.scheduler import known_kv_tokens
+from kvconnect.backends.cpu_offload.plan import known_kv_tokens, per_group
+from kvconnect.backends.mooncake import groups as H
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata, StoreLoad, StoreSave
 from kvconnect.backends.mooncake.store import RPC_FAIL, SharedStore, release_store, shared_store
 from kvconnect.config import MooncakeConfig, validate_mooncake
-from kvconnect.errors import ConfigError, LayoutError
+from kvconnect.errors import ConfigError
+from kvconnect.events import LOCALITY_REMOTE, MEDIUM_STORAGE, TierEvents
 from kvconnect.metadata import as_struct
 
 logger = logging.getLogger(__name__)
@@ -56,6 +79,13 @@ class _Lookup:
     limit: int
     keys: list[bytes]
     t0: float
+    #: Hybrid models: each group's keys of blocks ``0 .. limit-1`` (``keys`` is then every
+    #: group's keys of blocks ``start .. limit-1``, group after group).
+    gkeys: list[list[bytes]] | None = None
+    #: Hybrid models: keys whose objects exist on every rank.
+    present: set[bytes] | None = None
+    #: Keys the query found missing on some rank (only when events are published).
+    missing: list[bytes] | None = None
     #: Blocks found from ``start`` on; None while the query is in flight.
     found: int | None = None
 
@@ -63,21 +93,14 @@ class _Lookup:
 @dataclass(slots=True)
 class _Req:
     view: RequestView
-    blocks: list[int]
+    #: The request's block ids, per KV-cache group.
+    blocks: list[list[int]]
     computed: int = 0
     #: Block range just loaded from the store (known to be there).
     loaded: tuple[int, int] = (0, 0)
     load_blocks: tuple[int, ...] = ()
+    load_keys: tuple[bytes, ...] = ()
     had_load: bool = False
-
-
-def single_group(block_ids: BlockIds, what: str) -> list[int]:
-    if len(block_ids) > 1:
-        raise LayoutError(
-            f"mooncake: {what} has {len(block_ids)} KV-cache groups; this backend supports one "
-            "group only (supports_hybrid=False)"
-        )
-    return list(block_ids[0]) if len(block_ids) else []
 
 
 def longest_present(flags: list[int], n_blocks: int, n_ranks: int) -> int:
@@ -89,7 +112,7 @@ def longest_present(flags: list[int], n_blocks: int, n_ranks: int) -> int:
 
 
 class MooncakeScheduler(SchedulerConnector):
-    supports_hybrid = False
+    supports_hybrid = True
     empty_step_metadata = _EMPTY
 
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
@@ -98,6 +121,10 @@ class MooncakeScheduler(SchedulerConnector):
         self.cfg = config
         self.engine = engine
         self.block_size = engine.block_size
+        self.rules = G.rules_of(engine, "mooncake")
+        self.n_groups = len(self.rules)
+        self._simple = self.n_groups == 1 and self.rules[0].kind == G.FULL
+        self._null = engine.null_block_id
         self._ns = ks.namespace(config, engine)
         self._keys = KeyCache(self._ns, self.block_size)
         self._shared: SharedStore = shared_store(config, store_factory)
@@ -113,6 +140,12 @@ class MooncakeScheduler(SchedulerConnector):
              "loads_planned", "saves_planned", "saves_skipped", "save_blocks_planned",
              "loads_invalid"), 0)
         self._worker: dict[str, float] = {}
+        #: KV cache events of this tier (only when the engine publishes them).
+        self._events = (TierEvents(MEDIUM_STORAGE, self.block_size, LOCALITY_REMOTE, "mooncake")
+                        if engine.kv_events else None)
+        self._was_usable = True
+        #: Keys of each finished request's store, published as stored when it completes.
+        self._done_saves: dict[str, list[bytes]] = {}
         self._q: queue.Queue[tuple[_Lookup, list[str]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._lookup_loop, name="kvc-mooncake-lookup", daemon=True)
         self._thread.start()
@@ -145,8 +178,20 @@ class MooncakeScheduler(SchedulerConnector):
                 flags = [RPC_FAIL] * len(names)
             if flags and all(f == RPC_FAIL for f in flags):
                 health.failed("batch_is_exist could not reach the master")
-            n = len(lk.keys)
-            lk.found = longest_present(flags, n, len(names) // n if n else 1) if n else 0
+            lk.found = self._answer(lk, flags)
+
+    def _answer(self, lk: _Lookup, flags: list[int]) -> int:
+        """Blocks of the hit from ``lk.start`` on, from the flags of ``lk.keys`` on every rank."""
+        n = len(lk.keys)
+        if not n or len(flags) % n:
+            return 0
+        ranks = len(flags) // n
+        if self._events is not None:
+            lk.missing = [k for j, k in enumerate(lk.keys) if any(flags[r * n + j] == 0 for r in range(ranks))]
+        if lk.gkeys is None:
+            return longest_present(flags, n, ranks)
+        lk.present = {k for j, k in enumerate(lk.keys) if all(flags[r * n + j] == 1 for r in range(ranks))}
+        return H.longest_hit(self.rules, lk.gkeys, lk.present, lk.start, lk.limit, self.block_size)
 
     def get_num_new_matched_tokens(
         self, request: RequestView, num_computed_tokens: int
@@ -173,14 +218,25 @@ class MooncakeScheduler(SchedulerConnector):
                     return None, False
                 self._counters["lookup_timeouts"] += 1
                 lk.found = found = 0
+            if lk.missing:
+                assert self._events is not None
+                self._events.dropped(lk.missing)
+                lk.missing = None
             return ((start + found) * bs - num_computed_tokens, True) if found else (0, False)
         if not self._shared.health.usable():
             self._counters["lookups_skipped"] += 1
             return 0, False
-        keys = self._keys.keys(request, limit)[start:limit]
+        if self._simple:
+            keys = self._keys.keys(request, limit)[start:limit]
+            gkeys = None
+            limit = start + len(keys)
+        else:
+            gkeys = [list(self._keys.group_keys(request, limit, g)) for g in range(self.n_groups)]
+            limit = min(limit, min(map(len, gkeys)))
+            keys = [k for gk in gkeys for k in gk[start:limit]]
         if not keys:
             return 0, False
-        lk = _Lookup(num_computed_tokens, start, start + len(keys), keys, time.monotonic())
+        lk = _Lookup(num_computed_tokens, start, limit, keys, time.monotonic(), gkeys)
         self._lookups[rid] = lk
         if len(self._lookups) > MAX_LOOKUPS:
             self._lookups.pop(next(iter(self._lookups)))
@@ -192,7 +248,7 @@ class MooncakeScheduler(SchedulerConnector):
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
     ) -> None:
         rid = request.request_id
-        blocks = single_group(block_ids, "update_state_after_alloc")
+        blocks = per_group(block_ids, self.n_groups, "update_state_after_alloc", "mooncake")
         st = self._reqs.get(rid)
         if st is None:
             st = self._reqs[rid] = _Req(view=request, blocks=blocks)
@@ -203,20 +259,34 @@ class MooncakeScheduler(SchedulerConnector):
             return
         bs = self.block_size
         if lk is None or not lk.found:
-            self._fail_load(rid, blocks, f"engine accepted {num_external_tokens} tokens but no hit is known")
+            self._fail_load(rid, self._real(blocks, 0, max(map(len, blocks), default=0)),
+                            f"engine accepted {num_external_tokens} tokens but no hit is known")
             return
-        n_load = -(-(lk.num_computed + num_external_tokens) // bs) - lk.start
-        if n_load > lk.found or lk.start + n_load > len(blocks):
-            self._fail_load(rid, blocks[lk.start : lk.start + n_load],
+        end = -(-(lk.num_computed + num_external_tokens) // bs)
+        n_load = end - lk.start
+        got: tuple[list[int], list[bytes], list[int]] | None = None
+        if n_load <= lk.found:
+            if lk.gkeys is None:
+                if end <= len(blocks[0]):
+                    got = blocks[0][lk.start : end], lk.keys[:n_load], []
+            else:
+                assert lk.present is not None
+                got = H.load_entries(self.rules, lk.gkeys, lk.present, blocks, lk.start, end, bs, self._null)
+        if got is None:
+            self._fail_load(rid, self._real(blocks, lk.start, end),
                             f"engine accepted {num_external_tokens} tokens; {lk.found} blocks were found "
-                            f"and {len(blocks) - lk.start} allocated")
+                            f"and {min(map(len, blocks)) - lk.start} allocated")
             return
-        ids = blocks[lk.start : lk.start + n_load]
-        st.loaded, st.load_blocks, st.had_load = (lk.start, lk.start + n_load), tuple(ids), True
-        self._loads.append(StoreLoad(request_id=rid, block_ids=ids, keys=lk.keys[:n_load]))
+        ids, keys, groups = got
+        st.loaded, st.load_blocks, st.had_load = (lk.start, end), tuple(ids), True
+        st.load_keys = tuple(keys)
+        self._loads.append(StoreLoad(request_id=rid, block_ids=ids, keys=keys, groups=groups))
         self._counters["loads_planned"] += 1
         self._counters["lookup_hits"] += 1
         self._counters["hit_tokens"] += num_external_tokens
+
+    def _real(self, blocks: list[list[int]], lo: int, hi: int) -> list[int]:
+        return [b for ids in blocks for b in ids[lo:hi] if b != self._null]
 
     def _fail_load(self, rid: str, blocks: list[int], why: str) -> None:
         logger.error("mooncake: request %s: %s; failing its load", rid, why)
@@ -231,16 +301,19 @@ class MooncakeScheduler(SchedulerConnector):
             st = self._reqs.get(sr.request_id)
             if st is None:
                 continue
-            new = single_group(sr.new_block_ids, "a scheduled request")
-            if sr.is_new:
-                st.blocks = list(new)
-            else:
-                st.blocks.extend(new)
+            ids = sr.new_block_ids  # () when the engine added no block (most steps)
+            if ids or sr.is_new:
+                new = per_group(ids, self.n_groups, "a scheduled request", "mooncake")
+                if sr.is_new:
+                    st.blocks = new
+                else:
+                    for have, more in zip(st.blocks, new):
+                        have.extend(more)
             st.computed = sr.num_computed_tokens + sr.num_scheduled_tokens
         for rid in step.preempted_request_ids:
             st = self._reqs.get(rid)
             if st is not None:
-                st.blocks, st.computed, st.loaded = [], 0, (0, 0)
+                st.blocks, st.computed, st.loaded = [[] for _ in range(self.n_groups)], 0, (0, 0)
         if not (self._loads or self._saves or self._closed):
             return _EMPTY
         meta = MooncakeStepMetadata(loads=self._loads, saves=self._saves, closed=self._closed)
@@ -257,45 +330,102 @@ class MooncakeScheduler(SchedulerConnector):
             self._keys.forget(rid)
             return False, None
         st.view = request
-        blocks = single_group(block_ids, "request_finished") or st.blocks
-        n_full = min(min(st.computed, known_kv_tokens(request)) // self.block_size, len(blocks))
+        blocks = per_group(block_ids, self.n_groups, "request_finished", "mooncake")
+        if not any(blocks):
+            blocks = st.blocks
+        n_full = min(min(st.computed, known_kv_tokens(request)) // self.block_size, min(map(len, blocks)))
         saved = False
         if n_full > 0 and self._prefixes is not None:
             if not self._shared.health.usable():
                 self._counters["saves_skipped"] += 1
             else:
-                keys = self._keys.keys(request, n_full)
-                lo, hi = st.loaded
-                todo = [i for i in range(min(n_full, len(keys))) if not lo <= i < hi]
-                if todo:
-                    self._saves.append(StoreSave(request_id=rid, block_ids=[blocks[i] for i in todo],
-                                                 keys=[keys[i] for i in todo]))
-                    self._counters["saves_planned"] += 1
-                    self._counters["save_blocks_planned"] += len(todo)
-                    saved = True
+                saved = self._plan_save(st, blocks, n_full)
         self._keys.forget(rid)
         if saved or st.had_load:
             self._closed.append(rid)
             return True, None
         return False, None
 
+    def _plan_save(self, st: _Req, blocks: list[list[int]], n_full: int) -> bool:
+        """One :class:`StoreSave` of the request's full blocks not just loaded; False when none."""
+        view = st.view
+        if self._simple:
+            keys = self._keys.keys(view, n_full)
+            lo, hi = st.loaded
+            todo = [(0, i, blocks[0][i], keys[i]) for i in range(min(n_full, len(keys))) if not lo <= i < hi]
+        else:
+            # Sliding-window blocks before the window at the computed count may be gone (and reused).
+            todo = H.save_entries(self.rules, lambda g, n: self._keys.group_keys(view, n, g), blocks,
+                                  n_full, st.loaded, st.computed, self.block_size, self._null)
+        if not todo:
+            return False
+        keys = [t[3] for t in todo]
+        self._saves.append(StoreSave(request_id=view.request_id, block_ids=[t[2] for t in todo], keys=keys,
+                                     groups=[t[0] for t in todo] if not self._simple else []))
+        self._counters["saves_planned"] += 1
+        self._counters["save_blocks_planned"] += len(todo)
+        if self._events is not None:
+            ev = self._events
+            new = [t for t in todo if not ev.holds(t[3])]  # published already: not again
+            for g in range(self.n_groups):
+                part = [t for t in new if t[0] == g]
+                if part:
+                    ev.planned(view, [t[1] for t in part], [t[3] for t in part], group=g)
+            if new:
+                self._done_saves[view.request_id] = [t[3] for t in new]
+        return True
+
     # -- results ----------------------------------------------------------------------------------
     def update_worker_output(self, results: TransferResults) -> None:
-        if results.invalid_block_ids:
+        if results.invalid_block_ids or results.failed_recving:
             for rid in results.finished_recving:
                 st = self._reqs.get(rid)
                 if st is None or not st.load_blocks:
                     continue
-                bad = [i for i, b in enumerate(st.load_blocks) if b in results.invalid_block_ids]
-                if bad:
-                    # The tail from the first bad block is recomputed: store it again at finish.
-                    lo, _ = st.loaded
-                    st.loaded = (lo, lo + bad[0])
-                    self._counters["loads_invalid"] += 1
+                if rid in results.failed_recving:
+                    first_bad = 0  # the whole load is recomputed (hybrid models)
+                else:
+                    bad = [i for i, b in enumerate(st.load_blocks) if b in results.invalid_block_ids]
+                    if not bad:
+                        continue
+                    first_bad = bad[0]
+                # The tail from the first bad block is recomputed: store it again at finish.
+                lo, _ = st.loaded
+                st.loaded = (lo, lo + first_bad if self._simple else lo)
+                self._counters["loads_invalid"] += 1
+                if self._events is not None and self._simple and first_bad < len(st.load_keys):
+                    # Its first bad object is gone (missing, or removed when it failed
+                    # verification) or did not arrive in time; the store at finish republishes it
+                    # if it is still there. (A hybrid load fails whole: which object failed is
+                    # not known here; the next lookup finds it.)
+                    self._events.dropped([st.load_keys[first_bad]])
+        if self._events is not None and results.finished_sending:
+            self._saves_done(results)
         if results.stats:
             for k, v in results.stats.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._worker[k] = self._worker.get(k, 0) + v
+
+    def _saves_done(self, results: TransferResults) -> None:
+        assert self._events is not None
+        for rid in results.finished_sending:
+            keys = self._done_saves.pop(rid, None)
+            if keys is None:
+                continue
+            if rid in results.failed_sending:
+                self._events.dropped(keys)  # planned, never published: nothing to withdraw
+            else:
+                self._events.ready(keys)
+
+    def take_events(self) -> list[Any]:
+        ev = self._events
+        if ev is None:
+            return []
+        usable = self._shared.health.usable()
+        if self._was_usable and not usable:
+            ev.cleared()
+        self._was_usable = usable
+        return ev.take()
 
     def get_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._counters)

@@ -12,6 +12,11 @@ Reporting, per request:
   write never lands in blocks the engine gave to someone else;
 * ``finished_sending`` once the request is closed and every job issued for it has returned;
   ``failed_sending`` too when a store of it failed.
+
+Hybrid models (several KV-cache groups): one object holds one block of one group
+(:class:`~kvconnect.backends.mooncake.groups.GroupedBlocks`), and a load that ends early fails
+the whole request (``failed_recving`` as well): vLLM maps block-level failures back to requests
+only for one group, and recomputes a failed request from its start.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
+from kvconnect.backends.cpu_offload import groups as G
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake import objects as ob
+from kvconnect.backends.mooncake.groups import GroupedBlocks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata
 from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
 from kvconnect.backends.mooncake.transfer import Job, Lane, StoreIO, merged_ranges, run_job
@@ -37,16 +45,25 @@ from kvconnect.metadata import decode
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
+class _Job(Job):
+    #: The engine's block ids (``block_ids`` are the I/O's numbers of them: with several
+    #: KV-cache groups, :meth:`GroupedBlocks.number`).
+    engine_ids: list[int] = field(default_factory=list)
+
+
 class MooncakeWorker(WorkerConnector):
-    supports_hybrid = False
+    supports_hybrid = True
 
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
                  store_factory: Callable[[], Any] | None = None) -> None:
         validate_mooncake(config)
         self.cfg = config
         self.engine = engine
+        self.rules = G.rules_of(engine, "mooncake")
         self._shared: SharedStore = shared_store(config, store_factory)
         self.io: StoreIO | None = None
+        self._grouped: GroupedBlocks | None = None
         self.layout = b""
         self._lanes: dict[str, Lane] = {}
         self._meta: MooncakeStepMetadata | None = None
@@ -60,15 +77,20 @@ class MooncakeWorker(WorkerConnector):
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
         if not caches:
             raise LayoutError("mooncake: register_kv_caches got no layers")
-        if len({lay.group for _, lay in caches.values()}) > 1:
-            raise LayoutError("mooncake: layers span several KV-cache groups; this backend supports "
-                              "one group only (supports_hybrid=False)")
-        runs = []
+        n_groups = len(self.rules)
+        runs: list[list[ob.LayerRuns]] = [[] for _ in range(n_groups)]
         for name, (t, lay) in caches.items():
             if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
                 raise LayoutError(f"mooncake: layer {name}: tensor {tuple(t.shape)} does not match its layout")
-            runs.append(ob.layer_runs(t, lay))
-        blocks = ob.BlockObjects(runs)
+            if not 0 <= lay.group < n_groups:
+                raise LayoutError(f"mooncake: layer {name} is in KV-cache group {lay.group}; the engine has {n_groups}")
+            runs[lay.group].append(ob.layer_runs(t, lay))
+        if any(not r for r in runs):
+            raise LayoutError(f"mooncake: KV-cache groups {[g for g, r in enumerate(runs) if not r]} have no layers")
+        if n_groups == 1:
+            blocks: ob.BlockObjects | GroupedBlocks = ob.BlockObjects(runs[0])
+        else:
+            blocks = self._grouped = GroupedBlocks([ob.BlockObjects(r) for r in runs])
         for ptr, size in merged_ranges([(t.data_ptr(), lay.span_bytes) for t, lay in caches.values()]):
             self._shared.register(ptr, size)
         self.layout = ks.layout_digest(ob.layout_parts(caches))
@@ -99,9 +121,12 @@ class MooncakeWorker(WorkerConnector):
         self._meta = None
 
     def _submit(self, kind: str, request_id: str, block_ids: list[int], keys: list[bytes],
-                error: str | None = None) -> None:
+                error: str | None = None, groups: list[int] | None = None) -> None:
         timeout = self.cfg.load_timeout_s if kind == "load" else self.cfg.store_timeout_s
-        job = Job(kind, request_id, list(block_ids), list(keys), time.monotonic() + timeout)
+        job = _Job(kind, request_id, list(block_ids), list(keys), time.monotonic() + timeout,
+                   engine_ids=list(block_ids))
+        if error is None and groups:
+            error = self._number(job, groups)
         if error is None and self.io is None:
             error = "KV caches were never registered"
         if error is None and kind == "save" and not self._shared.health.usable():
@@ -111,7 +136,7 @@ class MooncakeWorker(WorkerConnector):
             error = "block and key lists differ in length"
         if error is None and self.io is not None:
             nb = self.io.blocks.num_blocks
-            if any(not 0 <= b < nb for b in block_ids):
+            if any(not 0 <= b < nb for b in job.block_ids):
                 error = f"block id outside [0, {nb})"
         if error is not None:
             job.error, job.done = error, True
@@ -120,22 +145,37 @@ class MooncakeWorker(WorkerConnector):
         self._inflight.setdefault(request_id, []).append(job)
         self._lanes[kind].submit(job)
 
+    def _number(self, job: _Job, groups: list[int]) -> str | None:
+        """Turns ``job.block_ids`` (engine ids of ``groups``) into the I/O's numbers; why not."""
+        gb = self._grouped
+        if gb is None:
+            return None if not any(groups) else "KV-cache groups named for a one-group model"
+        if len(groups) != len(job.block_ids):
+            return "block and group lists differ in length"
+        nb = gb.blocks_per_group
+        if any(not 0 <= g < len(gb.groups) for g in groups) or any(not 0 <= b < nb for b in job.block_ids):
+            return f"a block id outside [0, {nb}) or a group outside [0, {len(gb.groups)})"
+        job.block_ids = [gb.number(b, g) for b, g in zip(job.block_ids, groups)]
+        return None
+
     def start_load_kv(self) -> None:
         meta = self._meta
         if meta is None:
             return
         for ld in meta.loads:
-            self._submit("load", ld.request_id, ld.block_ids, ld.keys, ld.error)
+            self._submit("load", ld.request_id, ld.block_ids, ld.keys, ld.error, ld.groups)
         for sv in meta.saves:
-            self._submit("save", sv.request_id, sv.block_ids, sv.keys)
+            self._submit("save", sv.request_id, sv.block_ids, sv.keys, None, sv.groups)
 
     # -- results ----------------------------------------------------------------------------------
     def _report_load(self, job: Job) -> None:
         job.reported = True
         self._out.finished_recving.add(job.request_id)
         if job.error is not None:
-            bad = job.block_ids[job.good :]
+            bad = job.engine_ids[job.good :] if isinstance(job, _Job) else job.block_ids[job.good :]
             self._out.invalid_block_ids.update(bad)
+            if self._grouped is not None:
+                self._out.failed_recving.add(job.request_id)
             logger.warning("mooncake: load for %s ended after %d of %d blocks: %s", job.request_id,
                            job.good, len(job.block_ids), job.error)
             self._add("load_failures", 1)
