@@ -7,11 +7,12 @@ backend, from one ``pip install kvconnect`` and without patching SGLang.
 * HiCache storage: ``--hicache-storage-backend dynamic`` with
   ``{"backend_name": "kvconnect", "module_path": "kvconnect.adapters.sglang.hicache",
   "class_name": "KVConnectHiCacheStorage", "interface_v1": 1, "kvconnect": {...}}`` stores
-  pages in kvconnect's host slot pool (:mod:`.hicache`).
+  pages in kvconnect's host slot pool (:mod:`.hicache_cpu`) or on the Mooncake shared tier
+  (:mod:`.hicache_mooncake`); :mod:`.hicache` picks one from the config.
 
 Modules: ``plugin`` (registration, cheap to import), ``wire`` (pure), ``link`` (a rank's P/D
 worker: config, KV pool description, leases and loads), ``conn`` (the SGLang classes),
-``hicache``. Only ``conn`` and ``hicache`` need SGLang installed.
+``hicache*``. Only ``plugin`` and ``wire`` import without SGLang installed.
 """
 
 from kvconnect.adapters.sglang.plugin import BACKEND_NAME, register
