@@ -128,6 +128,10 @@ class TransferResults:
     #: Subset of ``finished_sending`` whose send/store failed (e.g. a CPU-offload store that could
     #: not be completed: the blocks may be freed, but the stored copy must not be used).
     failed_sending: set[str] = field(default_factory=set)
+    #: Why a request failed, by request id: a load in ``failed_recving``, or a P/D send in
+    #: ``finished_sending`` that did not deliver (write failed, lease expired). Informative only:
+    #: an engine that can show a reason (SGLang's ``failure_exception``) reads it.
+    failure_reasons: dict[str, str] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (
@@ -137,6 +141,7 @@ class TransferResults:
             or self.invalid_block_ids
             or self.stats
             or self.failed_sending
+            or self.failure_reasons
         )
 
 

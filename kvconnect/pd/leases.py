@@ -96,6 +96,7 @@ class Leases:
         n = W.Notice(W.DONE, rid, wr.consumer_tp_size, wr.consumer_rank)
         if err is not None or peer is None:
             logger.warning("request %s: cannot reach consumer rank %d: %s", rid, wr.consumer_rank, err)
+            ls.failure = ls.failure or f"cannot reach consumer rank {wr.consumer_rank}: {err}"
             self._consumer_done(ls, n)
             self._maybe_free(rid)
             return
@@ -109,6 +110,7 @@ class Leases:
                     ls.writes.append((h, peer, wr.consumer_request_id, route.plan.nbytes(lidx)))
         except KVConnectError as e:
             logger.warning("request %s: write to consumer rank %d failed: %s", rid, wr.consumer_rank, e)
+            ls.failure = ls.failure or f"write to consumer rank {wr.consumer_rank} failed: {e}"
             s.notify(peer, W.Notice(W.FAILED, wr.consumer_request_id, me.tp_size, me.tp_rank))
             if isinstance(e, TransferError):  # dead or restarted: the next write handshakes afresh
                 self._peers.forget(peer.key)
@@ -131,10 +133,13 @@ class Leases:
                 continue
             s.release(h)
             if st is Status.DONE:
-                self._out.stat("bytes_sent", nbytes)
+                with self._out.counting() as c:
+                    c.bytes_sent += nbytes
             else:
-                self._out.stat("writes_failed")
+                with self._out.counting() as c:
+                    c.writes_failed += 1
                 logger.warning("request %s: write to consumer %s rank %d failed", rid, *peer.key)
+                ls.failure = ls.failure or f"write to consumer {peer.key[0]} rank {peer.key[1]} failed"
                 s.notify(peer, s.mine(W.FAILED, crid))
                 self._peers.forget(peer.key)
         ls.writes = keep
@@ -158,7 +163,7 @@ class Leases:
             return
         del self.active[rid]
         self._drop_sums(rid)
-        self._out.lease_ended(rid, expired=False)
+        self._out.lease_ended(rid, expired=False, failure=ls.failure)
 
     def release_all(self) -> None:
         """Shutdown: release every posted write."""
@@ -189,7 +194,9 @@ class Leases:
             self._s.release(h)
         self._drop_sums(rid)
         logger.warning("request %s: lease expired, freeing its blocks unread", rid)
-        self._out.lease_ended(rid, expired=True)
+        why = (f"lease expired after lease_timeout_s={self._cfg.lease_timeout_s:g}s "
+               "before every consumer was served")
+        self._out.lease_ended(rid, expired=True, failure=ls.failure or why)
 
     def on_early_expire(self, t: EarlyNoticesExpire, now: float) -> None:
         rid = t.request_id

@@ -57,7 +57,8 @@ class Loads:
         try:
             spec = resolve_load(req, self._me.block_sizes, "pull" if self._cfg.pull else "push")
         except WireError as e:
-            self._out.stat("loads_rejected")
+            with self._out.counting() as c:
+                c.loads_rejected += 1
             self._report_failed(req.request_id, req.local_block_ids, req.token_start, req.token_end, str(e))
             return
         self.start(spec)
@@ -110,7 +111,8 @@ class Loads:
             logger.warning("request %s: cannot release the producer's blocks: %s", req.request_id, e)
             return
         me, r, s = self._me, rel.remote, self._s
-        self._out.stat("loads_released")
+        with self._out.counting() as c:
+            c.loads_released += 1
         try:
             ranks = P.producers_to_notify(me.num_heads, me.tp_size, me.tp_rank, r.tp_size, me.mla)
         except LayoutError as e:
@@ -298,10 +300,12 @@ class Loads:
         if self._cfg.verify_checksums:
             bad = C.load_mismatch(self._me, ld.spec, ld.sums)
             if bad is not None:
-                self._out.stat("checksum_failures")
+                with self._out.counting() as c:
+                    c.checksum_failures += 1
                 self.fail(rid, bad)
                 return
-            self._out.stat("checksums_verified")
+            with self._out.counting() as c:
+                c.checksums_verified += 1
         self._succeed(rid)
 
     def _succeed(self, rid: str) -> None:
@@ -348,4 +352,4 @@ class Loads:
             invalid.update(ids[token_start // bs: -(-token_end // bs)])
         if len(local_block_ids) > 1:
             invalid.discard(0)
-        self._out.load_failed(rid, invalid)
+        self._out.load_failed(rid, invalid, why)

@@ -8,11 +8,13 @@ free to take back) rather than in ``finished_recving``, whichever thread learns 
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kvconnect.api import TransferResults
+from kvconnect.pd.stats import PDCounters
 from kvconnect.telemetry import record_transfer
 
 
@@ -20,7 +22,9 @@ class Outcomes:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._results = TransferResults()
-        self._stats: dict[str, Any] = {}
+        self._counters = PDCounters()
+        #: per-transfer samples (:func:`~kvconnect.telemetry.record_transfer`) since the last take
+        self._samples: dict[str, Any] = {}
         #: consumer requests the engine aborted while loading: their load, when it ends, is
         #: reported in ``finished_sending``, never in ``finished_recving``
         self._aborting: set[str] = set()
@@ -29,8 +33,12 @@ class Outcomes:
     def take(self) -> TransferResults:
         with self._lock:
             out, self._results = self._results, TransferResults()
-            if self._stats:
-                out.stats, self._stats = self._stats, {}
+            stats: dict[str, Any] = self._counters.take()
+            if self._samples:
+                stats.update(self._samples)
+                self._samples = {}
+            if stats:
+                out.stats = stats
         return out
 
     def abort_loads(self, request_ids: Iterable[str]) -> None:
@@ -43,33 +51,37 @@ class Outcomes:
                     self._results.finished_recving.discard(rid)
                     self._results.failed_recving.discard(rid)
                     self._results.finished_sending.add(rid)
-                    self._add("loads_aborted", 1)
+                    self._counters.loads_aborted += 1
                 else:
                     self._aborting.add(rid)
 
     # -- progress thread ------------------------------------------------------------------------
-    def stat(self, key: str, value: float = 1) -> None:
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[PDCounters]:
+        """The counters, under the lock: ``with out.counting() as c: c.writes_failed += 1``."""
         with self._lock:
-            self._add(key, value)
+            yield self._counters
 
     def load_succeeded(self, rid: str, nbytes: int, ndescs: int, took: float) -> None:
         with self._lock:
             if not self._aborted(rid):
                 self._results.finished_recving.add(rid)
-            self._add("loads_done", 1)
-            self._add("bytes_received", nbytes)
-            self._add("descriptors", ndescs)
-            self._add("transfer_s", took)
-            record_transfer(self._stats, "load", took, nbytes)
+            c = self._counters
+            c.loads_done += 1
+            c.bytes_received += nbytes
+            c.descriptors += ndescs
+            c.transfer_s += took
+            record_transfer(self._samples, "load", took, nbytes)
 
-    def load_failed(self, rid: str, invalid: set[int]) -> None:
+    def load_failed(self, rid: str, invalid: set[int], why: str = "") -> None:
         """The load's blocks are invalid (or, for a request the engine aborted meanwhile, free)."""
         with self._lock:
             if not self._aborted(rid):
                 self._results.finished_recving.add(rid)
                 self._results.failed_recving.add(rid)
                 self._results.invalid_block_ids |= invalid
-            self._add("loads_failed", 1)
+                self._results.failure_reasons[rid] = why or "KV load failed"
+            self._counters.loads_failed += 1
 
     def abort_without_load(self, rid: str) -> None:
         """The abort of a request with no load in flight reached the progress thread: free it now
@@ -79,10 +91,16 @@ class Outcomes:
                 self._aborting.discard(rid)
                 self._results.finished_sending.add(rid)
 
-    def lease_ended(self, rid: str, *, expired: bool) -> None:
+    def lease_ended(self, rid: str, *, expired: bool, failure: str | None = None) -> None:
+        """The lease's blocks are free; ``failure`` says why a consumer was not served."""
         with self._lock:
             self._results.finished_sending.add(rid)
-            self._add("leases_expired" if expired else "leases_done", 1)
+            if failure is not None:
+                self._results.failure_reasons[rid] = failure
+            if expired:
+                self._counters.leases_expired += 1
+            else:
+                self._counters.leases_done += 1
 
     def ended_loads(self) -> set[str]:
         """Loads that ended and wait for the engine to take them (for tests and tools)."""
@@ -96,8 +114,5 @@ class Outcomes:
             return False
         self._aborting.discard(rid)
         self._results.finished_sending.add(rid)
-        self._add("loads_aborted", 1)
+        self._counters.loads_aborted += 1
         return True
-
-    def _add(self, key: str, value: float) -> None:
-        self._stats[key] = self._stats.get(key, 0) + value

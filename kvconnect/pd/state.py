@@ -53,6 +53,8 @@ class Lease:
     got: set[int] = field(default_factory=set)
     #: in-flight pushes: (handle, consumer peer, consumer request id, nbytes)
     writes: list[tuple[Any, Peer, str, int]] = field(default_factory=list)
+    #: push: why a write of this lease failed (reported when the lease ends)
+    failure: str | None = None
 
 
 @dataclass(slots=True, eq=False)

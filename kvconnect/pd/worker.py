@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
 from kvconnect.config import PDConfig
-from kvconnect.errors import LayoutError
+from kvconnect.errors import LayoutError, WireError
 from kvconnect.handshake import SideChannelServer
 from kvconnect.layout import KVLayout
 from kvconnect.metadata import HandshakeMetadata, LayerRegion, compat_hash, decode, encode
@@ -67,7 +67,8 @@ class PDWorker(WorkerConnector):
         self._loop: ProgressLoop | None = None
         self._host = advertised_host(config)
         self._base_port = base_port(config, engine)
-        self._port = self._base_port + engine.tp_rank
+        #: side_channel_port 0: every worker takes a free port (peers must learn it from messages)
+        self._port = self._base_port + engine.tp_rank if config.side_channel_port else 0
         self._md_bytes = b""
         if config.handshake_timeout_s + config.transfer_timeout_s >= config.lease_timeout_s:
             logger.warning(
@@ -116,6 +117,10 @@ class PDWorker(WorkerConnector):
             kvconnect_version=_KVCONNECT_VERSION,
         )
         self._md_bytes = encode(md)
+        if self._port == 0:  # ephemeral: for engines whose peers learn the port from messages (SGLang)
+            self._server = self._listen()
+            self._port = self._server.port
+            self._base_port = self._port - e.tp_rank
         local = LocalSide(
             engine_id=e.engine_id, tp_size=e.tp_size, tp_rank=e.tp_rank, num_heads=num_heads, mla=mla,
             block_sizes=tuple(e.block_sizes), placed=placed, compat_hash=chash,
@@ -125,13 +130,17 @@ class PDWorker(WorkerConnector):
         self._control = ControlThread(self._cfg.secret, self._cfg.handshake_timeout_s)
         self._loop = ProgressLoop(transport, local, self._cfg, self._control)
         self._loop.start()
-        self._server = SideChannelServer(
+        if self._server is None:
+            self._server = self._listen()
+        logger.info("kvconnect P/D worker %s rank %d/%d: %d layers, %d regions, side channel %s:%d",
+                    e.engine_id, e.tp_rank, e.tp_size, len(placed), len(regions), self._host, self._port)
+
+    def _listen(self) -> SideChannelServer:
+        return SideChannelServer(
             self._cfg.side_channel_host, self._port,
             {"metadata": self._serve_metadata, "write": self._serve_write, "checksums": self._serve_checksums},
             secret=self._cfg.secret,
         )
-        logger.info("kvconnect P/D worker %s rank %d/%d: %d layers, %d regions, side channel %s:%d",
-                    e.engine_id, e.tp_rank, e.tp_size, len(placed), len(regions), self._host, self._port)
 
     # -- side-channel handlers (listener thread) ---------------------------------------------------
     def _serve_metadata(self, body: bytes) -> bytes:
@@ -139,13 +148,15 @@ class PDWorker(WorkerConnector):
 
     def _serve_write(self, body: bytes) -> bytes:
         wr = decode_write_request(body)  # WireError -> a clear refusal to the sender
-        assert self._loop is not None
+        if self._loop is None:
+            raise WireError("this worker is still starting")
         self._loop.post(WriteRequested(wr))
         return b"ok"
 
     def _serve_checksums(self, body: bytes) -> bytes:
         req = decode(body, W.ChecksumRequest, what="checksum request")
-        assert self._loop is not None
+        if self._loop is None:
+            raise WireError("this worker is still starting")
         return self._loop.checksums_of(req.request_id)  # WireError -> a clear refusal
 
     @property

@@ -6,7 +6,7 @@ Return conventions held to the real store by tests/integration/test_mooncake_con
 ``setup`` 0 / -1; ``batch_is_exist`` 1 / 0 per key; ``batch_put_from_multi_buffers`` 0 per key
 (also for a key that exists already, whose object is kept); ``batch_get_into_multi_buffers`` the
 bytes read, -704 for a missing key, -600 when the buffers are smaller than the object, -800 when
-larger; ``batch_remove`` 0 per key. While ``cluster.down`` is set every call answers -900 (the
+larger; ``batch_remove`` 0 per key; ``remove_by_regex`` the number of objects removed. While ``cluster.down`` is set every call answers -900 (the
 master cannot be reached); ``cluster.full`` makes puts answer -200; ``cluster.put_code`` forces a
 code on every put (-800: another metadata mode); ``cluster.gate`` (an Event), when set to an
 unset Event, holds every get until it is set (a stopped memory holder).
@@ -15,6 +15,7 @@ unset Event, holds every get until it is set (a stopped memory holder).
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,16 @@ class FakeMooncakeDistributedStore:
             return [RPC_FAIL] * len(keys)
         with cluster.lock:
             return [0 if cluster.objects.pop(k, None) is not None else OBJECT_NOT_FOUND for k in keys]
+
+    def remove_by_regex(self, regex_pattern: str, force: bool = False) -> int:
+        if cluster.down:
+            return RPC_FAIL
+        rx = re.compile(regex_pattern)
+        with cluster.lock:
+            gone = [k for k in cluster.objects if rx.search(k)]
+            for k in gone:
+                del cluster.objects[k]
+        return len(gone)
 
     def close(self) -> int:
         self._setup = False

@@ -5,6 +5,7 @@ Run under the heavy-job lock: it starts a master."""
 from __future__ import annotations
 
 import inspect
+import re
 import uuid
 
 import numpy as np
@@ -137,6 +138,16 @@ def test_removed_objects_no_longer_exist(client):
     assert client.batch_put_from_multi_buffers([k1, k2], [[a.ctypes.data]] * 2, [[64]] * 2) == [0, 0]
     assert client.batch_remove([k1], True) == [0]
     assert client.batch_is_exist([k1, k2]) == [0, 1]
+
+
+def test_remove_by_regex_removes_only_the_keys_under_a_prefix(client):
+    a = _buf(64, 7)
+    client.register_buffer(a.ctypes.data, a.nbytes)
+    ns = f"contract/{uuid.uuid4().hex}/"
+    mine, other = [ns + "x", ns + "y"], _key()
+    assert client.batch_put_from_multi_buffers(mine + [other], [[a.ctypes.data]] * 3, [[64]] * 3) == [0, 0, 0]
+    assert client.remove_by_regex("^" + re.escape(ns) + ".*", True) == 2
+    assert client.batch_is_exist(mine + [other]) == [0, 0, 1]
 
 
 def test_setup_against_no_master_fails_on_the_fake_as_on_the_real_store():

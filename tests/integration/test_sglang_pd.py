@@ -3,15 +3,18 @@ between two spawned processes: a prefill rank (with SGLang's bootstrap server) a
 each built from SGLang's real runtime context, KVArgs and the classes ``get_kv_class`` returns for
 ``kvconnect``, driven through SGLang's ``KVPoll`` state machine (tests/sglang_stubs/pd_harness.py).
 
-NIXL agents run without a progress thread; both ranks are progressed by kvconnect's push loops.
-Every wait has a deadline.
+NIXL agents run without a progress thread; both ranks are progressed by kvconnect's P/D progress
+loops. The shared pair verifies checksums (``verify_checksums``); the fault cases run their own
+pairs with short deadlines. Every wait has a deadline.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import pytest
 
@@ -83,9 +86,14 @@ class Pair:
         assert not bad, "; ".join(bad)
 
 
+#: Deadlines of the fault cases (a lease outlives a load, as the P/D core wants).
+FAULT_CFG = {"backend": "nixl", "handshake_timeout_s": 1.0, "transfer_timeout_s": 2.0, "lease_timeout_s": 4.0}
+FAULT_ENV = {"KVCONNECT_SGLANG_CONFIG": json.dumps(FAULT_CFG)}
+
+
 @pytest.fixture(scope="module")
 def pair():
-    p = Pair()
+    p = Pair(env={"KVCONNECT_SGLANG_CONFIG": '{"backend": "nixl", "verify_checksums": true}'})
     yield p
     p.close()
 
@@ -115,8 +123,28 @@ def test_pages_arrive_byte_for_byte_through_the_kvpoll_states(pair, chunks):
     assert d_seen[-1] == SUCCESS and d_seen == sorted(d_seen)
 
 
-def test_prefill_fails_clearly_when_the_decode_process_is_gone():
-    pair = Pair()
+def test_pages_corrupted_after_their_checksum_fail_the_decode_naming_the_checksum(pair):
+    room = 1101
+    src, dst = [12, 13, 14], [24, 25, 26]
+    pair.send("decode", "decode", room, src, dst, 3, STEP_S)
+    pair.send("prefill", "prefill", room, src, 3, 1, STEP_S, True, False, True)
+    pair.expect("decode", "decode-metadata-sent")
+    pair.expect("prefill", "prefill-waiting")
+    pair.kill("decode", signal.SIGSTOP)  # loads only after the bytes changed under the checksum
+    try:
+        pair.send("prefill", "go")
+        pair.expect("prefill", "prefill-corrupted")
+    finally:
+        pair.kill("decode", signal.SIGCONT)
+    _, _, seen, final, reason, _ = pair.expect("decode", "decode-done")
+    print("decode failure_exception:", reason)
+    assert final == FAILED and seen[-1] == FAILED
+    assert "KVTransferError" in reason and "checksum mismatch in block(s) [25]" in reason, reason
+    pair.expect("prefill", "prefill-done")  # its write ended: the prefill rank frees its pages
+
+
+def test_prefill_fails_at_the_lease_deadline_when_the_decode_process_is_gone():
+    pair = Pair(env=FAULT_ENV)
     try:
         room = 2001
         pair.send("decode", "decode", room, [1, 2], [5, 6], 1, STEP_S)
@@ -125,17 +153,19 @@ def test_prefill_fails_clearly_when_the_decode_process_is_gone():
         pair.expect("prefill", "prefill-waiting")
         pair.kill("decode")
         pair.p["decode"].join(10)
+        t0 = time.monotonic()
         pair.send("prefill", "go")
         _, _, seen, final, reason = pair.expect("prefill", "prefill-done")
         assert final == FAILED and seen[-1] == FAILED
         print("prefill failure_exception:", reason)
-        assert "KVTransferError" in reason and "kvconnect" in reason, reason
+        assert "KVTransferError" in reason and "kvconnect: lease expired" in reason, reason
+        assert time.monotonic() - t0 < FAULT_CFG["lease_timeout_s"] + 3
     finally:
         pair.close()
 
 
-def test_prefill_write_times_out_when_the_decode_stops_progressing():
-    pair = Pair(env={"KVCONNECT_SGLANG_CONFIG": '{"backend": "nixl", "transfer_timeout_s": 2}'})
+def test_prefill_fails_at_the_lease_deadline_when_the_decode_stops_progressing():
+    pair = Pair(env=FAULT_ENV)
     try:
         room = 3001
         pair.send("decode", "decode", room, [1, 2, 3], [5, 6, 7], 1, STEP_S)
@@ -143,11 +173,47 @@ def test_prefill_write_times_out_when_the_decode_stops_progressing():
         pair.expect("decode", "decode-metadata-sent")
         pair.expect("prefill", "prefill-waiting")
         pair.kill("decode", signal.SIGSTOP)
+        t0 = time.monotonic()
         pair.send("prefill", "go")
         _, _, seen, final, reason = pair.expect("prefill", "prefill-done")
         print("prefill failure_exception:", reason)
         assert final == FAILED, (seen, reason)
-        assert "did not finish within 2s" in reason or "failed" in reason, reason
+        assert "lease expired after lease_timeout_s=4s" in reason, reason
+        assert time.monotonic() - t0 < FAULT_CFG["lease_timeout_s"] + 3
+    finally:
+        pair.close()
+
+
+def test_decode_fails_within_its_deadline_when_the_prefill_dies_after_leasing():
+    # SGLang's heartbeat would notice the dead prefill too; slowed down, the load's deadline must
+    pair = Pair(env={**FAULT_ENV, "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "60"})
+    try:
+        # a first request connects prefill's socket to decode's: READY then lands in the kernel's
+        # buffer of the stopped decode process (a first contact would wait for its handshake)
+        pair.send("prefill", "prefill", 5000, [3, 4], 2, 1, STEP_S)
+        pair.send("decode", "decode", 5000, [3, 4], [7, 8], 2, STEP_S)
+        assert pair.expect("decode", "decode-done")[3] == SUCCESS
+        assert pair.expect("prefill", "prefill-done")[3] == SUCCESS
+        room = 5001
+        pair.send("decode", "decode", room, [1, 2], [5, 6], 1, STEP_S)
+        pair.send("prefill", "prefill", room, [1, 2], 1, 1, STEP_S, True)
+        pair.expect("decode", "decode-metadata-sent")
+        pair.expect("prefill", "prefill-waiting")
+        pair.kill("decode", signal.SIGSTOP)  # READY waits in its socket; the load starts after
+        try:
+            pair.send("prefill", "go")
+            pair.expect("prefill", "prefill-sent")
+            time.sleep(0.2)  # READY flushed into the decode's socket
+            pair.kill("prefill")
+            pair.p["prefill"].join(10)
+        finally:
+            pair.kill("decode", signal.SIGCONT)
+        t0 = time.monotonic()
+        _, _, seen, final, reason, _ = pair.expect("decode", "decode-done")
+        print("decode failure_exception:", reason)
+        assert final == FAILED and seen[-1] == FAILED
+        assert "KVTransferError" in reason and "kvconnect: " in reason, reason
+        assert time.monotonic() - t0 < FAULT_CFG["handshake_timeout_s"] + FAULT_CFG["transfer_timeout_s"] + 3
     finally:
         pair.close()
 

@@ -8,6 +8,7 @@ machine is polled the way SGLang's schedulers poll it (``poll()`` in a loop, a s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import time
@@ -165,11 +166,13 @@ def _reason(obj) -> str:
 
 
 def _run_prefill(sender_cls, mgr, port, inq, outq, room, src_pages, aux_index, chunks, go_q_timeout, gate=False,
-                 announce=False):
+                 announce=False, corrupt=False):
     """Bootstrap -> wait for decode's pages -> (with ``gate``: report ``prefill-waiting`` and wait
-    for ``go``) -> send in ``chunks`` -> poll to the end. With ``announce``, report
-    ``prefill-polled`` after the sender's first poll (a test then starts the decode side, so the
-    first state seen cannot already be past Bootstrapping)."""
+    for ``go``) -> send in ``chunks`` (then report ``prefill-sent``) -> poll to the end. With
+    ``announce``, report ``prefill-polled`` after the sender's first poll (a test then starts the
+    decode side, so the first state seen cannot already be past Bootstrapping). With ``corrupt``,
+    once the lease's checksums are served, flip one byte of the second page in buffer 1 and report
+    ``prefill-corrupted``."""
     from sglang.srt.disaggregation.base.conn import KVPoll
 
     seen: list[int] = []
@@ -188,11 +191,42 @@ def _run_prefill(sender_cls, mgr, port, inq, outq, room, src_pages, aux_index, c
     sender.init(len(pages), aux_index)
     for part in np.array_split(pages, chunks):
         sender.send(part)
+    outq.put(("prefill-sent", room))
+    if corrupt:
+        _wait_for_checksums(mgr, room, go_q_timeout)
+        t = mgr.kv_args
+        addr = t.kv_data_ptrs[1] + int(src_pages[1]) * t.kv_item_lens[1] + 5
+        ctypes.c_ubyte.from_address(addr).value ^= 0x20
+        outq.put(("prefill-corrupted", room))
     st = _poll_until(sender, {KVPoll.Success}, time.monotonic() + go_q_timeout, seen)
     reason = _reason(sender) if st == KVPoll.Failed else ""
     if st == KVPoll.Success:
         sender.clear()
     return ("prefill-done", room, seen, st, reason)
+
+
+def _wait_for_checksums(mgr, room, timeout):
+    """Until the prefill rank serves the checksums of ``room``'s lease on its side channel."""
+    from kvconnect.adapters.sglang.wire import lease_id
+    from kvconnect.errors import KVConnectError
+    from kvconnect.handshake import SideChannelClient
+    from kvconnect.metadata import encode
+    from kvconnect.pd.wire import ChecksumRequest
+
+    (agent,) = mgr.transfer_infos[room]
+    body = encode(ChecksumRequest(request_id=lease_id(room, agent)))
+    client = SideChannelClient(mgr.cfg.secret)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                client.request(mgr.link.host, mgr.link.port, "checksums", body, timeout_s=2.0)
+                return
+            except KVConnectError:
+                time.sleep(0.01)
+    finally:
+        client.close()
+    raise TimeoutError(f"room {room}: checksums never served")
 
 
 def _run_decode(receiver_cls, mgr, port, kv, aux, seed, outq, room, src_pages, dst_pages, aux_index, timeout):

@@ -65,7 +65,9 @@ def test_real_argument_parser_accepts_the_dynamic_kvconnect_storage_backend():
 def test_sglang_factory_builds_kvconnect_storage_from_the_dynamic_config():
     pool = make_host_pool()
     st = _store(pool, slots=8)
-    assert isinstance(st, KVConnectHiCacheStorage) and isinstance(st, HS.HiCacheStorage)
+    from kvconnect.adapters.sglang.hicache_cpu import CpuHiCacheStorage
+
+    assert isinstance(st, CpuHiCacheStorage) and isinstance(st, HS.HiCacheStorage)
     assert st.num_slots == 8 and st.page_bytes == len(page_bytes(pool, 0))
 
 
@@ -154,7 +156,7 @@ def test_capacity_is_split_over_tp_ranks_unless_per_rank():
     "extra, words",
     [
         ({"backend_name": "kvconnect"}, "'kvconnect' object"),
-        ({"kvconnect": {"backend": "nixl"}}, "one 'cpu_offload' backend"),
+        ({"kvconnect": {"backend": "nixl"}}, "one 'cpu_offload' or 'mooncake' backend"),
         ({"kvconnect": {"backend": "cpu_offload", "cpu_bytes_to_use": 10, "eviction": "lru"}}, "eviction_policy"),
     ],
 )
@@ -174,7 +176,7 @@ def test_mla_pages_copy_byte_for_byte_in_one_memmove_per_contiguous_run(layout, 
     # A page-first MLA page is one piece: pages 3, 4 (consecutive) go to slots 0, 1 (consecutive)
     # as one run, page 9 as a second; slots 0-2 come back into pages 12-14 as one. A layer-first
     # page is one piece per layer, none adjacent to the next: 3 pages x 2 layers both ways.
-    from kvconnect.adapters.sglang import hicache
+    from kvconnect.adapters.sglang import hicache_cpu as hicache
 
     pool = make_mla_host_pool(layout)
     st = _store(pool, slots=8)

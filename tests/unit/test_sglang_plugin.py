@@ -116,7 +116,7 @@ def test_register_twice_is_harmless(registered):
 
 
 def test_config_env_is_validated_with_clear_errors(monkeypatch):
-    from kvconnect.adapters.sglang.conn import CONFIG_ENV, load_config
+    from kvconnect.adapters.sglang.link import CONFIG_ENV, load_config
     from kvconnect.errors import ConfigError
 
     assert load_config("").transfer_timeout_s > 0
@@ -125,7 +125,7 @@ def test_config_env_is_validated_with_clear_errors(monkeypatch):
         load_config("{nope")
     with pytest.raises(ConfigError, match="transfer_timeout"):
         load_config(json.dumps({"transfer_timeout": 3}))
-    with pytest.raises(ConfigError, match="one 'nixl' backend"):
+    with pytest.raises(ConfigError, match="one P/D backend"):
         load_config(json.dumps({"backend": "cpu_offload", "cpu_bytes_to_use": 10}))
     monkeypatch.setenv(CONFIG_ENV, json.dumps({"poll_interval_s": 0.01}))
     assert load_config().poll_interval_s == 0.01
