@@ -183,3 +183,27 @@ def test_a_hybrid_model_on_staged_kv_is_refused_naming_why(master):
                                   for g in range(2) for p, t in enumerate(kv)})
     finally:
         w.shutdown()
+
+
+def test_a_staged_load_reported_at_its_deadline_never_writes_the_blocks_afterwards(instances):
+    import threading
+
+    a = instances()
+    b = instances(staging="always", load_timeout_s=0.3)
+    a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
+    req = RequestView("r2", PROMPT)
+    assert b.lookup(req) == (6 * BS, True)
+    gate = threading.Event()
+    fake_mooncake.cluster.gate = gate  # the get hangs, as on a stopped memory holder
+    blocks = list(range(10, 17))
+    for layer in b.kv:
+        layer[10:17] = SENTINEL
+    b.sched.update_state_after_alloc(req, (blocks,), 6 * BS)
+    out = b.wait_for(lambda r: "r2" in r.finished_recving, timeout_s=3.0)
+    assert out.invalid_block_ids == set(blocks[:6])
+    fake_mooncake.cluster.gate = None
+    gate.set()  # the get returns good objects now, after the engine was told the load failed
+    assert b.sched.request_finished(req, (blocks,))[0]
+    b.wait_for(lambda r: "r2" in r.finished_sending)  # the job has returned
+    for layer in b.kv:
+        assert bool((layer[10:16] == SENTINEL).all())
