@@ -15,7 +15,8 @@ the two share a store.
 * :meth:`Staging.scatter` (load): slots into the blocks, called only for objects already verified;
   returns when the bytes are in the engine's memory.
 
-On the CPU both are one ``index_select`` / ``index_copy_`` per layer (memcpy, GIL released).
+On the CPU a gather is one ``index_select`` per layer and a scatter one slice copy per run of
+consecutive blocks and layer (memcpy, GIL released).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def _block_bytes_view(t: torch.Tensor, lay: KVLayout) -> torch.Tensor:
                           f"{lay.strides}) in memory order")
     raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
     return raw.as_strided(sizes, strides, t.storage_offset() * item)
+
+
+def _consecutive(block_ids: Sequence[int], slot: int) -> list[tuple[int, int, int]]:
+    """``(first block, first slot, count)`` of each run of consecutive block ids."""
+    out: list[tuple[int, int, int]] = []
+    for j, b in enumerate(block_ids):
+        if out and out[-1][0] + out[-1][2] == b:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((b, slot + j, 1))
+    return out
 
 
 class Staging:
@@ -145,9 +157,10 @@ class Staging:
         if slot + n > self.slots:
             raise IndexError(f"{n} objects from slot {slot} exceed {self.slots} slots")
         if not self.cuda:
-            ids = self._ids(block_ids)
-            for v, r in zip(self.views, self.regions):
-                v.index_copy_(0, ids, r[slot : slot + n])
+            # A slice copy (memcpy) per run of consecutive blocks: index_copy_ ran at 2 GB/s here.
+            for b0, s0, k in _consecutive(block_ids, slot):
+                for v, r in zip(self.views, self.regions):
+                    v[b0 : b0 + k].copy_(r[s0 : s0 + k])
             return
         stream = self._streams["scatter"]
         with torch.cuda.stream(stream):
