@@ -149,6 +149,13 @@ class MooncakeConfig(_Base, frozen=True, tag="mooncake", tag_field="backend"):
     retry_interval_s: float = 2.0
     #: Objects (blocks) per Mooncake batch call.
     batch_objects: int = 32
+    #: KV caches the store cannot reach zero-copy (GPU memory) move through a registered host
+    #: staging buffer: ``auto`` stages exactly those, ``always`` stages host caches too, ``never``
+    #: refuses them at start.
+    staging: Literal["auto", "always", "never"] = "auto"
+    #: Bytes of that staging buffer (pinned on a GPU); it must hold two objects (blocks, every
+    #: layer). A load or store larger than half of it moves in chunks.
+    staging_buffer_bytes: int = 256 << 20
 
 
 BackendConfig = Union[NixlConfig, MoriConfig, CpuOffloadConfig, MooncakeConfig]
@@ -321,6 +328,8 @@ def validate_mooncake(b: MooncakeConfig, where: str = "mooncake") -> None:
     for key in ("replica_num", "batch_objects"):
         if getattr(b, key) < 1:
             raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(b, key)}")
+    if b.staging_buffer_bytes <= 0:
+        raise ConfigError(f"{where}.staging_buffer_bytes must be > 0 bytes, got {b.staging_buffer_bytes}")
 
 
 def defaults_table() -> str:

@@ -18,7 +18,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     nixl-cu13==1.5.1 nixl==1.5.1 msgspec==0.23.0 pyzmq==27.3.0
+#     nixl-cu13==1.5.1 nixl==1.5.1 msgspec==0.23.0 pyzmq==27.3.0 xxhash==3.5.0
 #
 # nixl-cu13 matches a CUDA 13 torch (use nixl-cu12 for a CUDA 12 one); `nixl` is the meta package
 # that picks the build matching torch's CUDA. This script installs .whl/*.whl (no index, no deps)
@@ -90,6 +90,7 @@ echo "gpu-check: gpu tests ..." >&2
 # skip check below is this script's own strictness.
 timeout "${GPU_CHECK_TEST_S:-270}" env -u CI -u KVCONNECT_REQUIRE_ALL "$PY" -m pytest -p no:cacheprovider -q -rs -m "$MARK" \
     tests/gpu/test_nixl_pd_devices.py tests/gpu/test_offload_gpu.py tests/gpu/test_integrity_gpu.py \
+    tests/gpu/test_mooncake_staging_gpu.py \
     --junitxml "$OUTDIR/gpu-tests.xml" 2>&1 | tee "$OUTDIR/gpu-tests.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -ne 0 ]; then

@@ -8,13 +8,15 @@ unless ``--master`` names one. KV caches are vLLM-CPU shaped: per layer ``[block
 block_size, 2 * head_dim]``, so one block of one layer is one contiguous run. The raw reference
 puts and gets every such run as its own object, in batches of the same bytes as the backend's; the
 backend puts one object per block (every layer's run plus a 40-byte verified header). Each figure
-is the median of ``--repeats``; the two sides of one repeat run back to back, and each ratio is
-the median of the per-repeat ratios.
+is the median of ``--repeats``; within a repeat the two sides' puts run back to back, then their
+gets (raw first in even repeats, kvconnect first in odd ones), and each ratio is the median of
+the per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -48,6 +50,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-objects", type=int, default=MooncakeConfig(master_server_address="h:1").batch_objects,
                    help="blocks per Mooncake batch call (the config's batch_objects)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--staging", choices=("auto", "always"), default="auto",
+                   help="the backend's staging option: 'always' moves the (host) KV through the "
+                        "staging buffer a GPU deployment uses, to measure its cost")
     p.add_argument("--lookup-stored", type=int, nargs="+", default=[1_000, 10_000, 50_000])
     p.add_argument("--lookup-prefix-blocks", type=int, default=64)
     p.add_argument("--master", default=None, help="host:port of a running master (default: start one)")
@@ -86,6 +91,40 @@ def _drive(w: MooncakeWorker, meta: MooncakeStepMetadata, rid: str, kind: str, t
     raise BenchmarkError(f"bench {kind} did not finish in {timeout} s")
 
 
+def _raw_put(store: Any, keys: list[str], src: list[int], size: int, step: int) -> float:
+    """Seconds to put the ``src`` runs: raw zero-copy batch calls."""
+    t0 = time.perf_counter()
+    for lo in range(0, len(keys), step):
+        codes = store.batch_put_from(keys[lo:lo + step], src[lo:lo + step], [size] * len(keys[lo:lo + step]))
+        if any(c != 0 for c in codes):
+            raise BenchmarkError(f"raw put failed: {sorted(set(codes))[:3]}")
+    return time.perf_counter() - t0
+
+
+def _raw_get(store: Any, keys: list[str], dst: list[int], size: int, step: int) -> float:
+    t0 = time.perf_counter()
+    for lo in range(0, len(keys), step):
+        got = store.batch_get_into(keys[lo:lo + step], dst[lo:lo + step], [size] * len(keys[lo:lo + step]))
+        if any(g != size for g in got):
+            raise BenchmarkError(f"raw get failed: {sorted(set(got))[:3]}")
+    return time.perf_counter() - t0
+
+
+def _kvc_put(w: MooncakeWorker, src: list[int], keys: list[bytes], rid: str) -> float:
+    """Seconds to store blocks ``src`` through the worker (checksums, existence query included)."""
+    return _drive(w, MooncakeStepMetadata(saves=[StoreSave(request_id=rid, block_ids=src, keys=keys)],
+                                          closed=[rid]), rid, "save")
+
+
+def _kvc_get(w: MooncakeWorker, caches: list[torch.Tensor], src: list[int], dst: list[int],
+             keys: list[bytes], rid: str) -> float:
+    """Seconds to load them into ``dst`` (every object verified), then a check of the bytes."""
+    load = _drive(w, MooncakeStepMetadata(loads=[StoreLoad(request_id=rid, block_ids=dst, keys=keys)]), rid, "load")
+    if not all(torch.equal(t[src[0]], t[dst[0]]) and torch.equal(t[src[-1]], t[dst[-1]]) for t in caches):
+        raise BenchmarkError("bench: loaded blocks differ from the stored ones")
+    return load
+
+
 def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]]:
     dt = DTYPES[a.dtype]
     per_layer_block = a.kv_heads * a.block_size * 2 * a.head_dim * torch.finfo(dt).bits // 8
@@ -104,34 +143,27 @@ def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]
     for rep in range(a.repeats):
         keys = [os.urandom(16) for _ in range(n)]
         raw_keys = [f"bench-raw/{rep}/{i}" for i in range(len(runs_src))]
-        # Raw first, then kvconnect, each put then got back, the store emptied in between: the
-        # two never compete for the holder's memory (a full store evicts).
-        t0 = time.perf_counter()
-        for lo in range(0, len(raw_keys), step):
-            codes = store.batch_put_from(raw_keys[lo:lo + step], runs_src[lo:lo + step],
-                                         [per_layer_block] * len(raw_keys[lo:lo + step]))
-            if any(c != 0 for c in codes):
-                raise BenchmarkError(f"raw put failed: {sorted(set(codes))[:3]}")
-        raw_put = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for lo in range(0, len(raw_keys), step):
-            got = store.batch_get_into(raw_keys[lo:lo + step], runs_dst[lo:lo + step],
-                                       [per_layer_block] * len(raw_keys[lo:lo + step]))
-            if any(g != per_layer_block for g in got):
-                raise BenchmarkError(f"raw get failed: {sorted(set(got))[:3]}")
-        raw_get = time.perf_counter() - t0
+        sides = {
+            "put": {"raw": functools.partial(_raw_put, store, raw_keys, runs_src, per_layer_block, step),
+                    "kvc": functools.partial(_kvc_put, w, src, keys, f"s{rep}")},
+            "get": {"raw": functools.partial(_raw_get, store, raw_keys, runs_dst, per_layer_block, step),
+                    "kvc": functools.partial(_kvc_get, w, caches, src, dst, keys, f"l{rep}")},
+        }
+        # Both sides' puts back to back, then both gets (into zeroed blocks, so a get that moved
+        # nothing fails the check); the order alternates between repeats, so a warm-up or a drift
+        # in the machine's load favours neither side. The store is emptied after each repeat.
+        order = ("raw", "kvc") if rep % 2 == 0 else ("kvc", "raw")
+        took: dict[tuple[str, str], float] = {}
+        for op in ("put", "get"):
+            for side in order:
+                if op == "get":
+                    for t in caches:
+                        t[n:].zero_()
+                took[op, side] = sides[op][side]()
         store.remove_all(True)
-        for t in caches:
-            t[n:].zero_()
-        save = _drive(w, MooncakeStepMetadata(saves=[StoreSave(request_id=f"s{rep}", block_ids=src, keys=keys)],
-                                              closed=[f"s{rep}"]), f"s{rep}", "save")
-        load = _drive(w, MooncakeStepMetadata(loads=[StoreLoad(request_id=f"l{rep}", block_ids=dst, keys=keys)]),
-                      f"l{rep}", "load")
-        if not all(torch.equal(t[src[0]], t[dst[0]]) and torch.equal(t[src[-1]], t[dst[-1]]) for t in caches):
-            raise BenchmarkError("bench: loaded blocks differ from the stored ones")
-        store.remove_all(True)
+        raw_put, raw_get, save, load = took["put", "raw"], took["get", "raw"], took["put", "kvc"], took["get", "kvc"]
         nbytes = n * per_block
-        rows.append({"repeat": rep, "blocks": n, "bytes": nbytes,
+        rows.append({"repeat": rep, "raw_first": order[0] == "raw", "blocks": n, "bytes": nbytes,
                      "put_gbps": nbytes / save / 1e9, "raw_put_gbps": nbytes / raw_put / 1e9,
                      "get_gbps": nbytes / load / 1e9, "raw_get_gbps": nbytes / raw_get / 1e9})
     w.shutdown()
@@ -198,13 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         dt = DTYPES[a.dtype]
         per_block = a.layers * a.kv_heads * a.block_size * 2 * a.head_dim * torch.finfo(dt).bits // 8
-        need = 2 * max(a.batch_objects, int(a.gb * 1e9 // per_block)) * per_block + (256 << 20)
+        # Both sides' objects at once (puts run back to back), with room to spare: a full store evicts.
+        need = 2 * max(a.batch_objects, int(a.gb * 1e9 // per_block)) * per_block + (512 << 20)
         store_proc = MooncakeStore(Path(tempfile.mkdtemp(prefix="kvc-bench-store-")), segment_bytes=need).start()
         master, md = store_proc.master_address, store_proc.metadata_server
     else:
         master, md = a.master, a.metadata_server
     cfg = MooncakeConfig(master_server_address=master, metadata_server=md, batch_objects=a.batch_objects,
-                         store_timeout_s=600.0, load_timeout_s=600.0)
+                         store_timeout_s=600.0, load_timeout_s=600.0, staging=a.staging)
     try:
         rows = bandwidth(a, cfg)
         lookups = lookup_cost(a, cfg)
@@ -215,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": {"layers": a.layers, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
                   "block_size": a.block_size, "dtype": a.dtype},
         "device": f"CPU ({os.cpu_count()} cores), TCP over loopback",
+        "staging": a.staging,
         "put_gbps": _summary(rows, "put_gbps"), "raw_put_gbps": _summary(rows, "raw_put_gbps"),
         "get_gbps": _summary(rows, "get_gbps"), "raw_get_gbps": _summary(rows, "raw_get_gbps"),
         "put_ratio": statistics.median(r["put_gbps"] / r["raw_put_gbps"] for r in rows),
@@ -228,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r0 = rows[0]
     print(f"Shared tier (Mooncake Store) on {result['device']}: {a.layers} layers, {a.kv_heads} KV heads, "
           f"head dim {a.head_dim}, {a.block_size}-token blocks, {a.dtype}; {r0['blocks']} blocks = "
-          f"{r0['bytes'] / 1e9:.2f} GB per direction, {a.batch_objects} blocks per call; median of {a.repeats}")
+          f"{r0['bytes'] / 1e9:.2f} GB per direction, {a.batch_objects} blocks per call; median of {a.repeats}"
+          + ("; KV moved through the staging buffer (staging=always)" if a.staging == "always" else ""))
     print(f"{'':>6} {'kvconnect GB/s':>15} {'raw GB/s':>9} {'ratio':>6}")
     print(f"{'put':>6} {result['put_gbps']:>15.2f} {result['raw_put_gbps']:>9.2f} {result['put_ratio']:>6.2f}")
     print(f"{'get':>6} {result['get_gbps']:>15.2f} {result['raw_get_gbps']:>9.2f} {result['get_ratio']:>6.2f}")

@@ -128,3 +128,62 @@ def test_bench_store_measures_kvconnect_next_to_raw_mooncake(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["put_gbps"] > 0 and r["raw_put_gbps"] > 0 and r["get_gbps"] > 0 and r["raw_get_gbps"] > 0
     assert r["lookup"][0]["stored_objects"] == 200 and r["lookup"][0]["lookup_us"] > 0
+
+
+def _object_name(inst, req, index: int) -> str:
+    return inst.worker.io.prefix + inst.sched._keys.keys(req, 6)[index].hex()
+
+
+def _corrupt(inst, name: str) -> None:
+    """Read the object back with the raw client, flip one payload byte, put it again."""
+    import numpy as np
+
+    store = inst.worker._shared.store
+    buf = np.zeros(inst.worker.io.object_bytes, np.uint8)
+    assert store.register_buffer(buf.ctypes.data, buf.nbytes) == 0
+    try:
+        assert store.batch_get_into([name], [buf.ctypes.data], [buf.nbytes]) == [buf.nbytes]
+        buf[buf.nbytes // 3] ^= 0x04
+        store.batch_remove([name], True)
+        assert store.batch_put_from([name], [buf.ctypes.data], [buf.nbytes]) == [0]
+    finally:
+        store.unregister_buffer(buf.ctypes.data)
+
+
+def test_staged_loads_verify_before_writing_and_stop_at_a_corrupt_or_missing_object(store):
+    """staging='always' on the real store, buffers of 2 objects (7 blocks move in chunks of one):
+    a zero-copy instance's objects load byte for byte; a corrupt object (block 3) and, after it
+    was removed, a missing one end the load there and never reach the engine's blocks."""
+    a = make_instance(_cfg(store), engine_id="a", store_factory=None)
+    b = make_instance(_cfg(store, staging="always", staging_buffer_bytes=2 * a.worker.io.payload),
+                      engine_id="b", store_factory=None)
+    try:
+        assert b.worker.io.staging is not None and b.worker.io.batch == 1
+        a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
+        n, res = _hit_and_load(b, "r2", list(range(10, 17)))
+        assert n == 6 * BS and not res.invalid_block_ids
+        for la, lb in zip(a.kv, b.kv):
+            assert torch.equal(la[1:7], lb[10:16])
+        for what in ("corrupt", "missing"):
+            a.serve_and_store(RequestView(f"r1-{what}", PROMPT), list(range(1, 8)))  # restores block 3
+            req = RequestView(f"r3-{what}", PROMPT)
+            assert b.lookup(req) == (6 * BS, True)
+            name = _object_name(b, req, 3)
+            if what == "corrupt":
+                _corrupt(b, name)
+            else:
+                b.worker._shared.store.batch_remove([name], True)
+            blocks = list(range(20, 27))
+            for layer in b.kv:
+                layer[20:27] = -7.0
+            b.sched.update_state_after_alloc(req, (blocks,), 6 * BS)
+            out = b.wait_for(lambda r, rid=req.request_id: rid in r.finished_recving, timeout_s=15)
+            assert out.invalid_block_ids == set(blocks[3:6]), what
+            for la, lb in zip(a.kv, b.kv):
+                assert torch.equal(la[1:4], lb[20:23])
+                assert bool((lb[23:26] == -7.0).all()), what
+            if what == "corrupt":  # the bad object was removed: a later store can replace it
+                assert b.worker._shared.store.batch_is_exist([name]) == [0]
+    finally:
+        b.shutdown()
+        a.shutdown()

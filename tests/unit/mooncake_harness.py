@@ -72,7 +72,7 @@ class Instance:
                 break
             g = torch.Generator().manual_seed(hash(tuple(toks[: (i + 1) * BS])) & 0xFFFFFFFF)
             for layer in self.kv:
-                layer[b] = torch.randn(layer.shape[1:], generator=g)
+                layer[b] = torch.randn(layer.shape[1:], generator=g).to(layer.device)
 
     def serve_and_store(self, req: RequestView, blocks: list[int]) -> TransferResults:
         """A request with no hit: computed whole, finished, its blocks stored."""
@@ -100,10 +100,10 @@ class Instance:
 
 def make_instance(cfg: MooncakeConfig, layers: int = 2, model_name: str = "m", tp_rank: int = 0,
                   engine_id: str = "e", store_factory=FakeMooncakeDistributedStore,
-                  kv_events: bool = False) -> Instance:
+                  kv_events: bool = False, device: str = "cpu") -> Instance:
     eng = EngineInfo(engine_id, block_sizes=(BS,), model_signature={"arch": "tiny"},
                      model_name=model_name, tp_rank=tp_rank, kv_events=kv_events)
-    kv = [torch.zeros(NUM_BLOCKS, 2, BS, 16) for _ in range(layers)]
+    kv = [torch.zeros(NUM_BLOCKS, 2, BS, 16, device=device) for _ in range(layers)]
     w = MooncakeWorker(cfg, eng, store_factory=store_factory)
     w.register_kv_caches({f"l{i}": (t, KVLayout.of_tensor(t, VLLM_CPU_DIMS)) for i, t in enumerate(kv)})
     s = MooncakeScheduler(cfg, eng, store_factory=store_factory)

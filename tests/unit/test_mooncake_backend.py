@@ -238,3 +238,19 @@ def test_batches_pipelined_two_objects_at_a_time_round_trip_and_stop_at_the_bad_
     blocks = list(range(20, 27))
     n, out = _load(b, RequestView("r3", PROMPT), blocks)
     assert out.invalid_block_ids == set(blocks[4:6])
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9, 32, 33, 119])
+@pytest.mark.parametrize("small_last", [False, True])
+def test_batches_cover_the_job_in_order_with_a_small_unoverlapped_end(n, small_last):
+    from kvconnect.backends.mooncake.transfer import StoreIO
+
+    io = StoreIO.__new__(StoreIO)
+    io.batch = 32
+    spans = io.spans(n, small_last)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(0 < hi - lo <= 32 for lo, hi in spans)
+    if n > 8:  # the batch that no transfer overlaps is a quarter batch
+        end = spans[-1] if small_last else spans[0]
+        assert end[1] - end[0] == 8

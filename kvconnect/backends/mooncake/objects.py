@@ -6,7 +6,8 @@ the block's contiguous runs in memory order) followed by a 40-byte header::
     magic "KVC1" | version u16 | reserved u16 | payload bytes u64 | checksum u64 | layout 8 B | key 8 B
 
 Puts and gets name the engine's own memory for every run (Mooncake's multi-buffer batch calls),
-so no byte is copied on this side; only the header goes through a small registered buffer. A get
+so no byte is copied on this side; only the header goes through a small registered buffer. KV
+caches the store cannot reach (GPU) go through :mod:`staging`, whose objects are the same bytes. A get
 is accepted only when Mooncake returns exactly ``payload + header`` bytes, the header's magic,
 version, size, layout and key match, and the checksum (:func:`checksum_of`) of what landed in the
 engine's blocks equals the stored one.
@@ -14,9 +15,7 @@ engine's blocks equals the stored one.
 
 from __future__ import annotations
 
-import ctypes
 import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,11 +23,12 @@ import numpy as np
 import torch
 
 from kvconnect.backends.cpu_offload.rows import block_shape
+from kvconnect.backends.mooncake import xxh3
 from kvconnect.errors import LayoutError
 from kvconnect.layout import KVLayout
 
 MAGIC = b"KVC1"
-VERSION = 2  # 2: weighted-sum checksum (1 was CRC-32)
+VERSION = 3  # 3: XXH3-64 checksum (2: a weighted word sum, 1: CRC-32)
 _HEADER = struct.Struct("<4sHHQQ8s8s")
 HEADER_BYTES = _HEADER.size  # 40
 
@@ -43,11 +43,11 @@ class LayerRuns:
     num_blocks: int
 
 
-def _runs(lay: KVLayout) -> tuple[tuple[int, int], ...]:
-    """Contiguous byte runs of one block (block index 0), merged where they touch."""
+def run_split(lay: KVLayout) -> tuple[int, list[int]]:
+    """Bytes of the innermost contiguous run of one block, and the other (outer) dims of the
+    block, which enumerate its runs."""
     bd = lay.dims.index("block")
     dims = [i for i in range(len(lay.dims)) if i != bd]
-    # Innermost dims that are contiguous form one run; the rest enumerate runs.
     run = lay.itemsize
     inner = 0
     for i in reversed(dims):
@@ -56,7 +56,12 @@ def _runs(lay: KVLayout) -> tuple[tuple[int, int], ...]:
             inner += 1
         else:
             break
-    outer = dims[: len(dims) - inner]
+    return run, dims[: len(dims) - inner]
+
+
+def _runs(lay: KVLayout) -> tuple[tuple[int, int], ...]:
+    """Contiguous byte runs of one block (block index 0), merged where they touch."""
+    run, outer = run_split(lay)
     offsets = [0]
     for i in outer:
         step = lay.strides[i] * lay.itemsize
@@ -74,8 +79,8 @@ def _runs(lay: KVLayout) -> tuple[tuple[int, int], ...]:
 def layer_runs(tensor: torch.Tensor, lay: KVLayout) -> LayerRuns:
     if tensor.device.type != "cpu":
         raise LayoutError(
-            f"mooncake: KV caches on {tensor.device} are not supported yet (this backend moves "
-            "bytes zero-copy from host memory: vLLM's CPU worker)"
+            f"mooncake: KV caches on {tensor.device} are not host memory: zero-copy needs them on "
+            "the CPU; set mooncake.staging to 'auto' or 'always' (a registered host staging buffer)"
         )
     bd = lay.dims.index("block")
     return LayerRuns(tensor.data_ptr(), lay.strides[bd] * lay.itemsize, _runs(lay), lay.num_blocks)
@@ -109,33 +114,19 @@ class BlockObjects:
         return ptrs, sizes
 
 
-_weights: dict[int, np.ndarray] = {}
-
-
-def _odd_weights(n: int) -> np.ndarray:
-    w = _weights.get(n)
-    if w is None:
-        w = _weights[n] = np.arange(n, dtype=np.uint64) * np.uint64(2) + np.uint64(0x9E3779B97F4A7C15 | 1)
-    return w
-
-
 def checksum_of(ptrs: Sequence[int], sizes: Sequence[int]) -> int:
-    """64-bit checksum over memory runs: per run, the sum of its 8-byte words times distinct odd
-    weights (mod 2^64), folded over runs with an odd multiplier per run. Any change of one word
-    changes it (an odd weight is invertible mod 2^64), and so do moved words or runs. Twice as
-    fast as zlib's CRC-32 here (8 vs 4 GB/s on one core), which is what the shared tier's
-    bandwidth on a busy host is bound by; a run whose size is not a multiple of 8 bytes is folded
-    in with CRC-32."""
-    total = 0
+    """64-bit checksum over memory runs: XXH3-64 of each run (any length, no alignment), then
+    XXH3-64 of those digests in run order, so a changed byte anywhere, a moved byte and swapped
+    runs all change it (XXH3 mixes every input bit into every output bit; a miss is ~2^-64).
+    Chosen by measurement on this 2-core host: 15-21 GB/s on one core over KV-sized runs, against
+    5-7 GB/s for the weighted word sum it replaced (objects version 2) and 2.6-4 GB/s for zlib's
+    CRC-32; the store's own TCP transfer uses the same cores, so every checksum cycle is taken
+    from the put or get it guards. :mod:`xxh3` says which binding runs it."""
+    h = xxh3.xxh3_64 or xxh3.require()
+    digests = np.empty(len(sizes), np.uint64)
     for k, (p, n) in enumerate(zip(ptrs, sizes)):
-        raw = (ctypes.c_char * n).from_address(p)
-        if n % 8:
-            part = zlib.crc32(raw)
-        else:
-            words = np.frombuffer(raw, dtype=np.uint64)
-            part = int(np.dot(words, _odd_weights(len(words))))
-        total = (total * 0x100000001B3 + part * (2 * k + 1)) & 0xFFFF_FFFF_FFFF_FFFF
-    return total
+        digests[k] = h(p, n)
+    return h(digests.ctypes.data, digests.nbytes)
 
 
 def pack_header(out: np.ndarray, payload: int, crc: int, layout: bytes, key: bytes) -> None:

@@ -16,6 +16,13 @@ Per job, in batches of ``batch_objects`` objects:
   verified in chain order (length, header, checksum). The first object that is missing or fails
   ends the load there: the blocks before it are good, the rest are reported invalid. An object
   that fails verification is removed from the store so that a later store can replace it.
+
+With a :class:`~kvconnect.backends.mooncake.staging.Staging` buffer (KV caches in GPU memory, or
+``staging="always"``) the calls name staging slots instead of the engine's blocks: a store
+gathers its missing blocks into slots before the checksum; a load verifies the objects in the
+slots and only then scatters the good ones into the engine's blocks, so nothing unverified ever
+reaches them. A batch is then at most half the slots (two batches in flight), so a job larger
+than the buffer moves in chunks.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvconnect.backends.mooncake import objects as ob
+from kvconnect.backends.mooncake.staging import Staging
 from kvconnect.backends.mooncake.store import RPC_FAIL, TRANSFER_FAIL, SharedStore
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ class Job:
     block_ids: list[int]
     keys: list[bytes]
     deadline: float
+    #: Staging only: what the engine had written when the job was submitted (a CUDA event).
+    marker: Any = None
     #: Leading blocks loaded and verified (loads), or stored / already present (saves).
     good: int = 0
     error: str | None = None
@@ -57,6 +67,9 @@ class Job:
     nbytes: int = 0
     seconds: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
+    #: Held while verified objects are copied into the engine's blocks (staging); the engine
+    #: reports a load past its deadline only when it can take this, so no copy lands after.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, key: str, v: float = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + v
@@ -102,11 +115,14 @@ class Lane:
 class StoreIO:
     """Put and get of jobs against one rank's KV caches."""
 
-    def __init__(self, shared: SharedStore, blocks: ob.BlockObjects, prefix: str, layout: bytes,
-                 batch_objects: int) -> None:
+    def __init__(self, shared: SharedStore, blocks: ob.BlockObjects | Staging, prefix: str,
+                 layout: bytes, batch_objects: int) -> None:
         self.sh = shared
         self.store = shared.store
         self.blocks = blocks
+        self.staging = blocks if isinstance(blocks, Staging) else None
+        if self.staging is not None:
+            batch_objects = min(batch_objects, self.staging.slots // 2)
         self.prefix = prefix
         self.layout = layout
         self.batch = batch_objects
@@ -127,7 +143,7 @@ class StoreIO:
         hp = self._headers[kind]
         ptrs, sizes = [], []
         for i, b in enumerate(block_ids):
-            p, s = self.blocks.runs(b)
+            p, s = self.blocks.runs(b) if self.staging is None else self.staging.runs(half * self.batch + i)
             p.append(hp.ptr(half * self.batch + i))
             s.append(ob.HEADER_BYTES)
             ptrs.append(p)
@@ -139,10 +155,22 @@ class StoreIO:
             self.sh.health.failed(f"{what} returned {sorted(set(codes))[:3]}")
 
     # -- save -------------------------------------------------------------------------------------
-    def _prepare_save(self, job: Job, lo: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    def spans(self, n: int, small_last: bool) -> list[tuple[int, int]]:
+        """``[lo, hi)`` batches of ``batch`` objects over ``n``, but the batch whose checksum work
+        overlaps no transfer (a store's first, prepared before any put; a load's last, verified
+        after the last get) a quarter of that, so the pipeline fills and drains fast."""
+        small = max(1, self.batch // 4)
+        if n <= small:
+            return [(0, n)] if n else []
+        if small_last:
+            return [(lo, min(lo + self.batch, n - small)) for lo in range(0, n - small, self.batch)] + \
+                [(n - small, n)]
+        return [(0, small)] + [(lo, min(lo + self.batch, n)) for lo in range(small, n, self.batch)]
+
+    def _prepare_save(self, job: Job, lo: int, hi: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
         """Existence query, then buffers, checksum and header of each missing block of one batch."""
-        keys = [self._key(k) for k in job.keys[lo : lo + self.batch]]
-        blocks = job.block_ids[lo : lo + self.batch]
+        keys = [self._key(k) for k in job.keys[lo:hi]]
+        blocks = job.block_ids[lo:hi]
         exist = self.store.batch_is_exist(keys)
         if any(e < 0 for e in exist):
             self._store_failed(list(exist), "batch_is_exist")
@@ -150,6 +178,8 @@ class StoreIO:
         todo = [i for i, e in enumerate(exist) if e != 1]
         job.add("objects_present", len(keys) - len(todo))
         hp = self._headers["save"]
+        if self.staging is not None:
+            self.staging.gather([blocks[i] for i in todo], half * self.batch, after=job.marker)
         ptrs, sizes = self._buffers("save", [blocks[i] for i in todo], half)
         for j, i in enumerate(todo):
             crc = ob.checksum_of(ptrs[j][:-1], sizes[j][:-1])
@@ -158,19 +188,19 @@ class StoreIO:
 
     def save(self, job: Job) -> None:
         """Batch k+1 is prepared (existence, checksum) on the helper thread while batch k is put."""
-        starts = list(range(0, len(job.keys), self.batch))
-        if not starts:
+        spans = self.spans(len(job.keys), small_last=False)
+        if not spans:
             return
-        nxt = self._pools["save"].submit(self._prepare_save, job, starts[0], 0)
-        for n, lo in enumerate(starts):
+        nxt = self._pools["save"].submit(self._prepare_save, job, *spans[0], 0)
+        for n, (lo, hi) in enumerate(spans):
             try:
                 keys, ptrs, sizes = nxt.result()
             except _StoreDown as e:
                 job.error = str(e)
                 job.add("saves_dropped", len(job.keys) - lo)
                 return
-            if n + 1 < len(starts):
-                nxt = self._pools["save"].submit(self._prepare_save, job, starts[n + 1], (n + 1) % 2)
+            if n + 1 < len(spans):
+                nxt = self._pools["save"].submit(self._prepare_save, job, *spans[n + 1], (n + 1) % 2)
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
                 job.add("deadline_misses")
@@ -186,7 +216,7 @@ class StoreIO:
                 self.sh.health.ok()
                 job.nbytes += len(keys) * self.object_bytes
                 job.add("objects_stored", len(keys))
-            job.good = min(len(job.keys), lo + self.batch)
+            job.good = hi
         with contextlib.suppress(Exception):
             nxt.result()  # never leave the helper writing a header half the next job reuses
 
@@ -195,7 +225,7 @@ class StoreIO:
                 ptrs: list[list[int]], sizes: list[list[int]]) -> tuple[int, str | None]:
         """Verified blocks of one fetched batch, in order, and why the first bad one is bad."""
         hp = self._headers["load"]
-        bkeys = job.keys[lo : lo + self.batch]
+        bkeys = job.keys[lo : lo + len(got)]
         for j, n in enumerate(got):
             why = ""
             if n != self.object_bytes:
@@ -210,8 +240,20 @@ class StoreIO:
                     job.add("objects_corrupt")
                     self._remove(bkeys[j])
             if why:
+                self._deliver(job, lo, half, j)
                 return j, f"block {lo + j} of {len(job.keys)}: {why}"
+        self._deliver(job, lo, half, len(got))
         return len(got), None
+
+    def _deliver(self, job: Job, lo: int, half: int, ok: int) -> None:
+        """Staging: the verified objects of one batch into the engine's blocks, unless the load
+        was reported (failed) already at its deadline."""
+        if self.staging is None or not ok:
+            return
+        with job.lock:
+            if job.reported:
+                return
+            self.staging.scatter(job.block_ids[lo : lo + ok], half * self.batch, after=job.marker)
 
     def load(self, job: Job) -> None:
         """Batch k+1 is fetched while batch k is verified on the helper thread."""
@@ -227,14 +269,14 @@ class StoreIO:
                 return False
             return True
 
-        for n, lo in enumerate(range(0, len(job.keys), self.batch)):
+        for n, (lo, hi) in enumerate(self.spans(len(job.keys), small_last=True)):
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
                 job.add("deadline_misses")
                 break
             half = n % 2
-            bkeys = job.keys[lo : lo + self.batch]
-            ptrs, sizes = self._buffers("load", job.block_ids[lo : lo + self.batch], half)
+            bkeys = job.keys[lo:hi]
+            ptrs, sizes = self._buffers("load", job.block_ids[lo:hi], half)
             got = self.store.batch_get_into_multi_buffers([self._key(k) for k in bkeys], ptrs, sizes)
             if pending is not None and not settle():
                 pending = None

@@ -1,6 +1,10 @@
 """Worker half of the shared tier: registers the rank's KV memory with the store and runs the
 loads and stores the scheduler half plans, off the engine thread (:mod:`transfer`).
 
+KV caches in host memory (vLLM's CPU worker) are registered and moved zero-copy; caches elsewhere
+(GPU) go through a registered host staging buffer of ``staging_buffer_bytes`` (:mod:`staging`).
+``staging="always"`` stages host caches too, ``"never"`` refuses caches it cannot reach.
+
 Reporting, per request:
 
 * a load that verified every block: ``finished_recving``;
@@ -33,12 +37,14 @@ from kvconnect.api import EngineInfo, TransferResults, WorkerConnector
 from kvconnect.backends.cpu_offload import groups as G
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake import objects as ob
+from kvconnect.backends.mooncake import xxh3
 from kvconnect.backends.mooncake.groups import GroupedBlocks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata
+from kvconnect.backends.mooncake.staging import Staging
 from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
 from kvconnect.backends.mooncake.transfer import Job, Lane, StoreIO, merged_ranges, run_job
 from kvconnect.config import MooncakeConfig, validate_mooncake
-from kvconnect.errors import LayoutError
+from kvconnect.errors import ConfigError, LayoutError, UnsupportedModelError
 from kvconnect.layout import KVLayout
 from kvconnect.metadata import decode
 
@@ -58,6 +64,7 @@ class MooncakeWorker(WorkerConnector):
     def __init__(self, config: MooncakeConfig, engine: EngineInfo,
                  store_factory: Callable[[], Any] | None = None) -> None:
         validate_mooncake(config)
+        xxh3.require()  # fail at start, not at the first store
         self.cfg = config
         self.engine = engine
         self.rules = G.rules_of(engine, "mooncake")
@@ -78,29 +85,63 @@ class MooncakeWorker(WorkerConnector):
         if not caches:
             raise LayoutError("mooncake: register_kv_caches got no layers")
         n_groups = len(self.rules)
-        runs: list[list[ob.LayerRuns]] = [[] for _ in range(n_groups)]
+        grouped: list[list[tuple[torch.Tensor, KVLayout]]] = [[] for _ in range(n_groups)]
         for name, (t, lay) in caches.items():
             if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
                 raise LayoutError(f"mooncake: layer {name}: tensor {tuple(t.shape)} does not match its layout")
             if not 0 <= lay.group < n_groups:
                 raise LayoutError(f"mooncake: layer {name} is in KV-cache group {lay.group}; the engine has {n_groups}")
-            runs[lay.group].append(ob.layer_runs(t, lay))
-        if any(not r for r in runs):
-            raise LayoutError(f"mooncake: KV-cache groups {[g for g, r in enumerate(runs) if not r]} have no layers")
-        if n_groups == 1:
-            blocks: ob.BlockObjects | GroupedBlocks = ob.BlockObjects(runs[0])
-        else:
-            blocks = self._grouped = GroupedBlocks([ob.BlockObjects(r) for r in runs])
-        for ptr, size in merged_ranges([(t.data_ptr(), lay.span_bytes) for t, lay in caches.values()]):
-            self._shared.register(ptr, size)
+            grouped[lay.group].append((t, lay))
+        if any(not r for r in grouped):
+            raise LayoutError(f"mooncake: KV-cache groups {[g for g, r in enumerate(grouped) if not r]} have no layers")
+        blocks = self._placement(grouped)
         self.layout = ks.layout_digest(ob.layout_parts(caches))
         ns = ks.namespace(self.cfg, self.engine)
         prefix = ks.rank_prefix(ns, self.layout, self.engine.tp_size, self.engine.tp_rank)
         self.io = StoreIO(self._shared, blocks, prefix, self.layout, self.cfg.batch_objects)
         job = run_job(self.io)
         self._lanes = {k: Lane(f"kvc-mooncake-{k}", job) for k in ("load", "save")}
-        logger.info("mooncake: rank %d registered %d blocks of %d bytes (keys %s...)",
-                    self.engine.tp_rank, blocks.num_blocks, blocks.payload_bytes, prefix)
+        logger.info("mooncake: rank %d registered %d blocks of %d bytes (%s; keys %s...)",
+                    self.engine.tp_rank, blocks.num_blocks, blocks.payload_bytes,
+                    "zero-copy" if self.io.staging is None else
+                    f"staged through {self.io.staging.slots} host slots", prefix)
+
+    def _placement(self, grouped: list[list[tuple[torch.Tensor, KVLayout]]]
+                   ) -> ob.BlockObjects | GroupedBlocks | Staging:
+        """Zero-copy runs of the engine's blocks (per KV-cache group), or a staging buffer; the
+        memory the store will name is registered."""
+        layers = [c for g in grouped for c in g]
+        on_host = all(t.device.type == "cpu" for t, _ in layers)
+        mode = self.cfg.staging
+        if mode == "never" or (mode == "auto" and on_host):
+            if not on_host:
+                devs = sorted({str(t.device) for t, _ in layers})
+                raise LayoutError(f"mooncake.staging='never': KV caches on {devs} are not host memory "
+                                  "and cannot be moved zero-copy; use staging='auto'")
+            runs = [[ob.layer_runs(t, lay) for t, lay in g] for g in grouped]
+            if len(runs) == 1:
+                blocks: ob.BlockObjects | GroupedBlocks = ob.BlockObjects(runs[0])
+            else:
+                blocks = self._grouped = GroupedBlocks([ob.BlockObjects(r) for r in runs])
+            for ptr, size in merged_ranges([(t.data_ptr(), lay.span_bytes) for t, lay in layers]):
+                self._shared.register(ptr, size)
+            return blocks
+        if len(grouped) > 1:
+            raise UnsupportedModelError(
+                f"mooncake: staged KV (staging={mode!r}, caches on {layers[0][0].device}) serves one "
+                f"KV-cache group; this model has {len(grouped)} (hybrid models need host KV caches)"
+            )
+        payload = sum(n for _, lay in layers for _, n in ob._runs(lay))
+        slots = self.cfg.staging_buffer_bytes // payload
+        if slots < 2:
+            raise ConfigError(
+                f"mooncake.staging_buffer_bytes={self.cfg.staging_buffer_bytes} holds {slots} "
+                f"object(s) of {payload} bytes (one block, every layer); it needs at least 2 "
+                f"({2 * payload} bytes): one batch in flight while the next is copied"
+            )
+        staging = Staging(layers, slots)
+        self._shared.register(staging.ptr, staging.nbytes)
+        return staging
 
     def get_handshake_metadata(self) -> MooncakeHandshake | None:
         if self.io is None:
@@ -142,6 +183,8 @@ class MooncakeWorker(WorkerConnector):
             job.error, job.done = error, True
             self._complete(job)
             return
+        if self.io is not None and self.io.staging is not None:
+            job.marker = self.io.staging.marker()
         self._inflight.setdefault(request_id, []).append(job)
         self._lanes[kind].submit(job)
 
@@ -214,10 +257,15 @@ class MooncakeWorker(WorkerConnector):
         for jobs in self._inflight.values():
             for job in jobs:
                 if job.kind == "load" and not job.reported and now > job.deadline:
-                    job.error = job.error or f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
-                    job.good = 0  # what landed so far is not verified
-                    self._add("deadline_misses", 1)
-                    self._report_load(job)
+                    if not job.lock.acquire(blocking=False):
+                        continue  # verified blocks are being copied in: report once that ends
+                    try:
+                        job.error = job.error or f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
+                        job.good = 0  # what landed so far is not verified
+                        self._add("deadline_misses", 1)
+                        self._report_load(job)
+                    finally:
+                        job.lock.release()
         out, self._out = self._out, TransferResults()
         for rid in list(self._closed):
             if rid not in self._inflight:
