@@ -32,6 +32,7 @@ REQUIRED_MODULES: Mapping[str, str] = {
     "matplotlib": "pip install -e '.[test-cpu]' (the plot of kvconnect bench serve)",
     "sglang": "pip install --no-deps sglang==0.5.23 (SGLang adapter tests)",
     "mooncake.store": "pip install mooncake-transfer-engine-non-cuda (shared tier tests; needs apt libibverbs1)",
+    "xxhash": "pip install -e '.[test-cpu]' (the shared tier's object checksums, XXH3-64)",
 }
 
 #: Set to 1 by scripts/test.sh; CI sets CI=true. Either makes a missing package a failure.
