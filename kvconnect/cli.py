@@ -58,16 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         return top_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="kvconnect",
-        description="One KV-cache connector for vLLM and SGLang: NIXL/MoRI P/D transfer, CPU offload, composed.",
+        description="One KV-cache connector for vLLM and SGLang: NIXL/MoRI P/D transfer, CPU offload, "
+        "a shared Mooncake tier, composed.",
     )
     p.add_argument("--version", action="store_true", help="print the version")
     sub = p.add_subparsers(dest="cmd")
     c = sub.add_parser("config", help="print every option with its default, or validate a JSON config")
     c.add_argument("json", nargs="?", help="a JSON config to validate")
     c.set_defaults(fn=_cmd_config)
-    s = sub.add_parser("selfcheck", help="check the installation: layouts, wire types, side channel, backends")
+    s = sub.add_parser(
+        "selfcheck", help="check the installation: layouts, wire types, side channel, backends"
+    )
     s.set_defaults(fn=_cmd_selfcheck)
-    b = sub.add_parser("bench", help="run a benchmark (offload, transfer, scheduler, serve, store) or all but serve")
+    b = sub.add_parser(
+        "bench", help="run a benchmark (offload, transfer, scheduler, serve, store) or all but serve"
+    )
     b.add_argument("name", nargs="?")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_cmd_bench)

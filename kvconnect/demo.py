@@ -100,7 +100,15 @@ def _run(S, T, wd: Path, args) -> int:
         chat_a = S.chat(single.url, PROMPTS[1], max_tokens=args.max_tokens)
         chat_b = S.chat(router.url, PROMPTS[1], max_tokens=args.max_tokens, stream=True)
         ok &= chat_a.token_ids == chat_b.token_ids
-        rows.append(("chat", PROMPTS[1] + "  [chat; P/D streamed]", chat_a, chat_b, chat_a.token_ids == chat_b.token_ids))
+        rows.append(
+            (
+                "chat",
+                PROMPTS[1] + "  [chat; P/D streamed]",
+                chat_a,
+                chat_b,
+                chat_a.token_ids == chat_b.token_ids,
+            )
+        )
 
         for i, prompt, a, b, same in rows:
             n = len(a.prompt_token_ids or []) or "?"
@@ -118,19 +126,26 @@ def _run(S, T, wd: Path, args) -> int:
             return min(times)
 
         ls, lp = best(single.url), best(router.url)
-        print(f"\nwarm latency, {args.max_tokens} tokens, short prompt (best of 5): single {ls * 1000:.0f} ms, "
-              f"P/D via router {lp * 1000:.0f} ms ({lp / ls:.1f}x)")
+        print(
+            f"\nwarm latency, {args.max_tokens} tokens, short prompt (best of 5): single {ls * 1000:.0f} ms, "
+            f"P/D via router {lp * 1000:.0f} ms ({lp / ls:.1f}x)"
+        )
 
         time.sleep(1.5)  # counters reach /metrics on the engines' next steps
         print("\nkvconnect transfer counters (from /metrics, vllm:kvconnect_total{stat=...}):")
         for who, srv in (("decode", decode), ("prefill", prefill)):
             m = S.get_metrics(srv.url)
-            stats = {dict(lab).get("stat"): v for (name, lab), v in m.items() if name == "vllm:kvconnect_total"}
+            stats = {
+                dict(lab).get("stat"): v for (name, lab), v in m.items() if name == "vllm:kvconnect_total"
+            }
             ext = S.metric_value(m, "vllm:external_prefix_cache_hits")
             line = ", ".join(f"{k}={v:g}" for k, v in sorted(stats.items()) if k)
             print(f"  {who:7s}: {line or '(none)'}")
             if who == "decode":
-                print(f"  decode : vLLM external prefix-cache hits {ext:.0f} tokens (prompt KV taken from the prefill)")
+                print(
+                    f"  decode : vLLM external prefix-cache hits {ext:.0f} tokens (prompt KV taken from the "
+                    "prefill)"
+                )
         print("\nRESULT: " + ("every P/D output equals the single instance, token for token"
                               if ok else "P/D output DIFFERS from the single instance"))
         return 0 if ok else 1

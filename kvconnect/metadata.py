@@ -156,7 +156,12 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
     except msgspec.ValidationError as e:
         raise WireError(f"kv_transfer_params: {e}") from e
     if p.do_remote_prefill:
-        if p.remote_engine_id is None or p.remote_block_ids is None or p.remote_host is None or p.remote_port is None:
+        if (
+            p.remote_engine_id is None
+            or p.remote_block_ids is None
+            or p.remote_host is None
+            or p.remote_port is None
+        ):
             missing = [k for k in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
                        if getattr(p, k) is None]
             raise WireError(f"kv_transfer_params: do_remote_prefill needs {', '.join(missing)}")
@@ -167,7 +172,9 @@ def parse_transfer_params(params: Mapping[str, Any] | None) -> KVTransferParams 
         if ids and type(ids[0]) is list and not all(type(g) is list for g in ids):
             raise WireError("kv_transfer_params: remote_block_ids mixes ids and per-group lists")
     elif p.remote_block_ids is not None and type(p.remote_block_ids) is not list:
-        raise WireError(f"kv_transfer_params: remote_block_ids must be a list, got {type(p.remote_block_ids).__name__}")
+        raise WireError(
+            f"kv_transfer_params: remote_block_ids must be a list, got {type(p.remote_block_ids).__name__}"
+        )
     return p
 
 

@@ -68,8 +68,9 @@ def create_backend_worker(backend_cfg: Any, engine: EngineInfo) -> WorkerConnect
     return worker_class(backend_name(backend_cfg))(backend_cfg, engine)
 
 
-def _build_children(cfg: KVConnectConfig, engine: EngineInfo,
-                    create: Callable[[Any, EngineInfo], T]) -> tuple[list[T], list[str], list[tuple[str, str]]]:
+def _build_children(
+    cfg: KVConnectConfig, engine: EngineInfo, create: Callable[[Any, EngineInfo], T]
+) -> tuple[list[T], list[str], list[tuple[str, str]]]:
     """Every child of a composition, built in config order (see
     :func:`kvconnect.multi.metadata.build_children`); the composition is checked first, before
     anything holds a socket or a thread."""

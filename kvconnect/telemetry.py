@@ -87,7 +87,9 @@ def merge_stats(into: dict[str, Any], new: Mapping[str, Any]) -> None:
         elif isinstance(v, list):
             old = into.get(k)
             into[k] = old + v if isinstance(old, list) else list(v)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(into.get(k), (int, float)):
+        elif (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(into.get(k), (int, float))
+        ):
             into[k] += v
         else:
             into[k] = v

@@ -99,7 +99,11 @@ def parse(text: str, t: float | None = None) -> Snapshot:
             if fam.name == _KVC and s.name == _KVC + "_total":
                 snap.counters[lab["stat"]] = snap.counters.get(lab["stat"], 0.0) + v
             elif fam.name in (_SECONDS, _WAIT):
-                h = _hist(snap.seconds, (lab["backend"], lab["direction"])) if fam.name == _SECONDS else snap.load_wait
+                h = (
+                    _hist(snap.seconds, (lab["backend"], lab["direction"]))
+                    if fam.name == _SECONDS
+                    else snap.load_wait
+                )
                 if s.name.endswith("_bucket"):
                     le = float(lab["le"])
                     h.buckets[le] = h.buckets.get(le, 0.0) + v
@@ -221,7 +225,9 @@ def render(snaps: dict[str, Snapshot | str], prev: dict[str, Snapshot | str] | N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvconnect top", description=__doc__.split("\n\n")[0])
     p.add_argument("urls", nargs="+", help="server base URLs (http://host:port) or their /metrics")
-    p.add_argument("--once", action="store_true", help="print one snapshot and exit (1 if a server is unreachable)")
+    p.add_argument(
+        "--once", action="store_true", help="print one snapshot and exit (1 if a server is unreachable)"
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of one /metrics fetch")
     a = p.parse_args(argv)
@@ -235,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             # Home the cursor and clear the screen: the view is redrawn in place.
-            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("kvconnect top   %H:%M:%S\n\n") + render(snaps, prev))
+            sys.stdout.write(
+                "\x1b[H\x1b[2J" + time.strftime("kvconnect top   %H:%M:%S\n\n") + render(snaps, prev)
+            )
             sys.stdout.flush()
             time.sleep(a.interval)
             prev, snaps = snaps, snapshot_all(a.urls, a.timeout)

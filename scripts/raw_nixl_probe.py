@@ -145,7 +145,8 @@ def main() -> None:
         f"first transfer, one block (connection set-up included): {(time.perf_counter() - t0) * 1e3:.1f} ms"
     )
     print(
-        f"{'case':38s} {'make ms':>8s} {'post ms':>8s} {'post+wait ms':>13s} {'GB/s med':>9s} {'GB/s best':>10s}"
+        f"{'case':38s} {'make ms':>8s} {'post ms':>8s} {'post+wait ms':>13s} {'GB/s med':>9s} "
+        f"{'GB/s best':>10s}"
     )
     for label, (lh, li, rh, ri, nbytes) in cases.items():
         make_ms, post_ms, xfer_s = [], [], []
@@ -185,7 +186,8 @@ def main() -> None:
     ):
         med = statistics.median(xs)
         print(
-            f"{label:38s} {'':8s} {'':8s} {med * 1e3:13.3f} {_gbps(total, med):9.2f} {_gbps(total, min(xs)):10.2f}"
+            f"{label:38s} {'':8s} {'':8s} {med * 1e3:13.3f} {_gbps(total, med):9.2f} "
+            f"{_gbps(total, min(xs)):10.2f}"
         )
 
     if peer_proc is not None:

@@ -142,7 +142,9 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         self._worker.save_kv_layer(layer_name, kv_layer)
 
     def wait_for_save(self) -> None:
@@ -226,7 +228,9 @@ class KVConnect(KVConnectorBase_V1, SupportsHMA):
     # ``SchedulerConnector.loads_only_when``) skips them in the lookup and the allocation notice.
     # The check is written out in both: they run for every request, and a helper call would cost
     # as much as the check.
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         key = self._load_key
         if key is not None:
             params = request.kv_transfer_params

@@ -5,8 +5,8 @@ ZMQ batch). The block hashes are the engine's own (``request.block_hashes``), co
 vLLM converts its device hashes (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by default: the low
 64 bits of the big-endian hash as an int; else the bytes as they are), so a subscriber joins a
 tier's blocks to the device's by hash. The setting is read once per batch: vLLM's own converter
-reads the environment on every hash, which was most of the cost of a batch. LoRA and the per-block extra keys are
-read from the vLLM request with vLLM's own helpers, as its block pool does for device blocks.
+reads the environment on every hash, which was most of the cost of a batch. LoRA and the per-block extra keys
+are read from the vLLM request with vLLM's own helpers, as its block pool does for device blocks.
 """
 
 from __future__ import annotations

@@ -100,7 +100,9 @@ def declared_stats(extra_config: Mapping[str, Any] | None) -> dict[str, StatName
         try:
             out[name] = stat_names(name)
         except KeyError:
-            logger.warning("kvconnect: backend %s declares no stats; its metrics appear when first reported", name)
+            logger.warning(
+                "kvconnect: backend %s declares no stats; its metrics appear when first reported", name
+            )
     return out
 
 
@@ -150,8 +152,10 @@ class KVConnectPromMetrics(KVConnectorPromMetrics):
         fam = self._gauge_families.get(gauge)
         if fam is None:
             fam = self._gauge_families[gauge] = self._gauge_cls(
-                name=PROM_TIER + gauge, documentation=f"kvconnect: {gauge.replace('_', ' ')} of a storage "
-                "tier, by backend", multiprocess_mode="mostrecent", labelnames=list(self._labelnames) + ["backend"],
+                name=PROM_TIER + gauge,
+                documentation=f"kvconnect: {gauge.replace('_', ' ')} of a storage tier, by backend",
+                multiprocess_mode="mostrecent",
+                labelnames=list(self._labelnames) + ["backend"],
             )
         return fam
 

@@ -340,12 +340,15 @@ def engine_info(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0) -> Eng
         layer_groups=tuple(tuple(g.layer_names) for g in groups),
         group_kinds=tuple(group_kind(s) for s in specs),
         sliding_windows=tuple(
-            int(getattr(s, "sliding_window", 0) or 0) if group_kind(s) == "sliding_window" else 0 for s in specs
+            int(getattr(s, "sliding_window", 0) or 0) if group_kind(s) == "sliding_window" else 0
+            for s in specs
         ),
         # vLLM's BlockPool takes block 0 off its free queue as the null block at start.
         null_block_id=0,
         model_name=str(model.model),
-        kv_events=bool(getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False)),
+        kv_events=bool(
+            getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False)
+        ),
     )
 
 

@@ -54,7 +54,9 @@ def load_nixl() -> tuple[Callable[..., Any], Callable[..., Any]]:
         try:
             from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[no-redef]
         except ImportError as e:
-            raise BackendUnavailableError(f"the nixl backend needs NIXL, which is not installed: {INSTALL_HINT} ({e})") from e
+            raise BackendUnavailableError(
+                f"the nixl backend needs NIXL, which is not installed: {INSTALL_HINT} ({e})"
+            ) from e
     return nixl_agent, nixl_agent_config
 
 
@@ -76,7 +78,11 @@ class NixlTransport(Transport):
         elif config_factory is None:
             config_factory = getattr(sys.modules.get(agent_factory.__module__), "nixl_agent_config", None)
         apply_ucx_defaults()  # also where the agent class was injected: UCX reads them at the first agent
-        conf = config_factory(enable_prog_thread=progress_thread, backends=list(backends)) if config_factory else None
+        conf = (
+            config_factory(enable_prog_thread=progress_thread, backends=list(backends))
+            if config_factory
+            else None
+        )
         self._agent = agent_factory(agent_name, conf)
         self._name = agent_name
         self._skip_merge = not merge_runs
@@ -113,9 +119,13 @@ class NixlTransport(Transport):
         try:
             blob = _BLOB_DECODER.decode(metadata)
         except (msgspec.DecodeError, TypeError) as e:
-            raise HandshakeError(f"NIXL refused the peer's agent metadata: not a kvconnect NIXL blob ({e})") from e
+            raise HandshakeError(
+                f"NIXL refused the peer's agent metadata: not a kvconnect NIXL blob ({e})"
+            ) from e
         if blob.mem not in ("DRAM", "VRAM"):
-            raise HandshakeError(f"NIXL refused the peer's agent metadata: memory type {blob.mem!r} is not DRAM or VRAM")
+            raise HandshakeError(
+                f"NIXL refused the peer's agent metadata: memory type {blob.mem!r} is not DRAM or VRAM"
+            )
         try:
             name = self._agent.add_remote_agent(blob.agent)
         except Exception as e:
@@ -146,7 +156,9 @@ class NixlTransport(Transport):
         try:
             return self._agent.prep_xfer_dlist("NIXL_INIT_AGENT" if peer is None else peer, rows, mem)
         except Exception as e:
-            raise TransferError(f"NIXL could not prepare {len(rows)} {mem} descriptors for {peer or 'local'}: {e}") from e
+            raise TransferError(
+                f"NIXL could not prepare {len(rows)} {mem} descriptors for {peer or 'local'}: {e}"
+            ) from e
 
     def release_prepared(self, prepared: Any) -> None:
         self._agent.release_dlist_handle(prepared)
@@ -159,12 +171,16 @@ class NixlTransport(Transport):
                 skip_desc_merge=self._skip_merge,
             )
         except Exception as e:
-            raise TransferError(f"NIXL could not make a {op.value} with {peer}: {type(e).__name__}: {e}") from e
+            raise TransferError(
+                f"NIXL could not make a {op.value} with {peer}: {type(e).__name__}: {e}"
+            ) from e
         try:
             state = self._agent.transfer(h)
         except Exception as e:
             self.release(h)
-            raise TransferError(f"NIXL {op.value} with {peer} failed to start: {type(e).__name__}: {e}") from e
+            raise TransferError(
+                f"NIXL {op.value} with {peer} failed to start: {type(e).__name__}: {e}"
+            ) from e
         if state == "ERR":
             self.release(h)
             raise TransferError(f"NIXL {op.value} with {peer} failed to start")

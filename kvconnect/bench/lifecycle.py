@@ -40,7 +40,9 @@ def make_specs(a: argparse.Namespace, workload: str, env: Env) -> list[Spec]:
         n = rng.randint(a.prompt_min, a.prompt_max)
         if workload == "offload" and rng.random() < 0.7:
             shared = n // 2
-            tokens = docs[rng.randrange(len(docs))][:shared] + [rng.randrange(1, 1000) for _ in range(n - shared)]
+            tokens = docs[rng.randrange(len(docs))][:shared] + [
+                rng.randrange(1, 1000) for _ in range(n - shared)
+            ]
         else:
             tokens = [rng.randrange(1, 1000) for _ in range(n)]
         params = None
@@ -267,9 +269,11 @@ class Engine:
             t["output"] += pc() - t0
             collect_between_steps()
             if self.steps > 100_000:
-                raise BenchmarkError(f"benchmark engine did not drain ({type(conn).__name__}: {len(self.specs)} to arrive, "
-                                   f"{len(self.waiting)} waiting, {len(self.remote)} loading, {len(self.running)} running, "
-                                   f"{len(self.held)} held, {len(self.due)} results due)")
+                raise BenchmarkError(
+                    f"benchmark engine did not drain ({type(conn).__name__}: {len(self.specs)} to arrive, "
+                    f"{len(self.waiting)} waiting, {len(self.remote)} loading, {len(self.running)} running, "
+                    f"{len(self.held)} held, {len(self.due)} results due)"
+                )
 
     def _finish(self, req: Any) -> None:
         from vllm.v1.request import RequestStatus

@@ -170,7 +170,9 @@ def _plain_copy(w: CpuOffloadWorker, threads: int, to_engine: bool) -> float:
     t0 = time.perf_counter()
     with _Threads(threads):
         for lc in w.layers:
-            assert lc.engine_rows is not None and lc.pool_rows is not None, "benchmark layouts split into rows"
+            assert lc.engine_rows is not None and lc.pool_rows is not None, (
+                "benchmark layouts split into rows"
+            )
             pool = lc.pool_rows.view(-1)
             engine = lc.engine_rows.view(-1)[: pool.numel()]
             if to_engine:
@@ -216,8 +218,12 @@ def verify(w: CpuOffloadWorker, caches: dict[str, tuple[torch.Tensor, KVLayout]]
         lc.engine_rows.view(torch.uint8).random_()
     want = _snapshot(caches, src, every=True)
     for kind, ids in (("store", src), ("load", dst)):
-        jobs = [(StoreJob if kind == "store" else LoadJob)(request_id=f"verify-{kind}{rid}", block_ids=ids[s],
-                                                           slots=list(range(n))[s], keys=keys[s]) for rid, s in chunks]
+        jobs = [
+            (StoreJob if kind == "store" else LoadJob)(
+                request_id=f"verify-{kind}{rid}", block_ids=ids[s], slots=list(range(n))[s], keys=keys[s]
+            )
+            for rid, s in chunks
+        ]
         meta = OffloadStepMetadata(stores=jobs, closed=[j.request_id for j in jobs]) if kind == "store" else \
             OffloadStepMetadata(loads=jobs)
         _run(w, meta, len(jobs))
@@ -228,8 +234,10 @@ def verify(w: CpuOffloadWorker, caches: dict[str, tuple[torch.Tensor, KVLayout]]
     for name, x, y in zip(caches, want, _snapshot(caches, dst, every=True)):
         bad = (x != y).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:
-            raise BenchmarkError(f"offload benchmark: {len(bad)} of {n} blocks of {name} differ after a store and "
-                               f"a load (first: block {src[bad[0]]} -> slot {bad[0]} -> block {dst[bad[0]]})")
+            raise BenchmarkError(
+                f"offload benchmark: {len(bad)} of {n} blocks of {name} differ after a store and "
+                f"a load (first: block {src[bad[0]]} -> slot {bad[0]} -> block {dst[bad[0]]})"
+            )
 
 
 def bandwidth(a: argparse.Namespace, layout: str, block_size: int) -> list[dict[str, float]]:
@@ -267,8 +275,9 @@ def _bandwidth_row(a: argparse.Namespace, caches: dict, n: int, nb: int, per_blo
         want = _snapshot(caches, [src[i] for i in probe])
         stores = [StoreJob(request_id=f"s{rep}{rid}", block_ids=src[s], slots=list(range(n))[s], keys=keys[s])
                   for rid, s in chunks]
-        times["store"].append(_run(w, OffloadStepMetadata(stores=stores, closed=[j.request_id for j in stores]),
-                                   len(stores)))
+        times["store"].append(
+            _run(w, OffloadStepMetadata(stores=stores, closed=[j.request_id for j in stores]), len(stores))
+        )
         loads = [LoadJob(request_id=f"l{rep}{rid}", block_ids=dst[s], slots=list(range(n))[s], keys=keys[s])
                  for rid, s in chunks]
         times["load"].append(_run(w, OffloadStepMetadata(loads=loads), len(loads)))
@@ -351,13 +360,22 @@ def _device_name(device: str) -> str:
 
 #: Table columns: (heading, row key, format); shared with the markdown report.
 COLUMNS = (
-    ("layout", "layout", "{}"), ("block", "block_size", "{}"), ("threads", "threads", "{}"),
-    ("blocks", "blocks", "{}"), ("GB", "bytes", "{:.2f}"), ("runs/block/layer", "runs_per_block_layer", "{:g}"),
-    ("store GB/s", "store_gbps", "{:.2f}"), ("load GB/s", "load_gbps", "{:.2f}"),
-    ("copy out GB/s", "memcpy_gbps", "{:.2f}"), ("copy in GB/s", "memcpy_load_gbps", "{:.2f}"),
-    ("bare gather GB/s", "gather_gbps", "{:.2f}"), ("bare scatter GB/s", "scatter_gbps", "{:.2f}"),
-    ("store/copy", "store_ratio", "{:.2f}"), ("load/copy", "load_ratio", "{:.2f}"),
-    ("gather/copy", "gather_ratio", "{:.2f}"), ("scatter/copy", "scatter_ratio", "{:.2f}"),
+    ("layout", "layout", "{}"),
+    ("block", "block_size", "{}"),
+    ("threads", "threads", "{}"),
+    ("blocks", "blocks", "{}"),
+    ("GB", "bytes", "{:.2f}"),
+    ("runs/block/layer", "runs_per_block_layer", "{:g}"),
+    ("store GB/s", "store_gbps", "{:.2f}"),
+    ("load GB/s", "load_gbps", "{:.2f}"),
+    ("copy out GB/s", "memcpy_gbps", "{:.2f}"),
+    ("copy in GB/s", "memcpy_load_gbps", "{:.2f}"),
+    ("bare gather GB/s", "gather_gbps", "{:.2f}"),
+    ("bare scatter GB/s", "scatter_gbps", "{:.2f}"),
+    ("store/copy", "store_ratio", "{:.2f}"),
+    ("load/copy", "load_ratio", "{:.2f}"),
+    ("gather/copy", "gather_ratio", "{:.2f}"),
+    ("scatter/copy", "scatter_ratio", "{:.2f}"),
 )
 
 

@@ -39,9 +39,12 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-prompt-words", type=int, default=120)
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown report path ('-' for stdout)")
     p.add_argument("--json-out", help="also write every raw result as JSON here")
-    p.add_argument("--update", action="store_true",
-                   help="replace only the sections of the benchmarks run (--only) in the existing --out file, "
-                        "keeping the rest of it; each replaced section says when and by which command")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the sections of the benchmarks run (--only) in the existing --out file, "
+        "keeping the rest of it; each replaced section says when and by which command",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="per-benchmark time limit, seconds")
     return p.parse_args(argv)
 
@@ -196,99 +199,136 @@ def md_scheduler(r: dict[str, Any]) -> list[str]:
         f"{cfg['in_flight']} in flight, {cfg['token_budget']} tokens per step, results {cfg['result_delay']} "
         f"steps after the metadata; median of {cfg['repeats']} runs (min in brackets). Figures are connector "
         "time per request-step (one live request in one engine step), in microseconds; **ratio** is "
-        "kvconnect's figure over that connector's (below 1: kvconnect is cheaper). Blocks come from vLLM's own "
-        "`BlockPool`, shuffled as a serving engine's is; the cyclic collector runs between steps, outside the "
-        "timed calls (inside them it billed whichever call crossed its threshold for the engine's garbage), "
-        "and each step's metadata is dropped after the step, as the engine drops its step output (kept until "
-        "the next call, freeing it was billed to that call). kvconnect's P/D scheduler hands the router's "
-        "params to the workers unread; their check runs on the worker's progress thread. "
-        "`floor: bare P/D protocol` does only what any P/D connector must (offer the load, read the allocated "
-        "block ids, return the producer's): its ratio is the lowest any connector reaches.",
+        "kvconnect's figure over that connector's (below 1: kvconnect is cheaper). Blocks come from vLLM's "
+        "own `BlockPool`, shuffled as a serving engine's is; the cyclic collector runs between steps, "
+        "outside the timed calls (inside them it billed whichever call crossed its threshold for the "
+        "engine's garbage), and each step's metadata is dropped after the step, as the engine drops its step "
+        "output (kept until the next call, freeing it was billed to that call). kvconnect's P/D scheduler "
+        "hands the router's params to the workers unread; their check runs on the worker's progress thread. "
+        "`floor: bare P/D protocol` does only what any P/D connector must (offer the load, read the "
+        "allocated block ids, return the producer's): its ratio is the lowest any connector reaches.",
         "",
     ]
     for bs, per in r["block_sizes"].items():
-        lines += [f"Block size {bs}:", "",
-                  "| workload | connector | us / request-step | ratio | lookup | alloc | meta | finished | output |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"Block size {bs}:",
+            "",
+            "| workload | connector | us / request-step | ratio | lookup | alloc | meta | finished | output "
+            "|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for w, wr in per.items():
             for label, v in wr["rows"].items():
                 c = v["calls_us_per_request"]
                 ratio = _fmt(v.get("kvconnect_ratio")) if "kvconnect_ratio" in v else "-"
                 lo = min(v["us_per_request_step_runs"])
-                lines.append(f"| {w} | {label} | {v['us_per_request_step']:.2f} ({lo:.2f}) | {ratio} | "
-                             f"{c['lookup']:.1f} | {c['alloc']:.1f} | {c['meta']:.1f} | {c['finished']:.1f} | "
-                             f"{c['output']:.1f} |")
+                lines.append(
+                    f"| {w} | {label} | {v['us_per_request_step']:.2f} ({lo:.2f}) | {ratio} | "
+                    f"{c['lookup']:.1f} | {c['alloc']:.1f} | {c['meta']:.1f} | {c['finished']:.1f} | "
+                    f"{c['output']:.1f} |"
+                )
         lines.append("")
     lines.append("Call columns: microseconds per request over its whole life (all calls of that kind).")
     lines.append("")
     for k, v in r.get("targets", {}).items():
         bar = "<= 0.5x vLLM NixlConnector" if v["bar"] == 0.5 else "< 1x vLLM MultiConnector"
         floor = f" (the bare P/D protocol alone: {v['floor_ratio']:.2f})" if "floor_ratio" in v else ""
-        lines.append(f"- target `{k}` ({bar}): ratio {v['ratio']:.2f} — **{'met' if v['met'] else 'not met'}**{floor}")
+        lines.append(
+            f"- target `{k}` ({bar}): ratio {v['ratio']:.2f} — **{'met' if v['met'] else 'not met'}**{floor}"
+        )
     return lines
 
 
 def md_offload(r: dict[str, Any]) -> list[str]:
     from kvconnect.bench.offload import COLUMNS, cells
 
-    lines = [f"Model {r['model']}, on {r.get('device', 'CPU')}; layouts {', '.join(r.get('layouts', []))}; "
-             f"median of {r.get('repeats', '?')} repeats. `vllm_cpu` is vLLM's CPU worker cache "
-             "`[blocks, heads, block_size, 2*head_dim]`, registered as the vLLM adapter registers it (a `.k` and "
-             "a `.v` view per layer); `flash_nhd` is `[2, blocks, block_size, heads, dim]`. **runs/block/layer**: "
-             "contiguous pieces the copy moves per block and layer. Reference: a plain contiguous copy of the "
-             "same bytes with the same thread count (out: engine -> pool, in: pool -> engine); **bare "
-             "gather / scatter**: the backend's row copy of the same blocks called directly, without the "
-             "worker's tasks and checks.", "",
-             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines = [
+        f"Model {r['model']}, on {r.get('device', 'CPU')}; layouts {', '.join(r.get('layouts', []))}; "
+        f"median of {r.get('repeats', '?')} repeats. `vllm_cpu` is vLLM's CPU worker cache "
+        "`[blocks, heads, block_size, 2*head_dim]`, registered as the vLLM adapter registers it (a `.k` and "
+        "a `.v` view per layer); `flash_nhd` is `[2, blocks, block_size, heads, dim]`. **runs/block/layer**: "
+        "contiguous pieces the copy moves per block and layer. Reference: a plain contiguous copy of the "
+        "same bytes with the same thread count (out: engine -> pool, in: pool -> engine); **bare "
+        "gather / scatter**: the backend's row copy of the same blocks called directly, without the "
+        "worker's tasks and checks.",
+        "",
+        "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
     for v in r["rows"]:
         lines.append("| " + " | ".join(cells(v)) + " |")
     ver = sum(v.get("verified_bytes", 0) for v in r["rows"])
     if ver:
-        lines += ["", f"Verified after the timed runs: {ver / 1e9:.2f} GB of random KV compared byte for byte "
-                  "(the same jobs once more, untimed: a store, then a load into refilled blocks), all equal."]
+        lines += [
+            "",
+            f"Verified after the timed runs: {ver / 1e9:.2f} GB of random KV compared byte for byte "
+            "(the same jobs once more, untimed: a store, then a load into refilled blocks), all equal.",
+        ]
     lines += ["", "| stored blocks | prefix blocks | lookup us | first lookup us |", "|---:|---:|---:|---:|"]
     for x in r.get("lookup", []):
-        lines.append(f"| {x['stored_blocks']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | {x['first_lookup_us']:.1f} |")
+        lines.append(
+            f"| {x['stored_blocks']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | "
+            f"{x['first_lookup_us']:.1f} |"
+        )
     return lines
 
 
 def md_transfer(r: dict[str, Any]) -> list[str]:
-    lines = [f"{r['batch']} requests in flight, {r['bytes'] / 2**20:.0f} MiB per batch ({r['layers']} layers x "
-             f"{r['request_blocks']} blocks each), {r.get('device', 'cpu')} memory, checksums "
-             f"{'on' if r.get('checksums') else 'off'}; median of {r['iterations']} batches. Reference: raw "
-             "`nixl_agent` READs of the same bytes with the same descriptors, each batch run right after "
-             "kvconnect's; **ratio** is the median of the paired ratios (raw time / kvconnect time).", "",
-             "| block ids | merge runs | descriptors | kvconnect GB/s | raw NIXL GB/s | ratio |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{r['batch']} requests in flight, {r['bytes'] / 2**20:.0f} MiB per batch ({r['layers']} layers x "
+        f"{r['request_blocks']} blocks each), {r.get('device', 'cpu')} memory, checksums "
+        f"{'on' if r.get('checksums') else 'off'}; median of {r['iterations']} batches. Reference: raw "
+        "`nixl_agent` READs of the same bytes with the same descriptors, each batch run right after "
+        "kvconnect's; **ratio** is the median of the paired ratios (raw time / kvconnect time).",
+        "",
+        "| block ids | merge runs | descriptors | kvconnect GB/s | raw NIXL GB/s | ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for x in r["rows"]:
         lines.append(f"| {x['blocks']} | {'on' if x['merge_runs'] else 'off'} | {x['descriptors']} | "
                      f"{x['kvconnect_gbps']:.2f} | {x['raw_nixl_gbps']:.2f} | {x['ratio']:.2f} |")
     if r.get("verified_bytes"):
-        lines += ["", f"Verified after each row's timed runs: {r['verified_bytes'] / 2**20:.0f} MiB of random KV "
-                  "compared byte for byte (what the last timed batch left, then one more kvconnect batch and one "
-                  "more raw batch into refilled blocks), all equal."]
+        lines += [
+            "",
+            f"Verified after each row's timed runs: {r['verified_bytes'] / 2**20:.0f} MiB of random KV "
+            "compared byte for byte (what the last timed batch left, then one more kvconnect batch and one "
+            "more raw batch into refilled blocks), all equal.",
+        ]
     return lines
 
 
 def md_store(r: dict[str, Any]) -> list[str]:
     m, r0 = r["model"], r["rows"][0]
-    lines = [f"{m['layers']} layers, {m['kv_heads']} KV heads, head dim {m['head_dim']}, {m['block_size']}-token "
-             f"blocks, {m['dtype']} (vLLM CPU layout); {r0['blocks']} blocks = {r0['bytes'] / 1e9:.2f} GB per "
-             f"direction, on {r['device']}, a master and one memory holder started by the bench; median of "
-             f"{len(r['rows'])}. kvconnect: one object per block (every layer's run + a header with a 64-bit checksum), "
-             "an existence query before each put batch; reference: raw `batch_put_from` / `batch_get_into` of "
-             "each block x layer run on the same bytes, right before kvconnect's; **ratio** is the median of "
-             "the paired ratios.", "",
-             "| | kvconnect GB/s | raw Mooncake GB/s | ratio |", "|---|---:|---:|---:|",
-             f"| put | {r['put_gbps']:.2f} | {r['raw_put_gbps']:.2f} | {r['put_ratio']:.2f} |",
-             f"| get | {r['get_gbps']:.2f} | {r['raw_get_gbps']:.2f} | {r['get_ratio']:.2f} |", "",
-             "Per repeat (GB/s, kvconnect / raw): " + "; ".join(
-                 f"put {x['put_gbps']:.2f}/{x['raw_put_gbps']:.2f}, get {x['get_gbps']:.2f}/{x['raw_get_gbps']:.2f}"
-                 for x in r["rows"]) + ".",
-             "", "| stored objects | prefix blocks | lookup us | raw batch_is_exist us |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"{m['layers']} layers, {m['kv_heads']} KV heads, head dim {m['head_dim']}, {m['block_size']}-token "
+        f"blocks, {m['dtype']} (vLLM CPU layout); {r0['blocks']} blocks = {r0['bytes'] / 1e9:.2f} GB per "
+        f"direction, on {r['device']}, a master and one memory holder started by the bench; median of "
+        f"{len(r['rows'])}. kvconnect: one object per block (every layer's run + a header with a 64-bit "
+        "checksum), an existence query before each put batch; reference: raw `batch_put_from` / "
+        "`batch_get_into` of each block x layer run on the same bytes, right before kvconnect's; **ratio** "
+        "is the median of the paired ratios.",
+        "",
+        "| | kvconnect GB/s | raw Mooncake GB/s | ratio |",
+        "|---|---:|---:|---:|",
+        f"| put | {r['put_gbps']:.2f} | {r['raw_put_gbps']:.2f} | {r['put_ratio']:.2f} |",
+        f"| get | {r['get_gbps']:.2f} | {r['raw_get_gbps']:.2f} | {r['get_ratio']:.2f} |",
+        "",
+        "Per repeat (GB/s, kvconnect / raw): "
+        + "; ".join(
+            f"put {x['put_gbps']:.2f}/{x['raw_put_gbps']:.2f}, get "
+            f"{x['get_gbps']:.2f}/{x['raw_get_gbps']:.2f}"
+            for x in r["rows"]
+        )
+        + ".",
+        "",
+        "| stored objects | prefix blocks | lookup us | raw batch_is_exist us |",
+        "|---:|---:|---:|---:|",
+    ]
     for x in r.get("lookup", []):
-        lines.append(f"| {x['stored_objects']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | {x['raw_exist_us']:.1f} |")
+        lines.append(
+            f"| {x['stored_objects']} | {x['prefix_blocks']} | {x['lookup_us']:.1f} | "
+            f"{x['raw_exist_us']:.1f} |"
+        )
     return lines
 
 
@@ -324,14 +364,21 @@ def update_sections(old: str, new: str, titles: Sequence[str], note: str) -> str
 
 
 def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dict | None, took: float) -> str:
-    lines = ["# kvconnect benchmarks", "",
-             f"Made by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({took / 60:.1f} min). Every figure below "
-             "comes from that one run; re-run the command to refresh this file.", "",
-             "## Machine", "",
-             f"- CPU: {mach['cpu']}, {mach['cores']} cores ({mach['usable_cores']} usable by this process)",
-             f"- memory: {mach['memory_gb']} GB; GPU: {mach['gpu'] or 'none'}",
-             f"- OS: {mach['os']}", "",
-             "## Versions", ""]
+    lines = [
+        "# kvconnect benchmarks",
+        "",
+        f"Made by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({took / 60:.1f} min). Every figure below "
+        "comes from that one run; re-run the command to refresh this file.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {mach['cpu']}, {mach['cores']} cores ({mach['usable_cores']} usable by this process)",
+        f"- memory: {mach['memory_gb']} GB; GPU: {mach['gpu'] or 'none'}",
+        f"- OS: {mach['os']}",
+        "",
+        "## Versions",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in vers.items()]
     render = {"scheduler": md_scheduler, "offload": md_offload, "transfer": md_transfer, "store": md_store}
     for name, res in results.items():
@@ -362,7 +409,11 @@ def markdown(cmd: str, mach: dict, vers: dict, results: dict[str, Any], e2e: dic
 def main(argv: Sequence[str] | None = None) -> int:
     a = _args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "python -m kvconnect.bench.report" if sys.argv and sys.argv[0].endswith("report.py") else "kvconnect bench"
+    prog = (
+        "python -m kvconnect.bench.report"
+        if sys.argv and sys.argv[0].endswith("report.py")
+        else "kvconnect bench"
+    )
     cmd = prog + ("" if not argv else " " + shlex.join(argv))
     t0 = time.perf_counter()
     results: dict[str, Any] = {}

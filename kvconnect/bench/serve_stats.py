@@ -76,7 +76,9 @@ class Comparison:
     examples: list[str] = field(default_factory=list)
 
 
-def compare(results: Iterable[ResultLike], reference: Mapping[str, list[int]], max_examples: int = 5) -> Comparison:
+def compare(
+    results: Iterable[ResultLike], reference: Mapping[str, list[int]], max_examples: int = 5
+) -> Comparison:
     """Compare every completed result's token ids with ``reference[key]``."""
     c = Comparison()
     for r in results:
@@ -125,7 +127,9 @@ def summarize(results: Sequence[ResultLike], wall_s: float, concurrency: int,
         "e2e_ms": distribution_ms([r.latency_s for r in done]),
         # Outputs of several tokens that reached the client in one chunk: the server (or a starved
         # client) bunched them, so TTFT is the whole request and TPOT / ITL say nothing for them.
-        "one_chunk": sum(1 for r in done if r.ttft_s is not None and len(r.token_ids or ()) > 1 and not r.itl_s),
+        "one_chunk": sum(
+            1 for r in done if r.ttft_s is not None and len(r.token_ids or ()) > 1 and not r.itl_s
+        ),
         "errors": sorted({r.error for r in results if r.error is not None})[:3],
     }
     if reference is None:
@@ -138,8 +142,15 @@ def summarize(results: Sequence[ResultLike], wall_s: float, concurrency: int,
 
 def request_record(r: ResultLike, prompt_len: int) -> dict[str, Any]:
     """One request, for ``--per-request`` (finding where a tail comes from)."""
-    return {"key": r.key, "prompt": prompt_len, "tokens": len(r.token_ids or ()), "hung_up": r.aborted,
-            "error": r.error, "ttft_ms": None if r.ttft_s is None else r.ttft_s * 1e3, "e2e_ms": r.latency_s * 1e3}
+    return {
+        "key": r.key,
+        "prompt": prompt_len,
+        "tokens": len(r.token_ids or ()),
+        "hung_up": r.aborted,
+        "error": r.error,
+        "ttft_ms": None if r.ttft_s is None else r.ttft_s * 1e3,
+        "e2e_ms": r.latency_s * 1e3,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,12 +173,30 @@ def _n(v: Any) -> str:
 def row_cells(stack: str, r: Mapping[str, Any]) -> list[str]:
     t, p, i, e = r["ttft_ms"], r["tpot_ms"], r["itl_ms"], r["e2e_ms"]
     left = r.get("left_behind")
-    return [stack, str(r["concurrency"]), str(r["completed"]), str(r["hung_up"]), str(r["failed"]),
-            f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.1f}",
-            _ms(t["p50"]), _ms(t["p90"]), _ms(t["p99"]), _ms(p["p50"]), _ms(p["p90"]), _ms(p["p99"]),
-            _ms(i["p50"]), _ms(i["p99"]), _ms(e["p50"]), _ms(e["p90"]), _ms(e["p99"]), str(r.get("one_chunk", "-")),
-            _n(r.get("compared")), _n(r.get("differing")),
-            "-" if left is None else ("none" if not left else "YES")]
+    return [
+        stack,
+        str(r["concurrency"]),
+        str(r["completed"]),
+        str(r["hung_up"]),
+        str(r["failed"]),
+        f"{r['requests_per_s']:.2f}",
+        f"{r['output_tokens_per_s']:.1f}",
+        _ms(t["p50"]),
+        _ms(t["p90"]),
+        _ms(t["p99"]),
+        _ms(p["p50"]),
+        _ms(p["p90"]),
+        _ms(p["p99"]),
+        _ms(i["p50"]),
+        _ms(i["p99"]),
+        _ms(e["p50"]),
+        _ms(e["p90"]),
+        _ms(e["p99"]),
+        str(r.get("one_chunk", "-")),
+        _n(r.get("compared")),
+        _n(r.get("differing")),
+        "-" if left is None else ("none" if not left else "YES"),
+    ]
 
 
 def text_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
@@ -191,7 +220,9 @@ def to_json(report: Mapping[str, Any]) -> str:
     return json.dumps(report, indent=1, sort_keys=True)
 
 
-def ratios(rows_by_stack: Mapping[str, Sequence[Mapping[str, Any]]], num: str, den: str) -> list[dict[str, Any]]:
+def ratios(
+    rows_by_stack: Mapping[str, Sequence[Mapping[str, Any]]], num: str, den: str
+) -> list[dict[str, Any]]:
     """Per concurrency level both stacks ran: ``num``'s TTFT P50 over ``den``'s, and its output
     throughput over ``den``'s (what the issue's targets are stated in)."""
     by_level = {r["concurrency"]: r for r in rows_by_stack.get(den, ())}
@@ -208,10 +239,14 @@ def ratios(rows_by_stack: Mapping[str, Sequence[Mapping[str, Any]]], num: str, d
     return out
 
 
-def targets_met(rs: Sequence[Mapping[str, Any]], ttft_max: float = 0.5, throughput_min: float = 1.5) -> dict[str, bool]:
+def targets_met(
+    rs: Sequence[Mapping[str, Any]], ttft_max: float = 0.5, throughput_min: float = 1.5
+) -> dict[str, bool]:
     """The issue's bars on :func:`ratios` output: TTFT P50 ratio at most ``ttft_max`` at every
     level, output throughput ratio at least ``throughput_min`` at the highest level."""
     ttft = bool(rs) and all(x["ttft_p50_ratio"] is not None and x["ttft_p50_ratio"] <= ttft_max for x in rs)
     top = max(rs, key=lambda x: x["concurrency"]) if rs else None
-    tput = top is not None and top["throughput_ratio"] is not None and top["throughput_ratio"] >= throughput_min
+    tput = (
+        top is not None and top["throughput_ratio"] is not None and top["throughput_ratio"] >= throughput_min
+    )
     return {"ttft": ttft, "throughput": tput}

@@ -47,8 +47,12 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--gb", type=float, default=0.5, help="GB moved per direction per repeat")
-    p.add_argument("--batch-objects", type=int, default=MooncakeConfig(master_server_address="h:1").batch_objects,
-                   help="blocks per Mooncake batch call (the config's batch_objects)")
+    p.add_argument(
+        "--batch-objects",
+        type=int,
+        default=MooncakeConfig(master_server_address="h:1").batch_objects,
+        help="blocks per Mooncake batch call (the config's batch_objects)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--staging", choices=("auto", "always"), default="auto",
                    help="the backend's staging option: 'always' moves the (host) KV through the "
@@ -119,7 +123,9 @@ def _kvc_put(w: MooncakeWorker, src: list[int], keys: list[bytes], rid: str) -> 
 def _kvc_get(w: MooncakeWorker, caches: list[torch.Tensor], src: list[int], dst: list[int],
              keys: list[bytes], rid: str) -> float:
     """Seconds to load them into ``dst`` (every object verified), then a check of the bytes."""
-    load = _drive(w, MooncakeStepMetadata(loads=[StoreLoad(request_id=rid, block_ids=dst, keys=keys)]), rid, "load")
+    load = _drive(
+        w, MooncakeStepMetadata(loads=[StoreLoad(request_id=rid, block_ids=dst, keys=keys)]), rid, "load"
+    )
     if not all(torch.equal(t[src[0]], t[dst[0]]) and torch.equal(t[src[-1]], t[dst[-1]]) for t in caches):
         raise BenchmarkError("bench: loaded blocks differ from the stored ones")
     return load
@@ -161,7 +167,12 @@ def bandwidth(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, Any]
                         t[n:].zero_()
                 took[op, side] = sides[op][side]()
         store.remove_all(True)
-        raw_put, raw_get, save, load = took["put", "raw"], took["get", "raw"], took["put", "kvc"], took["get", "kvc"]
+        raw_put, raw_get, save, load = (
+            took["put", "raw"],
+            took["get", "raw"],
+            took["put", "kvc"],
+            took["get", "kvc"],
+        )
         nbytes = n * per_block
         rows.append({"repeat": rep, "raw_first": order[0] == "raw", "blocks": n, "bytes": nbytes,
                      "put_gbps": nbytes / save / 1e9, "raw_put_gbps": nbytes / raw_put / 1e9,
@@ -186,8 +197,14 @@ def lookup_cost(a: argparse.Namespace, cfg: MooncakeConfig) -> list[dict[str, An
     store = w._shared.store
     tokens = list(range(prefix * bs + 1))
     keys = s._keys.keys(RequestView("seed", tokens), prefix)
-    _drive(w, MooncakeStepMetadata(saves=[StoreSave(request_id="seed", block_ids=list(range(prefix)), keys=keys)],
-                                   closed=["seed"]), "seed", "save")
+    _drive(
+        w,
+        MooncakeStepMetadata(
+            saves=[StoreSave(request_id="seed", block_ids=list(range(prefix)), keys=keys)], closed=["seed"]
+        ),
+        "seed",
+        "save",
+    )
     names = [w.io.prefix + k.hex() for k in keys]
     filler = np.zeros(64, np.uint8)
     store.register_buffer(filler.ctypes.data, filler.nbytes)
@@ -232,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_block = a.layers * a.kv_heads * a.block_size * 2 * a.head_dim * torch.finfo(dt).bits // 8
         # Both sides' objects at once (puts run back to back), with room to spare: a full store evicts.
         need = 2 * max(a.batch_objects, int(a.gb * 1e9 // per_block)) * per_block + (512 << 20)
-        store_proc = MooncakeStore(Path(tempfile.mkdtemp(prefix="kvc-bench-store-")), segment_bytes=need).start()
+        store_proc = MooncakeStore(
+            Path(tempfile.mkdtemp(prefix="kvc-bench-store-")), segment_bytes=need
+        ).start()
         master, md = store_proc.master_address, store_proc.metadata_server
     else:
         master, md = a.master, a.metadata_server
@@ -260,13 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     r0 = rows[0]
-    print(f"Shared tier (Mooncake Store) on {result['device']}: {a.layers} layers, {a.kv_heads} KV heads, "
-          f"head dim {a.head_dim}, {a.block_size}-token blocks, {a.dtype}; {r0['blocks']} blocks = "
-          f"{r0['bytes'] / 1e9:.2f} GB per direction, {a.batch_objects} blocks per call; median of {a.repeats}"
-          + ("; KV moved through the staging buffer (staging=always)" if a.staging == "always" else ""))
+    print(
+        f"Shared tier (Mooncake Store) on {result['device']}: {a.layers} layers, {a.kv_heads} KV heads, "
+        f"head dim {a.head_dim}, {a.block_size}-token blocks, {a.dtype}; {r0['blocks']} blocks = "
+        f"{r0['bytes'] / 1e9:.2f} GB per direction, {a.batch_objects} blocks per call; median of {a.repeats}"
+        + ("; KV moved through the staging buffer (staging=always)" if a.staging == "always" else "")
+    )
     print(f"{'':>6} {'kvconnect GB/s':>15} {'raw GB/s':>9} {'ratio':>6}")
-    print(f"{'put':>6} {result['put_gbps']:>15.2f} {result['raw_put_gbps']:>9.2f} {result['put_ratio']:>6.2f}")
-    print(f"{'get':>6} {result['get_gbps']:>15.2f} {result['raw_get_gbps']:>9.2f} {result['get_ratio']:>6.2f}")
+    print(
+        f"{'put':>6} {result['put_gbps']:>15.2f} {result['raw_put_gbps']:>9.2f} {result['put_ratio']:>6.2f}"
+    )
+    print(
+        f"{'get':>6} {result['get_gbps']:>15.2f} {result['raw_get_gbps']:>9.2f} {result['get_ratio']:>6.2f}"
+    )
     print("(kvconnect: one object per block, checksummed header, existence query before put; raw: "
           "batch_put_from / batch_get_into of each block x layer run)")
     print(f"\nLookup of a {lookups[0]['prefix_blocks']}-block prefix (scheduler: hand-off to the lookup "

@@ -2,12 +2,13 @@
 of the same bytes with the same descriptors, in the same run.
 
 Two kvconnect workers (a producer in a second process and a consumer here, real NIXL, UCX over
-loopback; host memory, or GPU memory where CUDA is available) are driven the way an engine drives them: the consumer worker gets a batch of loads in its step
-metadata and the time runs until ``get_transfer_results`` reports them all received (so the progress thread's polling,
-the notification and the hand-back to the engine thread are all inside the figure). The raw
-reference uses two plain agents (one in each process) on the same buffers, the same prepared descriptor lists and index
-lists, the same READ-then-notify pattern, and polls in a tight loop -- the best raw NIXL can do. Each row is measured with contiguous
-block ids (runs can merge) and scattered ones, with descriptor merging on and off.
+loopback; host memory, or GPU memory where CUDA is available) are driven the way an engine drives them: the
+consumer worker gets a batch of loads in its step metadata and the time runs until ``get_transfer_results``
+reports them all received (so the progress thread's polling, the notification and the hand-back to the engine
+thread are all inside the figure). The raw reference uses two plain agents (one in each process) on the same
+buffers, the same prepared descriptor lists and index lists, the same READ-then-notify pattern, and polls in
+a tight loop -- the best raw NIXL can do. Each row is measured with contiguous block ids (runs can merge) and
+scattered ones, with descriptor merging on and off.
 
     python -m kvconnect.bench.transfer [--quick] [--json]
 """
@@ -30,7 +31,9 @@ os.environ.setdefault("UCX_LOG_LEVEL", "error")
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs INFO lines to stdout: keep --json clean
 
 
-def _layers(torch, n_layers: int, blocks: int, block_size: int, heads: int, head_dim: int, device: str = "cpu"):
+def _layers(
+    torch, n_layers: int, blocks: int, block_size: int, heads: int, head_dim: int, device: str = "cpu"
+):
     from kvconnect.layout import FLASH_NHD_DIMS, KVLayout
 
     out = {}
@@ -62,7 +65,9 @@ def _worker(args, role: str, port: int, merge: bool, nixl_agent, nixl_agent_conf
 
     info = EngineInfo(engine_id=f"bench-{role}-{port}", block_sizes=(args.block_size,),
                       num_kv_heads=args.heads, model_signature={"bench": 1})
-    w = NixlWorker(_config(args, port, merge), info, agent_factory=nixl_agent, config_factory=nixl_agent_config)
+    w = NixlWorker(
+        _config(args, port, merge), info, agent_factory=nixl_agent, config_factory=nixl_agent_config
+    )
     caches = _layers(torch, args.layers, args.blocks, args.block_size, args.heads, args.head_dim, args.device)
     for t, _ in caches.values():
         t.normal_()
@@ -79,7 +84,13 @@ def block_digests(caches, block_ids) -> list[bytes]:
 
     out = []
     for t, lay in caches.values():
-        sel = t.movedim(lay.dims.index("block"), 0)[list(block_ids)].contiguous().view(torch.uint8).cpu().numpy()
+        sel = (
+            t.movedim(lay.dims.index("block"), 0)[list(block_ids)]
+            .contiguous()
+            .view(torch.uint8)
+            .cpu()
+            .numpy()
+        )
         out += [hashlib.blake2b(sel[i].tobytes(), digest_size=16).digest() for i in range(len(block_ids))]
     return out
 
@@ -107,7 +118,9 @@ def _producer_main(args, merge: bool, conn) -> None:
     nixl_agent, nixl_agent_config = load_nixl()
     port = _free_port()
     w, caches = _worker(args, "prefill", port, merge, nixl_agent, nixl_agent_config)
-    raw = nixl_agent(f"raw-target-{os.getpid()}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    raw = nixl_agent(
+        f"raw-target-{os.getpid()}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+    )
     regions = _regions(caches)
     raw.register_memory([(a, n, 0, "") for a, n in regions], _mem(args))
     conn.send(("ready", port, w._engine.engine_id, raw.get_agent_metadata(), regions))
@@ -159,9 +172,16 @@ class _Pair:
             want.add(drid)
             leases.append(W.LeaseSpec(request_id=prid, block_ids=(tuple(p_ids),)))
             # What the scheduler hands the workers: the router's params as the producer returned them.
-            params = {"do_remote_prefill": True, "remote_engine_id": self.p_engine, "remote_host": "127.0.0.1",
-                      "remote_port": self.p_port, "remote_request_id": prid, "remote_block_ids": list(p_ids),
-                      "tp_size": 1, "remote_block_size": self.args.block_size}
+            params = {
+                "do_remote_prefill": True,
+                "remote_engine_id": self.p_engine,
+                "remote_host": "127.0.0.1",
+                "remote_port": self.p_port,
+                "remote_request_id": prid,
+                "remote_block_ids": list(p_ids),
+                "tp_size": 1,
+                "remote_block_size": self.args.block_size,
+            }
             loads.append(W.LoadRequest(request_id=drid, params=params, local_block_ids=(tuple(d_ids),),
                                        token_start=0, token_end=len(d_ids) * self.args.block_size))
         # The leases exist before the consumer starts (in a deployment the prefill finished first),
@@ -224,7 +244,9 @@ class _Raw:
     def __init__(self, pair: _Pair, tag: str, nixl_agent, nixl_agent_config) -> None:
         import numpy as np
 
-        self.a = nixl_agent(f"raw-init-{tag}-{os.getpid()}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self.a = nixl_agent(
+            f"raw-init-{tag}-{os.getpid()}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+        )
         ra = _regions(pair.caches)
         mem = _mem(pair.args)
         self.a.register_memory([(a, n, 0, "") for a, n in ra], mem)
@@ -284,8 +306,10 @@ def verify(pair: _Pair, raw: _Raw, batch: list[tuple[list[int], list[int]]], ski
         bad = [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
         if bad or len(got) != len(want):
             layer, j = divmod(bad[0], len(p_ids)) if bad else (0, 0)
-            raise BenchmarkError(f"{what} left wrong bytes: {len(bad)} of {len(want)} (layer, block) pairs "
-                               f"differ; first: layer {layer}, producer block {p_ids[j]} -> consumer block {d_ids[j]}")
+            raise BenchmarkError(
+                f"{what} left wrong bytes: {len(bad)} of {len(want)} (layer, block) pairs "
+                f"differ; first: layer {layer}, producer block {p_ids[j]} -> consumer block {d_ids[j]}"
+            )
 
     check("the timed runs")
     pair.scramble(d_ids)
@@ -319,7 +343,10 @@ def run(args) -> dict[str, Any]:
                         pool_p = list(range(1, 1 + n * k))
                         pool_d = list(range(1, 1 + n * k))
                     else:
-                        pool_p, pool_d = rnd.sample(range(1, args.blocks), n * k), rnd.sample(range(1, args.blocks), n * k)
+                        pool_p, pool_d = (
+                            rnd.sample(range(1, args.blocks), n * k),
+                            rnd.sample(range(1, args.blocks), n * k),
+                        )
                     batch = [(pool_p[i * n:(i + 1) * n], pool_d[i * n:(i + 1) * n]) for i in range(k)]
                     kv_t.append(pair.run(batch))
                     raw_t.append(raw.run(batch, args.block_size, not merge))
@@ -340,11 +367,21 @@ def run(args) -> dict[str, Any]:
             raise BenchmarkError(f"the producer freed {freed} of {pair.n} leased requests")
     head = rows[0]
     return {
-        "benchmark": "transfer", "backend": "nixl", "iterations": args.iters, "layers": args.layers,
-        "request_blocks": n, "batch": k, "block_bytes_per_layer": block_bytes, "bytes": nbytes,
-        "checksums": bool(getattr(args, "checksums", False)), "device": args.device,
-        "kvconnect_gbps": head["kvconnect_gbps"], "raw_nixl_gbps": head["raw_nixl_gbps"], "ratio": head["ratio"],
-        "verified_bytes": verified, "rows": rows,
+        "benchmark": "transfer",
+        "backend": "nixl",
+        "iterations": args.iters,
+        "layers": args.layers,
+        "request_blocks": n,
+        "batch": k,
+        "block_bytes_per_layer": block_bytes,
+        "bytes": nbytes,
+        "checksums": bool(getattr(args, "checksums", False)),
+        "device": args.device,
+        "kvconnect_gbps": head["kvconnect_gbps"],
+        "raw_nixl_gbps": head["raw_nixl_gbps"],
+        "ratio": head["ratio"],
+        "verified_bytes": verified,
+        "rows": rows,
     }
 
 
@@ -356,8 +393,10 @@ def _table(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         out.append(f"{r['blocks']:<11} {'on' if r['merge_runs'] else 'off':<6} {r['descriptors']:>6} "
                    f"{r['kvconnect_gbps']:>8.2f} GB/s {r['raw_nixl_gbps']:>8.2f} GB/s {r['ratio']:>5.2f}x")
-    out.append(f"verified after the timed runs: {res['verified_bytes'] / 2**20:.0f} MiB compared byte for byte "
-               "(random KV), all equal")
+    out.append(
+        f"verified after the timed runs: {res['verified_bytes'] / 2**20:.0f} MiB compared byte for byte "
+        "(random KV), all equal"
+    )
     return "\n".join(out)
 
 

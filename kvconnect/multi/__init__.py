@@ -10,4 +10,11 @@ from kvconnect.multi.metadata import LoadNote, MultiStepMetadata, child_names
 from kvconnect.multi.scheduler import MultiScheduler
 from kvconnect.multi.worker import MultiWorker
 
-__all__ = ["CompletionTracker", "LoadNote", "MultiScheduler", "MultiStepMetadata", "MultiWorker", "child_names"]
+__all__ = [
+    "CompletionTracker",
+    "LoadNote",
+    "MultiScheduler",
+    "MultiStepMetadata",
+    "MultiWorker",
+    "child_names",
+]

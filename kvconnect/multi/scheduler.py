@@ -5,8 +5,8 @@ Rules (DESIGN.md, "MultiConnector semantics"), and the choices made where it lea
 Load lookup
     With ``load_rule: "longest"`` (config) every child is asked; the longest hit owns the load
     (the earlier child on a tie) and any "ask again later" makes the answer None. Otherwise
-    (``first``, the default) children are asked in order. The first child with a non-zero hit owns the load; the children
-    after it are **not asked**. vLLM asks every child and keeps the first hit; we stop because a
+    (``first``, the default) children are asked in order. The first child with a non-zero hit owns the load;
+    the children after it are **not asked**. vLLM asks every child and keeps the first hit; we stop because a
     lower-priority child cannot change the answer, because its "ask again later" (None) would
     stall a request that a higher tier can serve now, and because a lookup that is never used
     may pin blocks that then only need releasing (and costs hot-path time). A child before the
@@ -46,8 +46,8 @@ A child that raises
     None and the MultiWorker does not call it), and the loads it owned in the step fail as above.
     ``request_finished``: logged; the others are still told; the child counts as not deferring
     and giving no params. ``update_worker_output``, ``set_handshake_metadata``, ``get_stats``,
-    ``take_events``, ``get_gauges``: logged, the others still called. ``shutdown``: every child is shut down, then the first
-    error is raised. A :class:`ConfigError` is never swallowed.
+    ``take_events``, ``get_gauges``: logged, the others still called. ``shutdown``: every child is shut down,
+    then the first error is raised. A :class:`ConfigError` is never swallowed.
 """
 
 from __future__ import annotations

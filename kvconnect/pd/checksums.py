@@ -68,7 +68,9 @@ def load_mismatch(me: LocalSide, spec: W.LoadSpec, sums: Mapping[int, W.Checksum
                 if len(theirs) < te:
                     return f"producer rank {p} has checksums for {len(theirs)} tokens, the load needs {te}"
                 theirs = theirs[ts:te]
-                pairs = P.consumer_head_pairs(me.num_heads, me.tp_size, me.tp_rank, spec.remote.tp_size, p, me.mla)
+                pairs = P.consumer_head_pairs(
+                    me.num_heads, me.tp_size, me.tp_rank, spec.remote.tp_size, p, me.mla
+                )
                 for mine_h, peer_h, n in pairs:
                     if mine_h + n > mine.shape[1] or peer_h + n > theirs.shape[1]:
                         return f"producer rank {p}: checksum tables do not cover the heads read"

@@ -49,7 +49,9 @@ class ControlThread:
                     reply = client.request(host, port, kind, body, timeout_s=self._timeout)
                     if kind == "metadata":
                         try:
-                            result = decode(reply, HandshakeMetadata, what=f"handshake metadata from {host}:{port}")
+                            result = decode(
+                                reply, HandshakeMetadata, what=f"handshake metadata from {host}:{port}"
+                            )
                         except WireError as e:
                             raise HandshakeError(str(e)) from e
                     else:

@@ -67,7 +67,9 @@ class Peer:
 
 
 class Peers:
-    def __init__(self, transport: Transport, local: LocalSide, fetch: Callable[[PeerKey, str, int], None]) -> None:
+    def __init__(
+        self, transport: Transport, local: LocalSide, fetch: Callable[[PeerKey, str, int], None]
+    ) -> None:
         self._t = transport
         self._local = local
         self._fetch = fetch
@@ -88,7 +90,9 @@ class Peers:
     def get(self, key: PeerKey) -> Peer | None:
         return self._peers.get(key)
 
-    def when_ready(self, key: PeerKey, host: str, port: int, cb: Callable[[Peer | None, KVConnectError | None], None]) -> None:
+    def when_ready(
+        self, key: PeerKey, host: str, port: int, cb: Callable[[Peer | None, KVConnectError | None], None]
+    ) -> None:
         """Call ``cb(peer, None)`` once the peer is handshaken, or ``cb(None, error)``."""
         peer = self._peers.get(key)
         if peer is not None and peer.ready:
@@ -135,7 +139,9 @@ class Peers:
                 f"{meta.compat_hash}, ours {me.compat_hash}): its KV cannot be used here"
             )
         if meta.transport != self._t.name:
-            raise CompatibilityError(f"peer {where} uses transport {meta.transport!r}, this worker {self._t.name!r}")
+            raise CompatibilityError(
+                f"peer {where} uses transport {meta.transport!r}, this worker {self._t.name!r}"
+            )
         try:
             regions, placed = P.place_layers(meta.layers)
             P.check_heads(me.num_heads, meta.tp_size, meta.tp_rank, placed, f"peer {engine}")
@@ -155,9 +161,13 @@ class Peers:
         me, meta = self._local, peer.meta
         assert meta is not None
         if direction == CONSUMER:
-            pairs = P.consumer_head_pairs(me.num_heads, me.tp_size, me.tp_rank, meta.tp_size, meta.tp_rank, me.mla)
+            pairs = P.consumer_head_pairs(
+                me.num_heads, me.tp_size, me.tp_rank, meta.tp_size, meta.tp_rank, me.mla
+            )
         else:
-            pairs = P.producer_head_pairs(me.num_heads, me.tp_size, me.tp_rank, meta.tp_size, meta.tp_rank, me.mla)
+            pairs = P.producer_head_pairs(
+                me.num_heads, me.tp_size, me.tp_rank, meta.tp_size, meta.tp_rank, me.mla
+            )
         if not pairs:
             r = Route(None)
         else:

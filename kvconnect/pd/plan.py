@@ -94,7 +94,9 @@ def source_ranks(num_heads: int, c_tp: int, c_rank: int, p_tp: int, mla: bool) -
 HeadPair = tuple[int, int, int]
 
 
-def consumer_head_pairs(num_heads: int, c_tp: int, c_rank: int, p_tp: int, p_rank: int, mla: bool) -> tuple[HeadPair, ...]:
+def consumer_head_pairs(
+    num_heads: int, c_tp: int, c_rank: int, p_tp: int, p_rank: int, mla: bool
+) -> tuple[HeadPair, ...]:
     return tuple(
         (s.local_head, s.remote_head, s.count)
         for s in head_sources(num_heads, c_tp, c_rank, p_tp, mla)
@@ -102,7 +104,9 @@ def consumer_head_pairs(num_heads: int, c_tp: int, c_rank: int, p_tp: int, p_ran
     )
 
 
-def producer_head_pairs(num_heads: int, p_tp: int, p_rank: int, c_tp: int, c_rank: int, mla: bool) -> tuple[HeadPair, ...]:
+def producer_head_pairs(
+    num_heads: int, p_tp: int, p_rank: int, c_tp: int, c_rank: int, mla: bool
+) -> tuple[HeadPair, ...]:
     slices = head_targets(num_heads, p_tp, p_rank, c_tp, mla).get(c_rank, [])
     return tuple((s.remote_head, s.local_head, s.count) for s in slices)
 

@@ -95,7 +95,9 @@ class PDScheduler(SchedulerConnector):
         self._aborted: set[str] = set()
 
     # -- consumer ---------------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: RequestView, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: RequestView, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         params = request.transfer_params
         if not params or not params.get("do_remote_prefill"):
             return 0, False
@@ -108,7 +110,9 @@ class PDScheduler(SchedulerConnector):
         count = request.num_prompt_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
-    def update_state_after_alloc(self, request: RequestView, block_ids: BlockIds, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
+    ) -> None:
         params = request.transfer_params
         if not params or not params.get("do_remote_prefill"):
             return
@@ -139,7 +143,9 @@ class PDScheduler(SchedulerConnector):
         return W.PDStepMetadata(loads=_take(loads), leases=_take(leases), releases=_take(releases),
                                 aborts=_take(aborts))
 
-    def request_finished(self, request: RequestView, block_ids: BlockIds) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: RequestView, block_ids: BlockIds
+    ) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         params = request.transfer_params
         if not params:

@@ -57,8 +57,8 @@ class ReleaseRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """Worker (consumer), a checked :class:`LoadRequest`: fill ``local_block_ids`` with tokens ``[token_start, token_end)`` of a request
-    the producer computed (its blocks ``remote_block_ids``)."""
+    """Worker (consumer), a checked :class:`LoadRequest`: fill ``local_block_ids`` with tokens
+    ``[token_start, token_end)`` of a request the producer computed (its blocks ``remote_block_ids``)."""
 
     request_id: str
     remote_request_id: str
@@ -79,7 +79,8 @@ class LeaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
-    """Worker (consumer), a checked :class:`ReleaseRequest`: the request will not read its remote blocks; tell the producer to free them."""
+    """Worker (consumer), a checked :class:`ReleaseRequest`: the request will not read its remote
+    blocks; tell the producer to free them."""
 
     request_id: str
     remote_request_id: str
@@ -153,7 +154,9 @@ class WriteRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     def __post_init__(self) -> None:  # msgspec reports these as the message's validation error
         if self.consumer_rank >= self.consumer_tp_size:
-            raise ValueError(f"consumer_rank {self.consumer_rank} is not below consumer_tp_size {self.consumer_tp_size}")
+            raise ValueError(
+                f"consumer_rank {self.consumer_rank} is not below consumer_tp_size {self.consumer_tp_size}"
+            )
         if self.token_start > self.token_end:
             raise ValueError(f"token_start {self.token_start} is after token_end {self.token_end}")
 

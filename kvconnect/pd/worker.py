@@ -57,7 +57,9 @@ def signature(engine: EngineInfo, layouts: list[KVLayout]) -> dict[str, Any]:
 class PDWorker(WorkerConnector):
     supports_hybrid = True
 
-    def __init__(self, config: PDConfig, engine: EngineInfo, transport_factory: Callable[[str], Transport]) -> None:
+    def __init__(
+        self, config: PDConfig, engine: EngineInfo, transport_factory: Callable[[str], Transport]
+    ) -> None:
         self._cfg = config
         self._engine = engine
         self._make_transport = transport_factory
@@ -88,7 +90,9 @@ class PDWorker(WorkerConnector):
             if tuple(tensor.shape) != lay.shape or tuple(tensor.stride()) != lay.strides:
                 raise LayoutError(f"layer {name!r}: tensor shape/strides differ from its layout")
             if lay.group >= len(e.block_sizes):
-                raise LayoutError(f"layer {name!r} is in KV-cache group {lay.group}; the engine has {len(e.block_sizes)}")
+                raise LayoutError(
+                    f"layer {name!r} is in KV-cache group {lay.group}; the engine has {len(e.block_sizes)}"
+                )
             devices.add(str(tensor.device))
             layouts.append(lay)
             regions_in.append(LayerRegion(
@@ -137,8 +141,13 @@ class PDWorker(WorkerConnector):
 
     def _listen(self) -> SideChannelServer:
         return SideChannelServer(
-            self._cfg.side_channel_host, self._port,
-            {"metadata": self._serve_metadata, "write": self._serve_write, "checksums": self._serve_checksums},
+            self._cfg.side_channel_host,
+            self._port,
+            {
+                "metadata": self._serve_metadata,
+                "write": self._serve_write,
+                "checksums": self._serve_checksums,
+            },
             secret=self._cfg.secret,
         )
 

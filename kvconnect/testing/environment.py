@@ -21,6 +21,7 @@ REQUIRED_MODULES: Mapping[str, str] = {
     "msgspec": "pip install -e .",
     "zmq": "pip install -e .",
     "hypothesis": "pip install -e '.[test-cpu]'",
+    "ruff": "pip install -e '.[test-cpu]' (tests/unit/test_lint.py: the lint rules, line length included)",
     "psutil": "pip install -e '.[test-cpu]' (the e2e harness stops server process trees)",
     "prometheus_client": "pip install -e '.[test-cpu]' (the e2e harness reads /metrics)",
     "nixl_cu12._api": "pip install nixl-cu12 (integration tier: real NIXL between processes)",
@@ -31,7 +32,7 @@ REQUIRED_MODULES: Mapping[str, str] = {
     "tokenizers": "pip install tokenizers (tiny test models)",
     "matplotlib": "pip install -e '.[test-cpu]' (the plot of kvconnect bench serve)",
     "sglang": "pip install --no-deps sglang==0.5.23 (SGLang adapter tests)",
-    "mooncake.store": "pip install mooncake-transfer-engine-non-cuda (shared tier tests; needs apt libibverbs1)",
+    "mooncake.store": "pip install mooncake-transfer-engine-non-cuda (shared tier; needs apt libibverbs1)",
     "xxhash": "pip install -e '.[test-cpu]' (the shared tier's object checksums, XXH3-64)",
 }
 

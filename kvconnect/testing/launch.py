@@ -99,7 +99,9 @@ def vllm_server(
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_side_channel_port)
     if extra_env:
         env.update(extra_env)
-    if nixl_side_channel_port is not None:  # vLLM's own NixlConnector: kvconnect's agents apply these themselves
+    if (
+        nixl_side_channel_port is not None
+    ):  # vLLM's own NixlConnector: kvconnect's agents apply these themselves
         apply_ucx_defaults(env)
     argv = [
         python or sys.executable,

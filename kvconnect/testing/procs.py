@@ -95,7 +95,9 @@ def _signal_all(procs: Sequence[psutil.Process], sig: int) -> None:
             p.send_signal(sig)  # psutil checks the PID still names the same process
 
 
-def _wait_gone(proc: subprocess.Popen, others: Sequence[psutil.Process], deadline: float) -> list[psutil.Process]:
+def _wait_gone(
+    proc: subprocess.Popen, others: Sequence[psutil.Process], deadline: float
+) -> list[psutil.Process]:
     """Wait until the leader has exited and none of ``others`` runs, or ``deadline`` passes; the
     ones still running then."""
     while True:
@@ -126,7 +128,9 @@ def stop_tree(
     _signal_all(others, signal.SIGTERM)
     alive = _wait_gone(proc, others, time.monotonic() + grace_s)
     if alive:
-        logger.warning("%s: %s still running %.1f s after SIGTERM; killing", who, [p.pid for p in alive], grace_s)
+        logger.warning(
+            "%s: %s still running %.1f s after SIGTERM; killing", who, [p.pid for p in alive], grace_s
+        )
         if proc.poll() is None:
             # Until the leader is reaped its PID, hence the group id, is ours.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -166,7 +170,9 @@ def first_traceback(path: str | os.PathLike, max_lines: int = 50) -> str:
         return ""
     # The log is appended to at every start ("### <time> <name>: <argv>"): this start's part only.
     begin = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("### ")), 0)
-    start = next((i for i in range(begin, len(lines)) if "Traceback (most recent call last)" in lines[i]), None)
+    start = next(
+        (i for i in range(begin, len(lines)) if "Traceback (most recent call last)" in lines[i]), None
+    )
     if start is None:
         return ""
     block = lines[max(begin, start - 3):start + max_lines]

@@ -103,7 +103,9 @@ class SweepPlugin:
         for item in items:
             m = item.get_closest_marker("sweep")
             if m is not None and m.args[0] not in self.ids:
-                raise pytest.UsageError(f"{item.nodeid}: sweep config {m.args[0]!r} is not listed in the sweep")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: sweep config {m.args[0]!r} is not listed in the sweep"
+                )
 
     def pytest_collection_finish(self, session):
         self.selected = {m.args[0] for item in session.items if (m := item.get_closest_marker("sweep"))}
@@ -156,7 +158,9 @@ class SweepPlugin:
         rows = [("config", "model", "mode", "block sizes", "result", "setup s", "run s", "detail")]
         for c in self.configs:
             r = self.results.get(c.id, _Result())
-            detail = "; ".join(r.details) or (r.failed[0] if r.failed else (r.skipped[0] if r.skipped else c.what))
+            detail = "; ".join(r.details) or (
+                r.failed[0] if r.failed else (r.skipped[0] if r.skipped else c.what)
+            )
             rows.append((c.id, c.model, c.mode, c.block_sizes, self.status(c.id), f"{r.setup_s:.1f}",
                          f"{r.call_s:.1f}", detail[:150]))
         widths = [max(len(row[i]) for row in rows) for i in range(7)]
@@ -164,7 +168,10 @@ class SweepPlugin:
             tr.write_line("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:7])) + "  " + row[7])
         tr.write_line(f"session wall time {time.monotonic() - self.t0:.0f} s")
         if self.bad:
-            tr.write_line(f"SWEEP INCOMPLETE: {len(self.bad)} listed configuration(s) did not run and pass: "
-                          f"{', '.join(self.bad)} -> the run fails ({PARTIAL_ENV}=1 allows subsets)", red=True)
+            tr.write_line(
+                f"SWEEP INCOMPLETE: {len(self.bad)} listed configuration(s) did not run and pass: "
+                f"{', '.join(self.bad)} -> the run fails ({PARTIAL_ENV}=1 allows subsets)",
+                red=True,
+            )
         elif not self.enforced():
             tr.write_line("(partial run: completeness not enforced)")

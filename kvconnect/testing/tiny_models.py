@@ -157,7 +157,12 @@ def build_hybrid(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _build(out_dir, "gemma3_text", config, seed)
 
 
-BUILDERS = {"llama_gqa": build_llama_gqa, "llama_mqa": build_llama_mqa, "mla": build_mla, "hybrid": build_hybrid}
+BUILDERS = {
+    "llama_gqa": build_llama_gqa,
+    "llama_mqa": build_llama_mqa,
+    "mla": build_mla,
+    "hybrid": build_hybrid,
+}
 
 
 def build(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -69,10 +69,16 @@ def offload(nbytes: int = 512 * 2**20, **kw: Any) -> dict[str, Any]:
     return {"backend": "cpu_offload", "cpu_bytes_to_use": nbytes, **kw}
 
 
-def kvconnect(*backends: Mapping[str, Any], policy: str | None = None, module_path: bool = False) -> dict[str, Any]:
+def kvconnect(
+    *backends: Mapping[str, Any], policy: str | None = None, module_path: bool = False
+) -> dict[str, Any]:
     """A ``--kv-transfer-config`` selecting kvconnect by its plugin name (or module path)."""
     extra = dict(backends[0]) if len(backends) == 1 else {"backends": [dict(b) for b in backends]}
-    cfg: dict[str, Any] = {"kv_connector": "KVConnect", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    cfg: dict[str, Any] = {
+        "kv_connector": "KVConnect",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
     if module_path:
         cfg["kv_connector_module_path"] = "kvconnect.adapters.vllm"
     if policy:
@@ -99,7 +105,9 @@ class Group(contextlib.ExitStack):
         if wait:
             S.wait_all_ready(servers)
 
-    def router(self, prefill: S.ServerProcess, decode: S.ServerProcess, workdir: Path, name: str) -> S.ServerProcess:
+    def router(
+        self, prefill: S.ServerProcess, decode: S.ServerProcess, workdir: Path, name: str
+    ) -> S.ServerProcess:
         r = S.router_server(prefill.url, decode.url, workdir, name=name).start()
         self.callback(r.stop)
         r.wait_ready(time.monotonic() + S.ROUTER_START_DEADLINE_S)
@@ -171,7 +179,9 @@ def prefill_direct(prefill_url: str, prompt: Any, timeout: float = 60.0) -> dict
     return params
 
 
-def decode_direct(decode_url: str, prompt: Any, params: Mapping[str, Any], timeout: float = 60.0) -> S.Generation:
+def decode_direct(
+    decode_url: str, prompt: Any, params: Mapping[str, Any], timeout: float = 60.0
+) -> S.Generation:
     return S.completion(decode_url, prompt, max_tokens=MAX_TOKENS, extra={"kv_transfer_params": dict(params)},
                         timeout=timeout)
 

@@ -53,9 +53,15 @@ def env(tmp_path_factory):
     block_bytes = 2 * 2 * 64 * 32 * 2 * 4  # layers x KV heads x head dim x block x (K, V) x float32
     try:
         with kvc.Group() as g:
-            srv = kvc.server(model, wd, "events", "0-1", kvc.kvconnect(kvc.offload(TIER_BLOCKS * block_bytes)),
-                             env={"VLLM_SERVER_DEV_MODE": "1"},
-                             args=events_args)
+            srv = kvc.server(
+                model,
+                wd,
+                "events",
+                "0-1",
+                kvc.kvconnect(kvc.offload(TIER_BLOCKS * block_bytes)),
+                env={"VLLM_SERVER_DEV_MODE": "1"},
+                args=events_args,
+            )
             g.start(srv)
             yield {"srv": srv, "sub": sub}
     finally:
@@ -116,7 +122,9 @@ def test_router_index_of_the_cpu_tier_is_exact_and_joins_the_device_hashes(env, 
     deadline = time.monotonic() + 15
     while True:
         loads = metric(url, "vllm:kvconnect_transfer_seconds_count", backend="cpu_offload", direction="load")
-        stores = metric(url, "vllm:kvconnect_transfer_seconds_count", backend="cpu_offload", direction="store")
+        stores = metric(
+            url, "vllm:kvconnect_transfer_seconds_count", backend="cpu_offload", direction="store"
+        )
         if (loads, stores) == (2, 4) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -135,6 +143,8 @@ def test_router_index_of_the_cpu_tier_is_exact_and_joins_the_device_hashes(env, 
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     rows = {tuple(ln.split()[:2]): ln.split() for ln in out.stdout.splitlines() if ln.strip()}
-    assert rows.get(("cpu_offload", "load"), [None] * 3)[2] == "2", f"top does not show the 2 loads:\n{out.stdout}"
+    assert rows.get(("cpu_offload", "load"), [None] * 3)[2] == "2", (
+        f"top does not show the 2 loads:\n{out.stdout}"
+    )
     assert rows.get(("cpu_offload", "store"), [None] * 3)[2] == "4", out.stdout
     assert "host 384" in out.stdout, f"top does not show the CPU tier's hits:\n{out.stdout}"

@@ -75,7 +75,10 @@ def _pd_run(request, env, router, prefill, label: str) -> None:
     n = len(got)
     assert hits > 0, f"{label}: the decode instance reports no external prefix-cache hits"
     assert loads >= n, f"{label}: kvconnect reports {loads} NIXL loads on the decode side for {n} requests"
-    kvc.note(request, f"{n}/{n} outputs == single; decode external hits {hits:.0f} tokens, kvconnect loads {loads:.0f}")
+    kvc.note(
+        request,
+        f"{n}/{n} outputs == single; decode external hits {hits:.0f} tokens, kvconnect loads {loads:.0f}",
+    )
 
 
 @pytest.mark.sweep("gqa-single-baseline")
@@ -127,7 +130,9 @@ def test_malformed_router_params_fail_the_request_naming_the_field(gqa, bad, fie
     t0 = time.perf_counter()
     try:
         g = kvc.decode_direct(decode.url, prompt, params, timeout=60)
-        assert g.finish_reason not in ("length", "stop"), f"completed ({g.finish_reason}) despite malformed params"
+        assert g.finish_reason not in ("length", "stop"), (
+            f"completed ({g.finish_reason}) despite malformed params"
+        )
     except S.ServerError:
         pass
     assert time.perf_counter() - t0 < 30, "a malformed load must fail at once, not at a deadline"
@@ -163,4 +168,7 @@ def test_prefill_killed_before_decode_fails_cleanly_with_policy_fail(gqa, reques
     time.sleep(1.5)
     failed = kvc.kvc_stat(decode.url, "nixl.loads_failed")
     assert failed >= 1, "kvconnect does not count the failed load"
-    kvc.note(request, f"error after {took:.1f} s ({err[:80]}); decode healthy afterwards; loads_failed={failed:.0f}")
+    kvc.note(
+        request,
+        f"error after {took:.1f} s ({err[:80]}); decode healthy afterwards; loads_failed={failed:.0f}",
+    )

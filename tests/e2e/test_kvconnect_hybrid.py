@@ -55,7 +55,10 @@ def env(tmp_path_factory):
                        env={"VLLM_SERVER_DEV_MODE": "1"})
         g.start(single, p, d)
         want = kvc.request_set(single.url)
-        repeats = {k: S.completion(single.url, ids, max_tokens=kvc.MAX_TOKENS).token_ids for k, ids in REPEATS.items()}
+        repeats = {
+            k: S.completion(single.url, ids, max_tokens=kvc.MAX_TOKENS).token_ids
+            for k, ids in REPEATS.items()
+        }
         # The comparison means something only if the output depends on the KV: different prompts
         # give different outputs, none of them one token repeated.
         T.check_outputs_varied([want[f"cmpl/{n}"] for n in kvc.PROMPTS]
@@ -109,7 +112,9 @@ def test_hybrid_repeats_come_from_the_decode_cpu_tier(env, request):
         assert g.token_ids == env["repeats"][k], f"P/D output of {k} differs from the single instance"
     d1 = _delta(d.url, before, tolerate={"cpu_load_blocks"})  # no CPU-tier load yet
     assert d1["nixl_loads"] >= len(REPEATS), f"P/D requests did not load over NIXL: {d1}"
-    assert d1["cpu_store_blocks"] >= sum(REPEAT_BLOCKS.values()), f"the decode-side CPU tier stored too little: {d1}"
+    assert d1["cpu_store_blocks"] >= sum(REPEAT_BLOCKS.values()), (
+        f"the decode-side CPU tier stored too little: {d1}"
+    )
     # The same prompts straight to the decode instance, its own prefix cache emptied.
     S.post_json(d.url + "/reset_prefix_cache", {}, timeout=30)
     before2 = _counters(d.url, tolerate={"cpu_load_blocks"})

@@ -37,8 +37,10 @@ def test_two_prefill_two_decode_behind_one_router(tmp_path_factory, request):
         single = kvc.server(model, wd, "single", "0-1")
         prefills = [kvc.server(model, wd, f"prefill-{i}", "0", kvc.kvconnect(kvc.nixl(S.free_port())))
                     for i in range(2)]
-        decodes = [kvc.server(model, wd, f"decode-{i}", "1", kvc.kvconnect(kvc.nixl(S.free_port()), policy="fail"))
-                   for i in range(2)]
+        decodes = [
+            kvc.server(model, wd, f"decode-{i}", "1", kvc.kvconnect(kvc.nixl(S.free_port()), policy="fail"))
+            for i in range(2)
+        ]
         t0 = time.monotonic()
         g.start(single, *prefills, *decodes)
         started = time.monotonic() - t0
@@ -46,7 +48,9 @@ def test_two_prefill_two_decode_behind_one_router(tmp_path_factory, request):
         want = {k: v.token_ids for k, v in ref.results.items()}
         assert all(want.values()), "the single instance failed requests"
         single.stop()
-        router = S.router_server([p.url for p in prefills], [d.url for d in decodes], wd, name="router").start()
+        router = S.router_server(
+            [p.url for p in prefills], [d.url for d in decodes], wd, name="router"
+        ).start()
         g.callback(router.stop)
         router.wait_ready(time.monotonic() + S.ROUTER_START_DEADLINE_S)
 
@@ -69,7 +73,9 @@ def test_two_prefill_two_decode_behind_one_router(tmp_path_factory, request):
         for name, n in share.items():
             assert n >= REQUESTS // 8, f"{name} served {n:.0f} of {REQUESTS} requests: {share}"
         # (a prompt shorter than the token the decode computes itself needs no load)
-        assert sum(share[d.name] for d in decodes) <= REQUESTS, f"decode loads {share} for {REQUESTS} requests"
+        assert sum(share[d.name] for d in decodes) <= REQUESTS, (
+            f"decode loads {share} for {REQUESTS} requests"
+        )
         for name, v in left.items():
             assert v == {"kv_cache_usage_perc": 0, "num_requests_running": 0, "num_requests_waiting": 0}, (
                 f"{name} still holds KV blocks or requests: {v}")

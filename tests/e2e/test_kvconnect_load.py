@@ -84,10 +84,12 @@ def test_sustained_load_with_client_aborts_leaves_nothing_behind(load_setup, req
     # for (client gone between prefill and decode), a decode request aborted before its load
     # (the producer released) or during it.
     server_aborts = stats["nixl.leases_expired"] + stats["nixl.loads_released"] + stats["nixl.loads_aborted"]
-    fig.update(mismatches=len(mismatched),
-               leaked_blocks_pct={k: v["kv_cache_usage_perc"] * 100 for k, v in left.items()},
-               leftover_requests={k: v["num_requests_running"] + v["num_requests_waiting"] for k, v in left.items()},
-               **stats)
+    fig.update(
+        mismatches=len(mismatched),
+        leaked_blocks_pct={k: v["kv_cache_usage_perc"] * 100 for k, v in left.items()},
+        leftover_requests={k: v["num_requests_running"] + v["num_requests_waiting"] for k, v in left.items()},
+        **stats,
+    )
     kvc.note(request, " ".join(f"{k}={v}" for k, v in fig.items()))
 
     assert not errors, f"{len(errors)} requests failed: {list(errors.items())[:5]}"

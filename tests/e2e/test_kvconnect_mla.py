@@ -34,9 +34,17 @@ def test_mla_pd_pull_equals_vllm_nixl_connector_pd(tmp_path_factory, request):
                            env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(S.free_port())})
         nat_d = kvc.server(model, wd, "native_decode", "1", native, block_size=None,
                            env={"VLLM_NIXL_SIDE_CHANNEL_PORT": str(S.free_port())})
-        kvc_p = kvc.server(model, wd, "kvc_prefill", "0", kvc.kvconnect(kvc.nixl(S.free_port())), block_size=None)
-        kvc_d = kvc.server(model, wd, "kvc_decode", "1", kvc.kvconnect(kvc.nixl(S.free_port()), policy="fail"),
-                           block_size=None)
+        kvc_p = kvc.server(
+            model, wd, "kvc_prefill", "0", kvc.kvconnect(kvc.nixl(S.free_port())), block_size=None
+        )
+        kvc_d = kvc.server(
+            model,
+            wd,
+            "kvc_decode",
+            "1",
+            kvc.kvconnect(kvc.nixl(S.free_port()), policy="fail"),
+            block_size=None,
+        )
         g.start(nat_p, nat_d, kvc_p, kvc_d)
         r_nat = g.router(nat_p, nat_d, wd, "router_native")
         r_kvc = g.router(kvc_p, kvc_d, wd, "router_kvc")
@@ -49,4 +57,6 @@ def test_mla_pd_pull_equals_vllm_nixl_connector_pd(tmp_path_factory, request):
         time.sleep(1.5)
         loads = kvc.kvc_stat(kvc_d.url, "nixl.loads_done") - loads0
         assert loads >= len(got), f"kvconnect reports {loads} loads for {len(got)} requests"
-        kvc.note(request, f"{len(got)}/{len(got)} outputs == NixlConnector MLA P/D; kvconnect loads {loads:.0f}")
+        kvc.note(
+            request, f"{len(got)}/{len(got)} outputs == NixlConnector MLA P/D; kvconnect loads {loads:.0f}"
+        )

@@ -37,7 +37,9 @@ HIT_TOKENS = 6 * kvc.BLOCK
 
 
 def _serve(url: str) -> dict[str, list[int]]:
-    return {k: S.completion(url, p, max_tokens=kvc.MAX_TOKENS, timeout=60).token_ids for k, p in PROMPTS.items()}
+    return {
+        k: S.completion(url, p, max_tokens=kvc.MAX_TOKENS, timeout=60).token_ids for k, p in PROMPTS.items()
+    }
 
 
 def _stat(url: str, name: str) -> float:
@@ -78,7 +80,10 @@ def test_b_serves_the_hybrid_prefixes_a_stored_and_a_publishes_them_as_storage(e
     stored = _stat(a.url, "objects_stored")
     assert stored == 2 * OBJECTS_PER_PROMPT, f"A stored {stored} objects"
 
-    hits0, loads0 = S.metric_value(S.get_metrics(b.url), "vllm:external_prefix_cache_hits"), _stat(b.url, "load_blocks")
+    hits0, loads0 = (
+        S.metric_value(S.get_metrics(b.url), "vllm:external_prefix_cache_hits"),
+        _stat(b.url, "load_blocks"),
+    )
     got_b = _serve(b.url)
     kvc.assert_same(got_b, base, "instance B (from the shared tier)", b)
     time.sleep(1.5)  # stats reach /metrics on the engine's next steps

@@ -91,7 +91,9 @@ def _delta(url: str, before: dict[str, float], need: Collection[str]) -> dict[st
 def test_shared_prefix_is_served_from_cpu_tier_after_local_eviction(env, request):
     off, ex = env["off"], env["extras"]
     first = S.completion(off.url, kvc.EXTRA_PROMPTS["prefix+a"])
-    assert first.token_ids == ex["prefix+a"], "offload server differs from the single instance (first request)"
+    assert first.token_ids == ex["prefix+a"], (
+        "offload server differs from the single instance (first request)"
+    )
     time.sleep(1.0)  # the store runs when the request finishes
     # Fill the small local cache with other prompts so the shared prefix is evicted locally.
     for i in range(5):
@@ -102,8 +104,12 @@ def test_shared_prefix_is_served_from_cpu_tier_after_local_eviction(env, request
     assert second.token_ids == ex["prefix+b"], (
         f"prefix served from the CPU tier gives other tokens than the single instance\n{off.log_tail(30)}"
     )
-    assert d["local_hits"] == 0, f"vLLM's own prefix cache still served {d['local_hits']} tokens (not evicted)"
-    assert d["ext_hits"] >= 224, f"external (CPU tier) hits {d['ext_hits']} tokens, expected the 256-token prefix"
+    assert d["local_hits"] == 0, (
+        f"vLLM's own prefix cache still served {d['local_hits']} tokens (not evicted)"
+    )
+    assert d["ext_hits"] >= 224, (
+        f"external (CPU tier) hits {d['ext_hits']} tokens, expected the 256-token prefix"
+    )
     assert d["cpu_load_blocks"] >= 7, f"kvconnect loaded {d['cpu_load_blocks']} blocks from the CPU tier"
     # Also plain requests through the offload server match the single instance.
     got = kvc.request_set(off.url)
@@ -133,11 +139,18 @@ def test_composed_decode_nixl_then_offload(env, request):
     assert d2["local_hits"] == 0, f"local prefix cache still hit: {d2}"
     assert d2["cpu_load_blocks"] >= 6 and d2["ext_hits"] >= 192, f"repeat not loaded from the CPU tier: {d2}"
     assert d2["nixl_loads"] == 0
-    kvc.note(request, f"{len(got) + 1} P/D outputs == single (NIXL loads {d1['nixl_loads']:.0f}, CPU stores "
-                      f"{d1['cpu_store_blocks']:.0f} blocks); repeat: CPU-tier hit {d2['ext_hits']:.0f} tokens")
+    kvc.note(
+        request,
+        f"{len(got) + 1} P/D outputs == single (NIXL loads {d1['nixl_loads']:.0f}, CPU stores "
+        f"{d1['cpu_store_blocks']:.0f} blocks); repeat: CPU-tier hit {d2['ext_hits']:.0f} tokens",
+    )
     # what an operator sees of the pair: `kvconnect top --once PREFILL DECODE`
-    out = subprocess.run([sys.executable, "-m", "kvconnect.cli", "top", "--once", env["prefill"].url, decode.url],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvconnect.cli", "top", "--once", env["prefill"].url, decode.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     views = {blk.split()[0]: blk for blk in out.stdout.split("\n\n") if blk.strip()}
     rows = {tuple(ln.split()[:2]): ln.split() for ln in views[decode.url].splitlines()}

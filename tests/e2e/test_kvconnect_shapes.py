@@ -59,6 +59,11 @@ def test_mqa_bf16_pd_with_uneven_block_sizes_equals_single_instance(tmp_path_fac
         time.sleep(1.5)
         loads = kvc.kvc_stat(d.url, "nixl.loads_done") - loads0
         failed = kvc.kvc_stat(d.url, "nixl.loads_failed")
-        assert loads >= len(got) and failed == 0, f"kvconnect reports {loads} loads, {failed} failed, for {len(got)}"
-        kvc.note(request, f"{len(got)}/{len(got)} outputs == single (prompts {LENGTHS[0]}-{LENGTHS[-1]} tokens); "
-                          f"kvconnect loads {loads:.0f}")
+        assert loads >= len(got) and failed == 0, (
+            f"kvconnect reports {loads} loads, {failed} failed, for {len(got)}"
+        )
+        kvc.note(
+            request,
+            f"{len(got)}/{len(got)} outputs == single (prompts {LENGTHS[0]}-{LENGTHS[-1]} tokens); "
+            f"kvconnect loads {loads:.0f}",
+        )

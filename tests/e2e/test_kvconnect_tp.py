@@ -55,7 +55,9 @@ class Deployment:
         kv = kvc.kvconnect(kvc.nixl(S.free_port()), policy=policy)
         return kvc.server(self.model, self.wd, f"{role}-tp{tp}", cpus, kv, env=env, args=args)
 
-    def use(self, prefill_tp: int, decode_tp: int) -> tuple[S.ServerProcess, S.ServerProcess, S.ServerProcess]:
+    def use(
+        self, prefill_tp: int, decode_tp: int
+    ) -> tuple[S.ServerProcess, S.ServerProcess, S.ServerProcess]:
         if self.pair != (prefill_tp, decode_tp):
             if self.router is not None:
                 self.router.stop()
@@ -89,7 +91,9 @@ def tp(tmp_path_factory):
             single = kvc.server(model, wd, "single", "0-1")
             g.start(single)
             kvc.BASELINES["hybrid-small"] = kvc.request_set(single.url, small=True)
-            kvc.BASELINES["hybrid-extra"] = {"long": S.completion(single.url, kvc.prompt_ids(7001, 180)).token_ids}
+            kvc.BASELINES["hybrid-extra"] = {
+                "long": S.completion(single.url, kvc.prompt_ids(7001, 180)).token_ids
+            }
             single.stop()
         yield Deployment(model, wd, g), kvc.BASELINES["hybrid-small"], kvc.BASELINES["hybrid-extra"]
 
@@ -100,11 +104,15 @@ def _pd(tp, request, prefill_tp: int, decode_tp: int) -> None:
     loads0 = kvc.kvc_stat_before(d.url, "nixl.loads_done")
     got = kvc.request_set(router.url, small=True)
     got["long"] = S.completion(router.url, kvc.prompt_ids(7001, 180)).token_ids
-    kvc.assert_same(got, {**want, **extra}, f"kvconnect hybrid P/D TP {prefill_tp} -> {decode_tp} vs single", p, d)
+    kvc.assert_same(
+        got, {**want, **extra}, f"kvconnect hybrid P/D TP {prefill_tp} -> {decode_tp} vs single", p, d
+    )
     time.sleep(1.5)
     loads = kvc.kvc_stat(d.url, "nixl.loads_done") - loads0
     # vLLM sums the per-rank stats: every request loads on every decode rank.
-    assert loads >= len(got) * decode_tp, f"{loads} rank-loads for {len(got)} requests at decode TP {decode_tp}"
+    assert loads >= len(got) * decode_tp, (
+        f"{loads} rank-loads for {len(got)} requests at decode TP {decode_tp}"
+    )
     started = ", ".join(f"{k} ready in {v:.0f} s" for k, v in dep.ready_s.items())
     kvc.note(request, f"TP {prefill_tp}->{decode_tp}: {len(got)}/{len(got)} outputs == single; "
                       f"rank-loads {loads:.0f} ({started})")

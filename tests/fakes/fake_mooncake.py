@@ -6,10 +6,10 @@ Return conventions held to the real store by tests/integration/test_mooncake_con
 ``setup`` 0 / -1; ``batch_is_exist`` 1 / 0 per key; ``batch_put_from_multi_buffers`` 0 per key
 (also for a key that exists already, whose object is kept); ``batch_get_into_multi_buffers`` the
 bytes read, -704 for a missing key, -600 when the buffers are smaller than the object, -800 when
-larger; ``batch_remove`` 0 per key; ``remove_by_regex`` the number of objects removed. While ``cluster.down`` is set every call answers -900 (the
-master cannot be reached); ``cluster.full`` makes puts answer -200; ``cluster.put_code`` forces a
-code on every put (-800: another metadata mode); ``cluster.gate`` (an Event), when set to an
-unset Event, holds every get until it is set (a stopped memory holder).
+larger; ``batch_remove`` 0 per key; ``remove_by_regex`` the number of objects removed. While ``cluster.down``
+is set every call answers -900 (the master cannot be reached); ``cluster.full`` makes puts answer -200;
+``cluster.put_code`` forces a code on every put (-800: another metadata mode); ``cluster.gate`` (an Event),
+when set to an unset Event, holds every get until it is set (a stopped memory holder).
 """
 
 from __future__ import annotations

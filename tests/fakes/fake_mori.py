@@ -380,7 +380,9 @@ def _unpack_array(b, cls_name: str) -> list:
     except msgspec.DecodeError as e:
         raise RuntimeError(f"{cls_name}.unpack: msgpack parse error: {e}") from None
     if not isinstance(obj, list):
-        raise RuntimeError(f"std::bad_cast ({cls_name}.unpack: expected a msgpack array, got {type(obj).__name__})")
+        raise RuntimeError(
+            f"std::bad_cast ({cls_name}.unpack: expected a msgpack array, got {type(obj).__name__})"
+        )
     return obj
 
 
@@ -704,7 +706,9 @@ class _BackendSession:
                session_api: bool) -> None:
         status.SetCode(StatusCode.IN_PROGRESS)
         if not (len(loffs) == len(roffs) == len(sizes)):
-            status.Update(StatusCode.ERR_INVALID_ARGS, "lengths of local offsets, remote offsets or sizes mismatch")
+            status.Update(
+                StatusCode.ERR_INVALID_ARGS, "lengths of local offsets, remote offsets or sizes mismatch"
+            )
             return
         for lo, ro, n in zip(loffs, roffs, sizes):
             if n > 0xFFFFFFFF:
@@ -1071,8 +1075,9 @@ class IOEngine:
         if not (n == len(remote_mem_descs) == len(los) == len(ros) == len(nss) == len(uids)):
             # Real mori only assert()s this (undefined behaviour in release builds).
             raise ValueError(
-                f"{what}: outer lists must all have one entry per desc pair: descs={n}/{len(remote_mem_descs)} "
-                f"local_offsets={len(los)} remote_offsets={len(ros)} sizes={len(nss)} uids={len(uids)}"
+                f"{what}: outer lists must all have one entry per desc pair: "
+                f"descs={n}/{len(remote_mem_descs)} local_offsets={len(los)} remote_offsets={len(ros)} "
+                f"sizes={len(nss)} uids={len(uids)}"
             )
         for i in range(n):
             if not self._submit_one(is_read, local_mem_descs[i], los[i], remote_mem_descs[i], ros[i], nss[i],

@@ -19,7 +19,9 @@ DEVICES = [pytest.param("cpu", marks=pytest.mark.unit, id="host"),
            pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
 
 
-def _reference(t: torch.Tensor, lay: KVLayout, li: int, n_layers: int, ids, ebs: int, t0: int, t1: int) -> np.ndarray:
+def _reference(
+    t: torch.Tensor, lay: KVLayout, li: int, n_layers: int, ids, ebs: int, t0: int, t1: int
+) -> np.ndarray:
     """One layer's share of the ``[tokens, heads]`` table, from the bytes and strides alone: per
     (token, head), the sum over kv planes of (row words . word weights) * layer weight, wrapping
     at 64 bits."""
@@ -59,8 +61,11 @@ def _random_layers(kind: str, dtype, device: str, n: int = 3, block_size: int = 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("kind", "dtype"), [
-    (k, d) for k in ("flash", "hnd", "cpu", "mla") for d in (torch.bfloat16, torch.float32)] + [("odd-rows", torch.uint8)])
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [(k, d) for k in ("flash", "hnd", "cpu", "mla") for d in (torch.bfloat16, torch.float32)]
+    + [("odd-rows", torch.uint8)],
+)
 def test_sums_on_the_kvs_device_equal_the_byte_level_reference(device, kind, dtype):
     # kernel blocks of 8 tokens inside engine blocks of 16; a token range inside blocks
     layers = _random_layers(kind, dtype, device, block_size=8)

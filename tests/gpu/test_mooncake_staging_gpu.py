@@ -22,7 +22,11 @@ from tests.unit.mooncake_harness import FakeMaster, config
 DEVICES = [pytest.param("cpu", marks=pytest.mark.unit, id="host"),
            pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
 BS, NB = 16, 24
-SHAPES = {VLLM_CPU_DIMS: (NB, 4, BS, 64), FLASH_NHD_DIMS: (2, NB, BS, 4, 32), FLASH_HND_DIMS: (2, NB, 4, BS, 32)}
+SHAPES = {
+    VLLM_CPU_DIMS: (NB, 4, BS, 64),
+    FLASH_NHD_DIMS: (2, NB, BS, 4, 32),
+    FLASH_HND_DIMS: (2, NB, 4, BS, 32),
+}
 
 
 @pytest.fixture
@@ -92,7 +96,9 @@ def test_staged_blocks_round_trip_byte_for_byte_in_chunks(master, device, dims):
         assert "s" not in out.failed_sending
         for t, _ in caches.values():
             t.movedim(dims.index("block"), 0)[dst] = 0
-        out = _run(w, MooncakeStepMetadata(loads=[StoreLoad(request_id="l", block_ids=dst, keys=keys)]), "l", "load")
+        out = _run(
+            w, MooncakeStepMetadata(loads=[StoreLoad(request_id="l", block_ids=dst, keys=keys)]), "l", "load"
+        )
         assert not out.invalid_block_ids
         for (t, _), wnt in zip(caches.values(), want):
             assert torch.equal(_blocks(t, dims, dst), wnt)
@@ -139,7 +145,9 @@ def test_a_corrupt_staged_object_never_reaches_the_device_blocks(master, device)
         fake_mooncake.cluster.objects[name] = bytes(data)
         for t, _ in caches.values():
             t.movedim(dims.index("block"), 0)[dst] = 0
-        out = _run(w, MooncakeStepMetadata(loads=[StoreLoad(request_id="l", block_ids=dst, keys=keys)]), "l", "load")
+        out = _run(
+            w, MooncakeStepMetadata(loads=[StoreLoad(request_id="l", block_ids=dst, keys=keys)]), "l", "load"
+        )
         assert out.invalid_block_ids == {12, 13}
         for (t, _), wnt in zip(caches.values(), want):
             assert torch.equal(_blocks(t, dims, dst[:2]), wnt[:2])

@@ -34,7 +34,9 @@ def _wait(t, h, timeout: float = 10.0):
 
 def test_register_torch_tensor_describes_the_device_memory(mori):
     eng = mori.IOEngine("kvc-gpu-reg", mori.IOEngineConfig("127.0.0.1", 0))
-    eng.create_backend(mori.BackendType.RDMA, mori.RdmaBackendConfig(1, -1, 1, mori.PollCqMode.POLLING, False))
+    eng.create_backend(
+        mori.BackendType.RDMA, mori.RdmaBackendConfig(1, -1, 1, mori.PollCqMode.POLLING, False)
+    )
     t = torch.zeros(NBYTES, dtype=torch.uint8, device="cuda:0")
     md = eng.register_torch_tensor(t)
     assert md.loc == mori.MemoryLocationType.GPU and md.device_id == 0

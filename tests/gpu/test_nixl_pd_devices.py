@@ -26,15 +26,24 @@ PLACEMENTS = [
 
 #: (producer spec, consumer spec): pd_harness.Engine fields.
 CASES = {
-    "nhd-pull-bs16-to-32-checksums": ({"kind": "flash", "options": {"verify_checksums": True}},
-                                      {"kind": "flash", "block_size": 32, "options": {"verify_checksums": True}}),
-    "nhd-push-tp2-to-tp1": ({"kind": "flash", "tp": 2, "mode": "push"}, {"kind": "flash", "tp": 1, "mode": "push"}),
+    "nhd-pull-bs16-to-32-checksums": (
+        {"kind": "flash", "options": {"verify_checksums": True}},
+        {"kind": "flash", "block_size": 32, "options": {"verify_checksums": True}},
+    ),
+    "nhd-push-tp2-to-tp1": (
+        {"kind": "flash", "tp": 2, "mode": "push"},
+        {"kind": "flash", "tp": 1, "mode": "push"},
+    ),
     "hnd-pull-tp1-to-tp2-bs32-to-16": ({"kind": "hnd", "block_size": 32}, {"kind": "hnd", "tp": 2}),
-    "hnd-push-tp2-to-tp1-bs16-to-32": ({"kind": "hnd", "tp": 2, "mode": "push"},
-                                       {"kind": "hnd", "block_size": 32, "mode": "push"}),
+    "hnd-push-tp2-to-tp1-bs16-to-32": (
+        {"kind": "hnd", "tp": 2, "mode": "push"},
+        {"kind": "hnd", "block_size": 32, "mode": "push"},
+    ),
     "mla-pull-tp1-to-tp2-bs32-to-16": ({"kind": "mla", "block_size": 32}, {"kind": "mla", "tp": 2}),
-    "mla-push-tp1-to-tp2-bs16-to-32": ({"kind": "mla", "mode": "push"},
-                                       {"kind": "mla", "tp": 2, "block_size": 32, "mode": "push"}),
+    "mla-push-tp1-to-tp2-bs16-to-32": (
+        {"kind": "mla", "mode": "push"},
+        {"kind": "mla", "tp": 2, "block_size": 32, "mode": "push"},
+    ),
 }
 
 TOKENS = 70  # not a multiple of any block size: the last block of each side is partial

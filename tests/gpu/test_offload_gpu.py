@@ -41,7 +41,9 @@ def _blocks(t: torch.Tensor, dims, ids) -> torch.Tensor:
 
 
 def _worker(caches, device: str, **cfg) -> CpuOffloadWorker:
-    w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=1 << 26, **cfg), EngineInfo("g", block_sizes=(BS,)))
+    w = CpuOffloadWorker(
+        CpuOffloadConfig(cpu_bytes_to_use=1 << 26, **cfg), EngineInfo("g", block_sizes=(BS,))
+    )
     w.register_kv_caches(caches)
     if device == "cuda":
         assert isinstance(w._copier, CudaStreamCopier) and all(lc.pool.is_pinned() for lc in w.layers)
@@ -83,13 +85,19 @@ def test_random_blocks_stored_and_loaded_elsewhere_are_byte_identical(device, di
     dst = [1, 50, 51, 10, 11, 12, 62, 5]
     keys = [b"k%d" % i for i in range(len(src))]
     want = [_blocks(t, dims, src) for t, _ in caches.values()]
-    assert _step(w, OffloadStepMetadata(stores=[StoreJob(request_id="s", block_ids=src, slots=slots, keys=keys)],
-                                        closed=["s"]), 1) == (set(), set())
+    assert _step(
+        w,
+        OffloadStepMetadata(
+            stores=[StoreJob(request_id="s", block_ids=src, slots=slots, keys=keys)], closed=["s"]
+        ),
+        1,
+    ) == (set(), set())
     for t, _ in caches.values():
         t.movedim(dims.index("block"), 0)[dst] = 0  # a load that copied nothing would fail below
     _sync(device)
-    assert _step(w, OffloadStepMetadata(loads=[LoadJob(request_id="l", block_ids=dst, slots=slots, keys=keys)]),
-                 1) == (set(), set())
+    assert _step(
+        w, OffloadStepMetadata(loads=[LoadJob(request_id="l", block_ids=dst, slots=slots, keys=keys)]), 1
+    ) == (set(), set())
     _sync(device)
     for (t, _), wnt, lc in zip(caches.values(), want, w.layers):
         assert torch.equal(_blocks(t, dims, dst), wnt)
@@ -141,14 +149,23 @@ def test_load_racing_the_eviction_of_its_slots_fails_and_copies_nothing(device):
     want_b = [_blocks(t, FLASH_NHD_DIMS, b_blocks) for t, _ in caches.values()]
     before = [_blocks(t, FLASH_NHD_DIMS, dst) for t, _ in caches.values()]
     # step 1: B's store into slots 0-3 is submitted and not waited for
-    w.bind_step_metadata(OffloadStepMetadata(stores=[StoreJob(request_id="b", block_ids=b_blocks, slots=slots[:4],
-                                                              keys=[b"b%d" % i for i in range(4)])], closed=["b"]))
+    w.bind_step_metadata(
+        OffloadStepMetadata(
+            stores=[
+                StoreJob(
+                    request_id="b", block_ids=b_blocks, slots=slots[:4], keys=[b"b%d" % i for i in range(4)]
+                )
+            ],
+            closed=["b"],
+        )
+    )
     w.start_load_kv()
     w.wait_for_save()
     w.clear_step_metadata()
     # step 2, at once: a load of A's 8 blocks, of which slots 0-3 are being overwritten
-    failed, invalid = _step(w, OffloadStepMetadata(loads=[LoadJob(request_id="late", block_ids=dst, slots=slots,
-                                                                  keys=keys)]), 2)
+    failed, invalid = _step(
+        w, OffloadStepMetadata(loads=[LoadJob(request_id="late", block_ids=dst, slots=slots, keys=keys)]), 2
+    )
     assert failed == {"late"} and invalid == set(dst)
     _sync(device)
     for (t, _), b4 in zip(caches.values(), before):

@@ -45,7 +45,9 @@ def _need_gpu_sglang() -> None:
 
 
 def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -61,8 +63,11 @@ def _sglang(name: str, model: str, workdir, port: int, extra: list[str], env: di
 
 def _greedy(url: str, prompt: str, extra: dict | None = None) -> list[int]:
     """Greedy output token ids: exactly ``MAX_NEW`` of them (EOS ignored)."""
-    body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
-            **(extra or {})}
+    body = {
+        "text": prompt,
+        "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+        **(extra or {}),
+    }
     out = _post(f"{url}/generate", body)
     ids = out.get("output_ids")
     assert isinstance(ids, list) and len(ids) == MAX_NEW, f"{url}: expected {MAX_NEW} output ids, got {out}"

@@ -31,8 +31,15 @@ def serve(role: str, specs: dict, inq, outq) -> None:
 
         nixl_agent, nixl_agent_config = load_nixl()  # nixl-cu12, or the meta package's pick (cu13 GPUs)
         # An engine_id in a spec pins it (a restarted instance); otherwise it is unique per process.
-        engines = {name: Engine(spec.pop("engine_id", f"{role}-{name}-{os.getpid()}"), agent_factory=nixl_agent,
-                                config_factory=nixl_agent_config, **spec) for name, spec in specs.items()}
+        engines = {
+            name: Engine(
+                spec.pop("engine_id", f"{role}-{name}-{os.getpid()}"),
+                agent_factory=nixl_agent,
+                config_factory=nixl_agent_config,
+                **spec,
+            )
+            for name, spec in specs.items()
+        }
         outq.put(("ready", os.getpid()))
         seen_s, seen_r = set(), set()
         while True:

@@ -30,14 +30,18 @@ _MAKE_AGENT = textwrap.dedent("""
 """)
 
 
-def _run_child(code: str, env_changes: dict[str, str | None], timeout: float = 60) -> subprocess.CompletedProcess:
+def _run_child(
+    code: str, env_changes: dict[str, str | None], timeout: float = 60
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "UCX_NET_DEVICES": "lo"}
     for k, v in env_changes.items():
         if v is None:
             env.pop(k, None)
         else:
             env[k] = v
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _ibverbs_providers_installed() -> bool:
@@ -65,7 +69,9 @@ def test_a_users_own_ucx_modules_is_kept():
 def test_ci_hosts_have_ibverbs_providers_so_the_exit_guard_is_exercised():
     if not environment.required():
         pytest.skip("only required in CI / scripts/test.sh, whose set-up installs libibverbs1")
-    assert _ibverbs_providers_installed(), "ibverbs-providers is missing: scripts/setup.sh should install libibverbs1"
+    assert _ibverbs_providers_installed(), (
+        "ibverbs-providers is missing: scripts/setup.sh should install libibverbs1"
+    )
 
 
 def test_ci_run_stops_naming_a_package_that_does_not_import(tmp_path):
@@ -74,10 +80,28 @@ def test_ci_run_stops_naming_a_package_that_does_not_import(tmp_path):
     (shadow / "__init__.py").write_text("raise ImportError('vllm_router is broken on purpose')\n")
     (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     env = {**os.environ, "CI": "true", "PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{ROOT}"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-                           "-c", str(ROOT / "pyproject.toml"), "--confcutdir", str(ROOT / "tests"),
-                           str(ROOT / "tests" / "unit" / "test_package.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(ROOT),
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--confcutdir",
+            str(ROOT / "tests"),
+            str(ROOT / "tests" / "unit" / "test_package.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, out[-3000:]
     assert "vllm_router" in out and "vllm_router is broken on purpose" in out, out[-3000:]

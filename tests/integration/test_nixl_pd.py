@@ -50,7 +50,9 @@ CASES = {
 def case_pair():
     """One producer process and one consumer process hosting an engine per case."""
     ctx = mp.get_context("spawn")
-    P, D = spawn_children(ctx, ("prefill", {k: v[0] for k, v in CASES.items()}), ("decode", {k: v[1] for k, v in CASES.items()}))
+    P, D = spawn_children(
+        ctx, ("prefill", {k: v[0] for k, v in CASES.items()}), ("decode", {k: v[1] for k, v in CASES.items()})
+    )
     yield P, D
     close_all([P, D])
 

@@ -57,8 +57,17 @@ def instance(store):
     def make(seed: int = 0):
         pool = make_host_pool(seed=seed)
         sc = HS.HiCacheStorageConfig(
-            tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
-            enable_storage_metrics=False, is_page_first_layout=True, model_name="tiny", extra_config=_extra(store),
+            tp_rank=0,
+            tp_size=1,
+            pp_rank=0,
+            pp_size=1,
+            attn_cp_rank=0,
+            attn_cp_size=1,
+            is_mla_model=False,
+            enable_storage_metrics=False,
+            is_page_first_layout=True,
+            model_name="tiny",
+            extra_config=_extra(store),
         )
         st = FACTORY.create_backend("dynamic", sc, pool)
         st.register_mem_pool_host(pool)
@@ -103,7 +112,9 @@ def test_a_corrupt_object_in_the_store_is_caught_and_removed(instance):
     buf = np.zeros(a.page_bytes + HEADER_BYTES, np.uint8)
     a.store.register_buffer(buf.ctypes.data, buf.nbytes)
     try:
-        assert a.store.batch_get_into_multi_buffers([name], [[buf.ctypes.data]], [[buf.nbytes]]) == [buf.nbytes]
+        assert a.store.batch_get_into_multi_buffers([name], [[buf.ctypes.data]], [[buf.nbytes]]) == [
+            buf.nbytes
+        ]
         buf[5] ^= 0x10
         assert a.store.batch_remove([name], True) == [0]
         assert a.store.batch_put_from_multi_buffers([name], [[buf.ctypes.data]], [[buf.nbytes]]) == [0]

@@ -47,7 +47,9 @@ class Pair:
         e = {**BASE_ENV, **(env or {})}
         self.q = {r: (ctx.Queue(), ctx.Queue()) for r in ("prefill", "decode")}
         self.killed: set[str] = set()
-        self.p = {r: ctx.Process(target=H.serve, args=(r, self.port, e, *self.q[r]), daemon=True) for r in self.q}
+        self.p = {
+            r: ctx.Process(target=H.serve, args=(r, self.port, e, *self.q[r]), daemon=True) for r in self.q
+        }
         # Both import SGLang at once; the decode rank asks the bootstrap server only when driven.
         for proc in self.p.values():
             proc.start()

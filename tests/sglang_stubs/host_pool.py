@@ -19,7 +19,13 @@ def make_host_pool(layout: str = "page_first", *, pages: int = 16, page_size: in
         get_dummy_flat_data_page = Real.get_dummy_flat_data_page
 
     p = HostPoolLike()
-    p.layout, p.page_size, p.layer_num, p.head_num, p.head_dim = layout, page_size, layer_num, head_num, head_dim
+    p.layout, p.page_size, p.layer_num, p.head_num, p.head_dim = (
+        layout,
+        page_size,
+        layer_num,
+        head_num,
+        head_dim,
+    )
     p.dtype, p.size, p.device, p.pin_memory = dtype, pages * page_size, "cpu", False
     shape = {
         "page_first": (2, p.size, layer_num, head_num, head_dim),
@@ -31,8 +37,11 @@ def make_host_pool(layout: str = "page_first", *, pages: int = 16, page_size: in
 
 
 def page_bytes(pool, page: int) -> bytes:
-    """All bytes of one page (MHA or MLA pool) (token index ``page * page_size``), in SGLang's flat page order."""
-    return pool.get_data_page(page * pool.page_size, flat=True).contiguous().view(torch.uint8).numpy().tobytes()
+    """All bytes of one page (MHA or MLA pool) (token index ``page * page_size``), in SGLang's flat
+    page order."""
+    return (
+        pool.get_data_page(page * pool.page_size, flat=True).contiguous().view(torch.uint8).numpy().tobytes()
+    )
 
 
 def make_mla_host_pool(layout: str = "page_first", *, pages: int = 16, page_size: int = 4, layer_num: int = 2,

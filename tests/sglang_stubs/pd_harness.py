@@ -132,9 +132,15 @@ def serve(role: str, port: int, env: dict, inq, outq, seed: int = 7) -> None:
             if cmd[0] == "stop":
                 break
             if cmd[0] == "prefill":
-                outq.put(_run_prefill(get_kv_class(backend, KVClassType.SENDER), mgr, port, inq, outq, *cmd[1:]))
+                outq.put(
+                    _run_prefill(get_kv_class(backend, KVClassType.SENDER), mgr, port, inq, outq, *cmd[1:])
+                )
             elif cmd[0] == "decode":
-                outq.put(_run_decode(get_kv_class(backend, KVClassType.RECEIVER), mgr, port, kv, aux, seed, outq, *cmd[1:]))
+                outq.put(
+                    _run_decode(
+                        get_kv_class(backend, KVClassType.RECEIVER), mgr, port, kv, aux, seed, outq, *cmd[1:]
+                    )
+                )
         mgr.close()
         if server is not None:
             server.close()
@@ -165,8 +171,21 @@ def _reason(obj) -> str:
     return ""
 
 
-def _run_prefill(sender_cls, mgr, port, inq, outq, room, src_pages, aux_index, chunks, go_q_timeout, gate=False,
-                 announce=False, corrupt=False):
+def _run_prefill(
+    sender_cls,
+    mgr,
+    port,
+    inq,
+    outq,
+    room,
+    src_pages,
+    aux_index,
+    chunks,
+    go_q_timeout,
+    gate=False,
+    announce=False,
+    corrupt=False,
+):
     """Bootstrap -> wait for decode's pages -> (with ``gate``: report ``prefill-waiting`` and wait
     for ``go``) -> send in ``chunks`` (then report ``prefill-sent``) -> poll to the end. With
     ``announce``, report ``prefill-polled`` after the sender's first poll (a test then starts the
@@ -183,7 +202,13 @@ def _run_prefill(sender_cls, mgr, port, inq, outq, room, src_pages, aux_index, c
     deadline = time.monotonic() + go_q_timeout
     st = _poll_until(sender, {KVPoll.WaitingForInput}, deadline, seen)
     if st != KVPoll.WaitingForInput:
-        return ("prefill-done", room, seen, st, _reason(sender) if st == KVPoll.Failed else "no WaitingForInput")
+        return (
+            "prefill-done",
+            room,
+            seen,
+            st,
+            _reason(sender) if st == KVPoll.Failed else "no WaitingForInput",
+        )
     if gate:
         outq.put(("prefill-waiting", room))
         inq.get(timeout=go_q_timeout)
@@ -254,7 +279,10 @@ def _run_decode(receiver_cls, mgr, port, kv, aux, seed, outq, room, src_pages, d
     src, dst = list(src_pages), list(dst_pages)
     ok = all(
         kv[b][dst].numpy().tobytes() == expect_kv[b][src].numpy().tobytes() for b in range(len(kv))
-    ) and all(aux[i][aux_index].numpy().tobytes() == expect_aux[i][aux_index].numpy().tobytes() for i in range(len(aux)))
+    ) and all(
+        aux[i][aux_index].numpy().tobytes() == expect_aux[i][aux_index].numpy().tobytes()
+        for i in range(len(aux))
+    )
     untouched = [p for p in range(NUM_PAGES) if p not in set(dst)]
     ok = ok and all(not kv[b][untouched].any() for b in range(len(kv)))
     recv.clear()

@@ -150,10 +150,19 @@ class OffloadEngine:
             if req.finished or req.loading or req.computed >= len(req.view.prompt_token_ids):
                 continue
             if not req.blocks:  # resumed after preemption
-                req.blocks = [self.free.pop() for _ in range(-(-len(req.view.prompt_token_ids) // self.block_size))]
+                req.blocks = [
+                    self.free.pop() for _ in range(-(-len(req.view.prompt_token_ids) // self.block_size))
+                ]
             n = len(req.view.prompt_token_ids) - req.computed
-            scheduled.append(ScheduledRequest(req.view.request_id, [list(req.blocks)] if not req.started else [[]],
-                                              req.computed, n, is_new=not req.started))
+            scheduled.append(
+                ScheduledRequest(
+                    req.view.request_id,
+                    [list(req.blocks)] if not req.started else [[]],
+                    req.computed,
+                    n,
+                    is_new=not req.started,
+                )
+            )
         step = StepView(scheduled, set(self._finished), set(self._preempted))
         self._finished.clear()
         self._preempted.clear()
@@ -186,7 +195,9 @@ class OffloadEngine:
 
     def busy(self) -> bool:
         return any(
-            r.loading or (r.finished and not r.freed) or (not r.finished and r.computed < len(r.view.prompt_token_ids))
+            r.loading
+            or (r.finished and not r.freed)
+            or (not r.finished and r.computed < len(r.view.prompt_token_ids))
             for r in self.requests.values()
         )
 

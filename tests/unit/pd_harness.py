@@ -46,7 +46,9 @@ class Req:
     finish_reason: str | None = None
 
     def view(self) -> RequestView:
-        return RequestView(self.request_id, self.prompt, transfer_params=self.params, finish_reason=self.finish_reason)
+        return RequestView(
+            self.request_id, self.prompt, transfer_params=self.params, finish_reason=self.finish_reason
+        )
 
 
 @dataclass
@@ -109,8 +111,12 @@ class Engine:
 
     def _info(self, rank: int, bss, layer_groups) -> EngineInfo:
         return EngineInfo(
-            engine_id=self.name, tp_size=self.tp, tp_rank=rank, block_sizes=bss,
-            model_signature={"model": "tiny", "kind": self.kind}, num_kv_heads=1 if self.kind == "mla" else self.num_heads,
+            engine_id=self.name,
+            tp_size=self.tp,
+            tp_rank=rank,
+            block_sizes=bss,
+            model_signature={"model": "tiny", "kind": self.kind},
+            num_kv_heads=1 if self.kind == "mla" else self.num_heads,
             layer_groups=layer_groups if self.groups > 1 else (),
         )
 
@@ -178,7 +184,9 @@ def prefill(producer: Engine, rid: str, prompt_len: int, block_ids: list[list[in
     return s.request_finished(req.view(), block_ids)
 
 
-def decode_start(consumer: Engine, rid: str, prompt_len: int, params, block_ids: list[list[int]], computed: int = 0):
+def decode_start(
+    consumer: Engine, rid: str, prompt_len: int, params, block_ids: list[list[int]], computed: int = 0
+):
     req = Req(rid, list(range(prompt_len)), params)
     n, is_async = consumer.sched.get_num_new_matched_tokens(req.view(), computed)
     consumer.sched.update_state_after_alloc(req.view(), block_ids, n or 0)
@@ -213,7 +221,9 @@ def token_view(t: torch.Tensor, lay: KVLayout, engine_bs: int, ids, t0: int, t1:
     return c[blk, :, :, tok % tb, :]
 
 
-def assert_transferred(producer: Engine, consumer: Engine, p_ids, c_ids, t0: int, t1: int, group=None) -> None:
+def assert_transferred(
+    producer: Engine, consumer: Engine, p_ids, c_ids, t0: int, t1: int, group=None
+) -> None:
     """Every consumer rank holds, for tokens t0..t1, exactly the producer's KV of its heads
     (only the layers of ``group`` when given)."""
     for c in range(consumer.tp):
@@ -229,8 +239,13 @@ def assert_transferred(producer: Engine, consumer: Engine, p_ids, c_ids, t0: int
                 continue
             lo, hi = rank_heads(consumer.num_heads, consumer.tp, c)
             for gh in range(lo, hi):
-                p = next(p for p in range(producer.tp)
-                         if rank_heads(producer.num_heads, producer.tp, p)[0] <= gh < rank_heads(producer.num_heads, producer.tp, p)[1])
+                p = next(
+                    p
+                    for p in range(producer.tp)
+                    if rank_heads(producer.num_heads, producer.tp, p)[0]
+                    <= gh
+                    < rank_heads(producer.num_heads, producer.tp, p)[1]
+                )
                 plo = rank_heads(producer.num_heads, producer.tp, p)[0]
                 pt, play = producer.caches[p][name]
                 want = token_view(pt, play, producer.block_size, p_ids[g], t0, t1)[:, :, gh - plo]

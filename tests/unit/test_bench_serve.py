@@ -123,17 +123,37 @@ def _report() -> dict:
     for s, ttft in (("single", 0.02), ("vllm-nixl", 0.2), ("kvc-pull", 0.06)):
         rows[s] = []
         for c in (1, 4):
-            row = SS.summarize([res("a", [1, 2, 3], ttft=ttft * c, e2e=ttft * c + 0.1, itl=[0.05, 0.05])], 2.0, c,
-                               None if s == "single" and c == 1 else {"a": [1, 2, 3]})
+            row = SS.summarize(
+                [res("a", [1, 2, 3], ttft=ttft * c, e2e=ttft * c + 0.1, itl=[0.05, 0.05])],
+                2.0,
+                c,
+                None if s == "single" and c == 1 else {"a": [1, 2, 3]},
+            )
             row.update(left_behind={}, hangups_sent=c == 4, left_wait_s=0.0)
             rows[s].append(row)
-    return {"command": "kvconnect bench serve --levels 1,4", "date": "today", "took_s": 60.0,
-            "machine": {"cpu": "cpu", "usable_cores": 2, "gpu": None},
-            "config": {"model": "llama_gqa", "levels": [1, 4], "requests": 1, "max_tokens": 3, "min_tokens": 3,
-                       "max_prompt": 10, "hangup_fraction": 0.1, "hangup_levels": 1, "hangup_window": (0.0, 1.0),
-                       "lease_s": 20.0},
-            "stacks": list(rows), "rows": rows, "start_s": {s: 40.0 for s in rows}, "errors": {},
-            "ratios": {"kvc-pull": SS.ratios(rows, "kvc-pull", "vllm-nixl")}}
+    return {
+        "command": "kvconnect bench serve --levels 1,4",
+        "date": "today",
+        "took_s": 60.0,
+        "machine": {"cpu": "cpu", "usable_cores": 2, "gpu": None},
+        "config": {
+            "model": "llama_gqa",
+            "levels": [1, 4],
+            "requests": 1,
+            "max_tokens": 3,
+            "min_tokens": 3,
+            "max_prompt": 10,
+            "hangup_fraction": 0.1,
+            "hangup_levels": 1,
+            "hangup_window": (0.0, 1.0),
+            "lease_s": 20.0,
+        },
+        "stacks": list(rows),
+        "rows": rows,
+        "start_s": {s: 40.0 for s in rows},
+        "errors": {},
+        "ratios": {"kvc-pull": SS.ratios(rows, "kvc-pull", "vllm-nixl")},
+    }
 
 
 def test_markdown_report_names_the_command_the_plot_and_the_ratios():

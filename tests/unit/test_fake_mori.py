@@ -63,7 +63,13 @@ def make_bufs(a, b, n: int = 256, seed: int = 0):
 
 
 def test_enum_members_match_real_names_and_values():
-    assert {m.name: m.value for m in fm.BackendType} == {"Unknown": 0, "XGMI": 1, "RDMA": 2, "TCP": 3, "FABRIC": 4}
+    assert {m.name: m.value for m in fm.BackendType} == {
+        "Unknown": 0,
+        "XGMI": 1,
+        "RDMA": 2,
+        "TCP": 3,
+        "FABRIC": 4,
+    }
     assert {m.name: m.value for m in fm.MemoryLocationType} == {"Unknown": 0, "CPU": 1, "GPU": 2}
     assert {m.name: m.value for m in fm.StatusCode} == {
         "SUCCESS": 0, "INIT": 1, "IN_PROGRESS": 2, "ERR_INVALID_ARGS": 11, "ERR_NOT_FOUND": 12,
@@ -336,7 +342,9 @@ def test_engine_batch_stops_at_first_pair_without_backend_leaving_init():
     c.create_backend(fm.BackendType.RDMA)  # never registered with a
     x, y, mx, my = make_bufs(a, b)
     mz = c.register_torch_tensor(torch.zeros(256, dtype=torch.uint8))
-    sts = a.batch_write([mx, mx, mx], [[0], [0], [0]], [my, mz, my], [[0], [0], [8]], [[4], [4], [4]], [0, 1, 2])
+    sts = a.batch_write(
+        [mx, mx, mx], [[0], [0], [0]], [my, mz, my], [[0], [0], [8]], [[4], [4], [4]], [0, 1, 2]
+    )
     assert sts[0].Succeeded()
     assert sts[1].Code() is SC.ERR_BAD_STATE
     assert sts[2].Init()  # real mori returns at the first unroutable pair

@@ -37,9 +37,11 @@ values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=5),
 _mp_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
                         st.text(max_size=20), st.binary(max_size=20))
 #: msgpack-encodable values
-mp_values = st.recursive(_mp_scalars, lambda c: st.one_of(st.lists(c, max_size=5),
-                                                          st.dictionaries(st.text(max_size=10), c, max_size=5)),
-                         max_leaves=20)
+mp_values = st.recursive(
+    _mp_scalars,
+    lambda c: st.one_of(st.lists(c, max_size=5), st.dictionaries(st.text(max_size=10), c, max_size=5)),
+    max_leaves=20,
+)
 
 
 def _valid_notice_bytes() -> st.SearchStrategy[bytes]:
@@ -81,9 +83,23 @@ small_ints = st.integers(-2, 6) | st.sampled_from([0, 65535, 65536, 2**31])
 #: Well-typed write requests with small, often out-of-range numbers: where bounds checks bite.
 near_valid_writes = st.builds(
     lambda port, tp, rank, t0, t1, ids: msgspec.msgpack.encode(
-        {**_WRITE_FIELDS, "consumer_port": port, "consumer_tp_size": tp, "consumer_rank": rank,
-         "token_start": t0, "token_end": t1, "block_ids": ids}),
-    small_ints, small_ints, small_ints, small_ints, small_ints, st.lists(st.lists(small_ints, max_size=3), max_size=2))
+        {
+            **_WRITE_FIELDS,
+            "consumer_port": port,
+            "consumer_tp_size": tp,
+            "consumer_rank": rank,
+            "token_start": t0,
+            "token_end": t1,
+            "block_ids": ids,
+        }
+    ),
+    small_ints,
+    small_ints,
+    small_ints,
+    small_ints,
+    small_ints,
+    st.lists(st.lists(small_ints, max_size=3), max_size=2),
+)
 
 
 @FAST
@@ -124,14 +140,36 @@ def _assert_well_formed_metadata(md: HandshakeMetadata) -> None:
     assert 0 <= md.tp_rank < md.tp_size and all(b > 0 for b in md.block_sizes)
     for layer in md.layers:
         assert len(layer.dims) == len(layer.shape) == len(layer.strides)
-        assert layer.itemsize > 0 and layer.base_addr >= 0 and layer.group >= 0 and min(layer.shape, default=0) >= 0
+        assert (
+            layer.itemsize > 0
+            and layer.base_addr >= 0
+            and layer.group >= 0
+            and min(layer.shape, default=0) >= 0
+        )
     assert decode(encode(md), HandshakeMetadata, what="handshake metadata") == md
 
 
-_METADATA = {"engine_id": "p", "tp_rank": 0, "tp_size": 2, "compat_hash": "h", "block_sizes": [16],
-             "layers": [{"name": "l0", "base_addr": 4096, "dims": ["block", "token", "x"], "shape": [4, 16, 8],
-                         "strides": [128, 8, 1], "itemsize": 2, "dtype": "bfloat16"}],
-             "transport": "nixl", "transport_metadata": b"md", "agent_name": "a"}
+_METADATA = {
+    "engine_id": "p",
+    "tp_rank": 0,
+    "tp_size": 2,
+    "compat_hash": "h",
+    "block_sizes": [16],
+    "layers": [
+        {
+            "name": "l0",
+            "base_addr": 4096,
+            "dims": ["block", "token", "x"],
+            "shape": [4, 16, 8],
+            "strides": [128, 8, 1],
+            "itemsize": 2,
+            "dtype": "bfloat16",
+        }
+    ],
+    "transport": "nixl",
+    "transport_metadata": b"md",
+    "agent_name": "a",
+}
 _LAYER_KEYS = list(_METADATA["layers"][0])
 
 
@@ -193,11 +231,18 @@ _TIMEOUT_KEYS = ["handshake_timeout_s", "transfer_timeout_s", "lease_timeout_s",
 
 
 @FAST
-@given(st.one_of(
-    st.dictionaries(st.sampled_from(list(NixlConfig.__struct_fields__) + ["backend", "nope"]), values, max_size=6),
-    st.dictionaries(st.sampled_from(_TIMEOUT_KEYS + ["side_channel_port"]),
-                    st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 70000), max_size=3),
-))
+@given(
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from(list(NixlConfig.__struct_fields__) + ["backend", "nope"]), values, max_size=6
+        ),
+        st.dictionaries(
+            st.sampled_from(_TIMEOUT_KEYS + ["side_channel_port"]),
+            st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 70000),
+            max_size=3,
+        ),
+    )
+)
 def test_p_d_config_dicts_only_raise_config_error(raw):
     from kvconnect.config import parse_config
     try:
@@ -246,7 +291,9 @@ def test_worker_listener_survives_any_frames_and_keeps_serving(worker_pair, batc
     try:  # still answers, within its deadline
         assert c.request("127.0.0.1", port, "metadata", timeout_s=5) == P.workers[0]._md_bytes
         with pytest.raises(HandshakeError):
-            c.request("127.0.0.1", port, "checksums", encode(W.ChecksumRequest(request_id="none")), timeout_s=5)
+            c.request(
+                "127.0.0.1", port, "checksums", encode(W.ChecksumRequest(request_id="none")), timeout_s=5
+            )
     finally:
         c.close()
 

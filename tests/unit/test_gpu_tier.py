@@ -28,7 +28,10 @@ def _run(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_gpu_tests_skip_without_a_device_each_naming_the_reason(tmp_path):
-    p = _run([sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"], tmp_path)
+    p = _run(
+        [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"],
+        tmp_path,
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     summary = re.search(r"(\d+) skipped", out)

@@ -71,14 +71,21 @@ def import_graph() -> dict[str, set[str]]:
                 base = package
                 for _ in range(node.level - 1):
                     base = base.rpartition(".")[0]
-                target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+                target = (
+                    (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+                )
                 if target.split(".")[0] != "kvconnect":
                     continue
                 for a in node.names:
                     edges.add(f"{target}.{a.name}" if f"{target}.{a.name}" in files else owner(target))
-            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-                  and isinstance(node.args[0].value, str) and node.args[0].value.startswith("kvconnect.")
-                  and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) == "import_module"):
+            elif (
+                isinstance(node, ast.Call)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and node.args[0].value.startswith("kvconnect.")
+                and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) == "import_module"
+            ):
                 edges.add(owner(node.args[0].value))
         edges.discard(None)
         edges.discard(mod)

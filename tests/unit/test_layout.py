@@ -77,7 +77,10 @@ def test_layout_of_a_padded_view_uses_strides():
         (dict(dims=("block", "token"), shape=(2, 4), strides=(4, 1)), "feature"),
         (dict(dims=("block", "toke", "feature"), shape=(2, 4, 8), strides=(32, 8, 1)), "unknown dimension"),
         (dict(dims=("block", "token", "feature"), shape=(2, 4), strides=(8, 1)), "do not match"),
-        (dict(dims=("kv", "block", "token", "feature"), shape=(3, 2, 4, 8), strides=(64, 32, 8, 1)), "size 2"),
+        (
+            dict(dims=("kv", "block", "token", "feature"), shape=(3, 2, 4, 8), strides=(64, 32, 8, 1)),
+            "size 2",
+        ),
         (dict(dims=("block", "token", "feature"), shape=(2, 4, 8), strides=(32, 2, 4)), "contiguous"),
         (dict(dims=("block", "block", "feature"), shape=(2, 4, 8), strides=(32, 8, 1)), "repeat"),
     ],
@@ -189,8 +192,15 @@ def test_feature_major_planes_pair_by_token_runs_across_block_sizes():
     # 32..64 of a 64-token block pair with a whole 32-token block, one run per feature.
     from kvconnect.layout import KVLayout, pair_rows
 
-    big = KVLayout(dims=("block", "head", "feature", "token"), shape=(4, 2, 8, 64), strides=(1024, 512, 64, 1), itemsize=4)
-    small = KVLayout(dims=("block", "head", "feature", "token"), shape=(8, 2, 8, 32), strides=(512, 256, 32, 1), itemsize=4)
+    big = KVLayout(
+        dims=("block", "head", "feature", "token"),
+        shape=(4, 2, 8, 64),
+        strides=(1024, 512, 64, 1),
+        itemsize=4,
+    )
+    small = KVLayout(
+        dims=("block", "head", "feature", "token"), shape=(8, 2, 8, 32), strides=(512, 256, 32, 1), itemsize=4
+    )
     assert big.feature_major and big.signature() == small.signature()
     rows = pair_rows(small, big, (0, 32), (32, 64))
     assert rows.shape == (16, 3)

@@ -108,7 +108,9 @@ def test_a_corrupt_object_ends_the_load_at_the_last_good_block_and_is_removed(in
     req = RequestView("r2", PROMPT)
     assert b.lookup(req) == (6 * BS, True)
     # Flip one payload byte of the object of block 3 (found by its stored bytes).
-    target = next(k for k in keys if fake_mooncake.cluster.objects[k][:16] == a.kv[0][4].numpy().tobytes()[:16])
+    target = next(
+        k for k in keys if fake_mooncake.cluster.objects[k][:16] == a.kv[0][4].numpy().tobytes()[:16]
+    )
     data = bytearray(fake_mooncake.cluster.objects[target])
     data[100] ^= 0xFF
     fake_mooncake.cluster.objects[target] = bytes(data)

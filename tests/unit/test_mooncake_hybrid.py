@@ -64,7 +64,9 @@ class Hybrid(Instance):
         self.step(StepView(scheduled=[ScheduledRequest(r.request_id, blocks, 0, n, True)]))
         self.write(list(r.prompt_token_ids), blocks)
         keep = max(0, n - WINDOW + 1) // BS
-        at_finish = [[NULL if g == SW and i < keep else b for i, b in enumerate(ids)] for g, ids in enumerate(blocks)]
+        at_finish = [
+            [NULL if g == SW and i < keep else b for i, b in enumerate(ids)] for g, ids in enumerate(blocks)
+        ]
         assert self.sched.request_finished(r, at_finish)[0]
         self.wait_for(lambda out: r.request_id in out.finished_sending)
         return at_finish
@@ -119,7 +121,9 @@ def test_every_full_attention_block_present_is_no_hit_without_the_window(hybrids
     a, b = hybrids("a"), hybrids("b")
     done = a.serve(RequestView("r1", PROMPT))
     head = a.kv[0][done[SW][5]].numpy().tobytes()[:16]
-    del fake_mooncake.cluster.objects[next(k for k, v in fake_mooncake.cluster.objects.items() if v[:16] == head)]
+    del fake_mooncake.cluster.objects[
+        next(k for k, v in fake_mooncake.cluster.objects.items() if v[:16] == head)
+    ]
     # Full attention still has blocks 0..5, but no window n-2..n-1 is complete for any n.
     assert b.lookup(RequestView("r2", PROMPT)) == (0, False)
 
@@ -202,7 +206,9 @@ def test_a_composition_on_a_mamba_model_skips_the_shared_tier_or_fails_naming_it
     s = create_scheduler(parse_config({"backends": backends, "unsupported_model": "skip"}), eng)
     assert s.names == ["nixl"]
     s.shutdown()
-    with pytest.raises(UnsupportedModelError, match=r"child 'mooncake' cannot serve.*group 0 uses 'MambaSpec'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"child 'mooncake' cannot serve.*group 0 uses 'MambaSpec'"
+    ):
         create_scheduler(parse_config({"backends": backends}), eng)
 
 
@@ -218,7 +224,9 @@ def test_a_hybrid_hit_needs_each_groups_object_on_every_tp_rank(master):
     s = MooncakeScheduler(cfg, eng, store_factory=FakeMooncakeDistributedStore)
     try:
         layouts = {r: bytes([r]) * 8 for r in range(2)}
-        s.set_handshake_metadata({r: MooncakeHandshake(tp_rank=r, layout=layouts[r], object_bytes=1) for r in range(2)})
+        s.set_handshake_metadata(
+            {r: MooncakeHandshake(tp_rank=r, layout=layouts[r], object_bytes=1) for r in range(2)}
+        )
         prefixes = ks.prefixes_by_rank(ks.namespace(cfg, eng), layouts, 2)
         r = RequestView("r1", PROMPT)
         kc = KeyCache(ks.namespace(cfg, eng), BS)

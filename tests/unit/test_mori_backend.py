@@ -144,7 +144,9 @@ def test_engine_is_built_from_the_config_and_backend_created_before_any_registra
     assert (r.qp_per_transfer, r.post_batch_size, r.num_worker_threads) == (4, 8, 2)
     assert r.poll_cq_mode is fm.PollCqMode.EVENT
     assert r.enable_notification is False
-    assert calls.index("create_backend") < calls.index("register_memory") < calls.index("register_remote_engine")
+    assert (
+        calls.index("create_backend") < calls.index("register_memory") < calls.index("register_remote_engine")
+    )
 
 
 def test_mori_config_rejects_bad_knobs():
@@ -188,7 +190,9 @@ def test_bad_peer_metadata_is_a_handshake_error_naming_the_field(case):
         "short_memory": _blob_with(b, memory=[msgspec.msgpack.encode(["x"]), md0[1]]),
         "memory_count": _blob_with(b, memory=md0[:1]),
         "memory_size": _blob_with(b, memory=list(reversed(md0))) if b.regions[0] != b.regions[1] else None,
-        "memory_other_engine": _blob_with(b, memory=msgspec.msgpack.decode(other.t.metadata(), type=MoriBlob).memory),
+        "memory_other_engine": _blob_with(
+            b, memory=msgspec.msgpack.decode(other.t.metadata(), type=MoriBlob).memory
+        ),
         "mailbox": _blob_with(b, mailbox_port=0),
     }[case]
     with pytest.raises(HandshakeError, match="MoRI"):

@@ -21,7 +21,11 @@ def _worker(cfg, info, agent_factory=None, config_factory=None):
 @contextlib.contextmanager
 def _bound_to_mori():
     saved = pd_harness.NixlConfig, pd_harness.NixlScheduler, pd_harness.NixlWorker
-    pd_harness.NixlConfig, pd_harness.NixlScheduler, pd_harness.NixlWorker = MoriConfig, MoriScheduler, _worker
+    pd_harness.NixlConfig, pd_harness.NixlScheduler, pd_harness.NixlWorker = (
+        MoriConfig,
+        MoriScheduler,
+        _worker,
+    )
     try:
         yield
     finally:

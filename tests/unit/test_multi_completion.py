@@ -127,7 +127,9 @@ def test_scheduler_tells_each_deferring_child_its_request_was_sent():
     rig["b"].worker.queue_sent("r")
     rig.step()
     for name, expect in (("a", {"r"}), ("b", {"r"}), ("c", set())):
-        sent = set().union(*(o[0].finished_sending for o in rig[name].scheduler.calls_to("update_worker_output")))
+        sent = set().union(
+            *(o[0].finished_sending for o in rig[name].scheduler.calls_to("update_worker_output"))
+        )
         assert sent == expect, name
 
 

@@ -31,7 +31,9 @@ def test_nixl_and_cpu_offload_start_on_a_sliding_window_and_full_attention_model
 
 
 def test_a_child_refusing_a_group_fails_the_start_naming_the_child_and_the_group():
-    with pytest.raises(UnsupportedModelError, match=r"child 'cpu_offload' cannot serve.*group 0 uses 'MambaSpec'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"child 'cpu_offload' cannot serve.*group 0 uses 'MambaSpec'"
+    ):
         create_scheduler(parse_config({"backends": NIXL_CPU}), MAMBA)
 
 
@@ -47,7 +49,9 @@ def test_skip_leaves_the_refusing_child_out_on_both_halves_alike():
 
 def test_a_one_group_child_fails_the_start_on_a_hybrid_model_and_every_child_is_shut_down():
     a, b = FakeScheduler("a", hybrid=True), FakeScheduler("b", hybrid=False)
-    with pytest.raises(UnsupportedModelError, match=r"child 'b' cannot serve .*supports_hybrid=False.*\"skip\""):
+    with pytest.raises(
+        UnsupportedModelError, match=r"child 'b' cannot serve .*supports_hybrid=False.*\"skip\""
+    ):
         MultiScheduler([a, b], HYBRID, ["a", "b"])
     assert a.calls_to("shutdown") == [()] and b.calls_to("shutdown") == [()]
 

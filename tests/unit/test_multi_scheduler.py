@@ -70,7 +70,10 @@ def test_ask_again_later_from_a_later_child_without_earlier_hit_is_none():
 
 
 def test_no_hit_anywhere_is_zero():
-    assert sched(FakeScheduler("a"), FakeScheduler("b")).get_num_new_matched_tokens(request("r"), 16) == (0, False)
+    assert sched(FakeScheduler("a"), FakeScheduler("b")).get_num_new_matched_tokens(request("r"), 16) == (
+        0,
+        False,
+    )
 
 
 def test_owner_async_flag_is_returned():
@@ -132,7 +135,9 @@ def test_external_blocks_cover_only_the_loaded_tokens():
 
 def test_every_child_sees_the_same_step():
     a, b = FakeScheduler("a"), FakeScheduler("b")
-    step = StepView(scheduled=[ScheduledRequest("r", [[1, 2]], 0, 32, is_new=True)], finished_request_ids={"q"})
+    step = StepView(
+        scheduled=[ScheduledRequest("r", [[1, 2]], 0, 32, is_new=True)], finished_request_ids={"q"}
+    )
     sched(a, b).build_step_metadata(step)
     assert a.calls_to("build_step_metadata") == [(step,)]
     assert b.calls_to("build_step_metadata") == [(step,)]
@@ -189,7 +194,10 @@ def test_transfer_params_are_merged():
 
 
 def test_no_params_from_any_child_is_none():
-    assert sched(FakeScheduler("a"), FakeScheduler("b")).request_finished(request("r"), [[1]]) == (False, None)
+    assert sched(FakeScheduler("a"), FakeScheduler("b")).request_finished(request("r"), [[1]]) == (
+        False,
+        None,
+    )
 
 
 def test_transfer_param_key_clash_names_both_children_and_the_key():

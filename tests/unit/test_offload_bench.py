@@ -42,7 +42,10 @@ def test_other_layouts_are_measured_on_request(capsys):
 
 
 def test_report_update_replaces_only_the_sections_that_were_run():
-    old = "# kvconnect benchmarks\n\nMade by x.\n\n## CPU offload bandwidth\n\nold table\n\n## P/D transfer (NIXL)\n\nkept\n"
+    old = (
+        "# kvconnect benchmarks\n\nMade by x.\n\n## CPU offload bandwidth\n\nold table\n\n"
+        "## P/D transfer (NIXL)\n\nkept\n"
+    )
     new = "# kvconnect benchmarks\n\nMade by y.\n\n## CPU offload bandwidth\n\nCommand: `c`\n\nnew table\n"
     got = report.update_sections(old, new, ["CPU offload bandwidth"], "Refreshed by y.")
     assert got == ("# kvconnect benchmarks\n\nMade by x.\n\n## CPU offload bandwidth\n\nRefreshed by y.\n\n"
@@ -62,6 +65,26 @@ def test_a_load_that_drops_a_block_fails_the_bench_after_the_timed_runs(monkeypa
         return real(layers, kind, block_ids, slots, *a, **kw)
 
     monkeypatch.setattr(offload_worker, "copy_blocks", lossy)
-    with pytest.raises(BenchmarkError, match=r"1 of \d+ blocks of layer\.0\.k differ after a store and a load"):
-        offload.main(["--quick", "--json", "--layers", "2", "--gb", "0.004", "--repeats", "1", "--block-sizes", "16",
-                      "--lookup-stored", "1000", "--copy-threads", "1", "--device", "cpu"])
+    with pytest.raises(
+        BenchmarkError, match=r"1 of \d+ blocks of layer\.0\.k differ after a store and a load"
+    ):
+        offload.main(
+            [
+                "--quick",
+                "--json",
+                "--layers",
+                "2",
+                "--gb",
+                "0.004",
+                "--repeats",
+                "1",
+                "--block-sizes",
+                "16",
+                "--lookup-stored",
+                "1000",
+                "--copy-threads",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )

@@ -19,8 +19,11 @@ def make():
     engines = []
 
     def _make(capacity_blocks: int = 64, **kw) -> OffloadEngine:
-        opts = {k: kw.pop(k) for k in ("eviction_policy", "store_mode", "verify_checksums", "hash_salt", "per_rank")
-                if k in kw}
+        opts = {
+            k: kw.pop(k)
+            for k in ("eviction_policy", "store_mode", "verify_checksums", "hash_salt", "per_rank")
+            if k in kw
+        }
         probe = OffloadEngine(CpuOffloadConfig(cpu_bytes_to_use=1 << 30), **kw)
         per_block = probe.workers[0].kv_bytes_per_block * probe.tp_size
         probe.shutdown()

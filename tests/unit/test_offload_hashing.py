@@ -18,7 +18,9 @@ def keys_of(tokens, salt="", cache_salt=None, hashes=None):
     return KeyCache(salt, BS).keys(RequestView("r", tokens, cache_salt=cache_salt, block_hashes=hashes), 1000)
 
 
-@given(st.lists(st.integers(0, 50_000), min_size=8, max_size=40), st.lists(st.integers(0, 50_000), max_size=12))
+@given(
+    st.lists(st.integers(0, 50_000), min_size=8, max_size=40), st.lists(st.integers(0, 50_000), max_size=12)
+)
 def test_keys_of_a_prefix_are_a_prefix_of_the_keys(prefix, suffix):
     a = keys_of(prefix)
     b = keys_of(prefix + suffix)

@@ -74,7 +74,9 @@ class HybridEngine:
     def holds_truth(self, tokens: list[int], blocks: list[list[int]], g: int, i: int) -> bool:
         for p, t in enumerate(self.tensors):
             got = block_view(t, self.dims, blocks[g][i])
-            if not torch.equal(got.view(torch.uint8), self.truth(tokens, i, g, p, tuple(got.shape)).view(torch.uint8)):
+            if not torch.equal(
+                got.view(torch.uint8), self.truth(tokens, i, g, p, tuple(got.shape)).view(torch.uint8)
+            ):
                 return False
         return True
 
@@ -86,7 +88,13 @@ class HybridEngine:
         res = TransferResults()
         for _ in range(2000):
             r = self.worker.get_transfer_results(set())
-            for f in ("finished_sending", "finished_recving", "failed_recving", "invalid_block_ids", "failed_sending"):
+            for f in (
+                "finished_sending",
+                "finished_recving",
+                "failed_recving",
+                "invalid_block_ids",
+                "failed_sending",
+            ):
                 getattr(res, f).update(getattr(r, f))
             if not self.worker._inflight and not self.worker._closed:
                 break

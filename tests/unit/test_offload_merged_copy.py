@@ -44,7 +44,9 @@ def entries_of(tensors: dict[str, torch.Tensor], spec, group: int = 0) -> dict:
 
 
 def worker(caches, block_size: int, **kw) -> CpuOffloadWorker:
-    w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=1 << 22, **kw), EngineInfo("e", block_sizes=(block_size,)))
+    w = CpuOffloadWorker(
+        CpuOffloadConfig(cpu_bytes_to_use=1 << 22, **kw), EngineInfo("e", block_sizes=(block_size,))
+    )
     w.register_kv_caches(caches)
     return w
 
@@ -86,7 +88,9 @@ def test_padded_heads_merge_k_and_v_of_each_head_and_leave_the_padding():
 
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_vllm_cpu_blocks_round_trip_byte_for_byte_and_the_pool_holds_the_engine_bytes(bs, threads, monkeypatch):
+def test_vllm_cpu_blocks_round_trip_byte_for_byte_and_the_pool_holds_the_engine_bytes(
+    bs, threads, monkeypatch
+):
     from kvconnect.backends.cpu_offload import copier
 
     monkeypatch.setattr(copier, "SPLIT_MIN_BYTES", 1)  # two threads split even this small task
@@ -141,7 +145,9 @@ def test_a_load_of_part_of_a_stored_run_moves_only_those_blocks():
     others = [block_bytes(t, b) for b in range(16) if b not in (9, 11)]
     load(w, "b", [11, 9], [1, 3], [b"b", b"d"])  # slots 1 and 3 only, into other blocks
     assert torch.equal(block_bytes(t, 11), want[1]) and torch.equal(block_bytes(t, 9), want[3])
-    assert all(torch.equal(x, block_bytes(t, b)) for x, b in zip(others, [b for b in range(16) if b not in (9, 11)]))
+    assert all(
+        torch.equal(x, block_bytes(t, b)) for x, b in zip(others, [b for b in range(16) if b not in (9, 11)])
+    )
     w.shutdown()
 
 
@@ -163,7 +169,9 @@ def test_kv_cache_groups_sharing_memory_are_planned_apart_and_copy_their_own_blo
         (1, ("swa.0.k", "swa.0.v")), (1, ("swa.1.k", "swa.1.v"))]
     l0 = build_layers(g0, num_slots=6)
     l1 = build_layers(g1, num_slots=6, share_pools_with=l0)
-    assert [lc.pool for lc in l1] == [lc.pool for lc in l0] and all(lc.plan.rows_per_block == 1 for lc in l0 + l1)
+    assert [lc.pool for lc in l1] == [lc.pool for lc in l0] and all(
+        lc.plan.rows_per_block == 1 for lc in l0 + l1
+    )
     before = {id(t): [block_bytes(t, b) for b in range(16)] for t in (shared, own, other)}
     copy_blocks(l0, "store", [3, 4], [0, 1])
     copy_blocks(l1, "store", [10, 11], [2, 3])

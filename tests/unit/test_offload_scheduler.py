@@ -18,7 +18,9 @@ BLOCK_BYTES = 100
 
 def sched(slots: int = 16, **kw) -> CpuOffloadScheduler:
     cfg = CpuOffloadConfig(cpu_bytes_to_use=slots * BLOCK_BYTES, **kw)
-    return CpuOffloadScheduler(cfg, EngineInfo("e", block_sizes=(BS,), model_signature={"kv_bytes_per_block": BLOCK_BYTES}))
+    return CpuOffloadScheduler(
+        cfg, EngineInfo("e", block_sizes=(BS,), model_signature={"kv_bytes_per_block": BLOCK_BYTES})
+    )
 
 
 def view(rid: str, n: int, start: int = 0, **kw) -> RequestView:
@@ -28,7 +30,9 @@ def view(rid: str, n: int, start: int = 0, **kw) -> RequestView:
 def compute_and_finish(s: CpuOffloadScheduler, v: RequestView, blocks: list[int], hit: int = 0):
     """Allocate, run one prefill step, finish; returns (delay_free, step metadata of the finish)."""
     s.update_state_after_alloc(v, [blocks], hit)
-    s.build_step_metadata(StepView([ScheduledRequest(v.request_id, [blocks], hit, v.num_prompt_tokens - hit, True)]))
+    s.build_step_metadata(
+        StepView([ScheduledRequest(v.request_id, [blocks], hit, v.num_prompt_tokens - hit, True)])
+    )
     delay, _ = s.request_finished(v, [blocks])
     return delay, s.build_step_metadata(StepView())
 
@@ -111,7 +115,9 @@ def test_failed_load_drops_its_slots_from_the_index():
     n, _ = s.get_num_new_matched_tokens(v, 0)
     s.update_state_after_alloc(v, [[5, 6, 7, 8]], n)
     s.build_step_metadata(StepView())
-    s.update_worker_output(TransferResults(finished_recving={"b"}, failed_recving={"b"}, invalid_block_ids={5}))
+    s.update_worker_output(
+        TransferResults(finished_recving={"b"}, failed_recving={"b"}, invalid_block_ids={5})
+    )
     assert s.get_num_new_matched_tokens(view("c", 13), 0) == (0, False)
     assert s.get_stats()["load_failures"] == 1
 
@@ -172,7 +178,9 @@ def test_slot_count_from_handshake_when_no_hint():
     cfg = CpuOffloadConfig(cpu_bytes_to_use=1000)
     s = CpuOffloadScheduler(cfg, EngineInfo("e", block_sizes=(BS,), tp_size=2))
     assert s.get_num_new_matched_tokens(view("a", 20), 0) == (0, False)  # not sized yet
-    s.set_handshake_metadata({r: OffloadHandshake(tp_rank=r, kv_bytes_per_block=100, num_slots=5) for r in (0, 1)})
+    s.set_handshake_metadata(
+        {r: OffloadHandshake(tp_rank=r, kv_bytes_per_block=100, num_slots=5) for r in (0, 1)}
+    )
     assert s.index.num_slots == 5  # 1000 bytes over 2 ranks / 100
 
 

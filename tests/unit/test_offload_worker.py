@@ -24,7 +24,9 @@ BS = 4
 
 
 def worker(caches, capacity=1 << 20, **kw) -> CpuOffloadWorker:
-    w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=capacity, **kw), EngineInfo("e", block_sizes=(BS,)))
+    w = CpuOffloadWorker(
+        CpuOffloadConfig(cpu_bytes_to_use=capacity, **kw), EngineInfo("e", block_sizes=(BS,))
+    )
     w.register_kv_caches(caches)
     return w
 
@@ -62,12 +64,18 @@ def run_step(w: CpuOffloadWorker, meta: OffloadStepMetadata, timeout: float = 5.
 
 
 def store(w, rid, blocks, slots, keys):
-    return run_step(w, OffloadStepMetadata(stores=[StoreJob(request_id=rid, block_ids=blocks, slots=slots, keys=keys)],
-                                           closed=[rid]))
+    return run_step(
+        w,
+        OffloadStepMetadata(
+            stores=[StoreJob(request_id=rid, block_ids=blocks, slots=slots, keys=keys)], closed=[rid]
+        ),
+    )
 
 
 def load(w, rid, blocks, slots, keys):
-    return run_step(w, OffloadStepMetadata(loads=[LoadJob(request_id=rid, block_ids=blocks, slots=slots, keys=keys)]))
+    return run_step(
+        w, OffloadStepMetadata(loads=[LoadJob(request_id=rid, block_ids=blocks, slots=slots, keys=keys)])
+    )
 
 
 def snapshot(caches, kind, blocks):
@@ -144,7 +152,9 @@ def test_permuted_and_padded_layouts_round_trip():
     caches = {"hnd": (hnd, KVLayout.of_tensor(hnd, FLASH_HND_DIMS)),
               "pad": (padded, KVLayout.of_tensor(padded, ("block", "token", "feature")))}
     assert plan_memory([Entry.of("hnd", *caches["hnd"])]) is not None  # row path: one row per K/V plane
-    assert plan_memory([Entry.of("pad", *caches["pad"])]) is None  # fallback (padding does not split into rows)
+    assert (
+        plan_memory([Entry.of("pad", *caches["pad"])]) is None
+    )  # fallback (padding does not split into rows)
     w = CpuOffloadWorker(CpuOffloadConfig(cpu_bytes_to_use=1 << 20), EngineInfo("e", block_sizes=(BS,)))
     w.register_kv_caches(caches)
     want = [hnd[:, [1, 2]].clone(), padded[[1, 2]].clone()]
@@ -179,7 +189,10 @@ def test_checksum_mismatch_fails_the_load():
 
 def test_scheduler_error_job_is_reported_failed():
     w = worker(random_caches("mha"))
-    res = run_step(w, OffloadStepMetadata(loads=[LoadJob(request_id="b", block_ids=[3, 4], slots=[], keys=[], error="x")]))
+    res = run_step(
+        w,
+        OffloadStepMetadata(loads=[LoadJob(request_id="b", block_ids=[3, 4], slots=[], keys=[], error="x")]),
+    )
     assert res.failed_recving == {"b"} and res.invalid_block_ids == {3, 4}
     w.shutdown()
 

@@ -59,8 +59,15 @@ def test_incompatible_model_fails_the_load_with_a_clear_error(engines, caplog):
 def test_garbage_handshake_reply_fails_the_load(engines, caplog):
     D = engines("decode", tp=1, options=FAST)
     with SideChannelServer("127.0.0.1", 0, {"metadata": lambda b: b"\xff\x00garbage"}) as bogus:
-        params = {"do_remote_prefill": True, "remote_engine_id": "x", "remote_block_ids": [1, 2, 3],
-                  "remote_host": "127.0.0.1", "remote_port": bogus.port, "remote_request_id": "p", "tp_size": 1}
+        params = {
+            "do_remote_prefill": True,
+            "remote_engine_id": "x",
+            "remote_block_ids": [1, 2, 3],
+            "remote_host": "127.0.0.1",
+            "remote_port": bogus.port,
+            "remote_request_id": "p",
+            "tp_size": 1,
+        }
         with caplog.at_level(logging.WARNING):
             decode_start(D, "d", 40, params, D_IDS)
             _assert_failed(D)
@@ -87,7 +94,9 @@ def test_one_failed_status_among_many_fails_the_load_and_frees_every_producer_ra
     _assert_failed(D)
     assert D.stats.get("loads_failed") == 1
     # rank 0 was read (its notice rode on the read); rank 1 was told after the failure
-    assert run_until([P], lambda: "p" in P.sending, 2.0), "producer blocks must be freed before the lease ends"
+    assert run_until([P], lambda: "p" in P.sending, 2.0), (
+        "producer blocks must be freed before the lease ends"
+    )
 
 
 @pytest.mark.parametrize("mode", ["pull", "push"])
@@ -122,7 +131,9 @@ def test_load_fails_when_the_first_status_failed_and_the_last_succeeded(engines,
     # write would land in their next owner.
     assert states_at_report == [["ERR"] + ["DONE"] * (len(posted) - 1)], states_at_report
     assert "d" in D.failed and set(D_IDS[0]) <= D.invalid
-    assert run_until([P, D], lambda: "p" in P.sending, 2.0), "producer blocks must be freed before the lease ends"
+    assert run_until([P, D], lambda: "p" in P.sending, 2.0), (
+        "producer blocks must be freed before the lease ends"
+    )
 
 
 def test_dead_producer_fails_the_load_fast(engines):

@@ -11,8 +11,14 @@ from kvconnect.layout import FLASH_NHD_DIMS, VLLM_CPU_DIMS, KVLayout, head_sourc
 from kvconnect.metadata import LayerRegion
 from kvconnect.pd import plan as P
 
-COMBOS = [(h, p, c, mla) for h in (1, 2, 4, 8) for p in (1, 2, 4, 8) for c in (1, 2, 4, 8) for mla in (False, True)
-          if mla or (h % p == 0 or p % h == 0) and (h % c == 0 or c % h == 0)]
+COMBOS = [
+    (h, p, c, mla)
+    for h in (1, 2, 4, 8)
+    for p in (1, 2, 4, 8)
+    for c in (1, 2, 4, 8)
+    for mla in (False, True)
+    if mla or (h % p == 0 or p % h == 0) and (h % c == 0 or c % h == 0)
+]
 
 
 @pytest.mark.parametrize("heads,p_tp,c_tp,mla", COMBOS)
@@ -28,7 +34,9 @@ def test_every_producer_rank_is_told_by_exactly_the_ranks_it_waits_for(heads, p_
 @pytest.mark.parametrize("heads,p_tp,c_tp,mla", COMBOS)
 def test_sources_are_told_so_a_read_frees_its_producer(heads, p_tp, c_tp, mla):
     for c in range(c_tp):
-        assert set(P.source_ranks(heads, c_tp, c, p_tp, mla)) <= set(P.producers_to_notify(heads, c_tp, c, p_tp, mla))
+        assert set(P.source_ranks(heads, c_tp, c, p_tp, mla)) <= set(
+            P.producers_to_notify(heads, c_tp, c, p_tp, mla)
+        )
 
 
 def test_push_and_pull_pair_the_same_heads():
@@ -48,7 +56,9 @@ def _region(name, t, dims, group=0):
 
 def test_layers_viewing_one_buffer_share_one_region():
     buf = torch.zeros(2, 4, 2, 16, 8)
-    regions, placed = P.place_layers([_region("a", buf[0], VLLM_CPU_DIMS), _region("b", buf[1], VLLM_CPU_DIMS)])
+    regions, placed = P.place_layers(
+        [_region("a", buf[0], VLLM_CPU_DIMS), _region("b", buf[1], VLLM_CPU_DIMS)]
+    )
     assert regions == [(buf.data_ptr(), buf.numel() * 4)]
     assert [p.offset for p in placed] == [0, buf[1].data_ptr() - buf.data_ptr()]
 

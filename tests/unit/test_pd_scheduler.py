@@ -67,7 +67,9 @@ def test_request_without_transfer_params_is_left_alone():
 
 
 def test_hybrid_producer_sends_block_ids_per_group():
-    _, params = sched().request_finished(req(params={"do_remote_decode": True}, finish="length"), ([1, 2], [0, 3]))
+    _, params = sched().request_finished(
+        req(params={"do_remote_decode": True}, finish="length"), ([1, 2], [0, 3])
+    )
     assert params["remote_block_ids"] == [[1, 2], [0, 3]]
 
 
@@ -81,7 +83,9 @@ def test_lease_is_pending_work_until_every_worker_reported_it_sent():
 
 
 def test_push_mode_is_advertised():
-    _, params = sched(mode="push").request_finished(req(params={"do_remote_decode": True}, finish="length"), ([1],))
+    _, params = sched(mode="push").request_finished(
+        req(params={"do_remote_decode": True}, finish="length"), ([1],)
+    )
     assert params["kvconnect_mode"] == "push"
 
 
@@ -235,6 +239,8 @@ def test_the_scheduler_reads_only_do_remote_prefill_of_the_router_params():
     s.update_state_after_alloc(r, ([1, 2, 3],), 0)  # vLLM's second notice, once the load arrived
     (load,) = s.build_step_metadata(StepView()).loads
     s.update_worker_output(TransferResults(finished_recving={"r1"}))
-    s.request_finished(RequestView("r1", list(range(40)), transfer_params=params, finish_reason="length"), ([1, 2, 3],))
+    s.request_finished(
+        RequestView("r1", list(range(40)), transfer_params=params, finish_reason="length"), ([1, 2, 3],)
+    )
     assert set(params.read) == {"do_remote_prefill"}
     assert load.params is params  # handed on, not copied

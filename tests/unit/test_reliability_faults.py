@@ -217,7 +217,11 @@ def test_failed_status_among_many_concurrent_requests_fails_only_its_request(eng
         return False
 
     D.agent(0).knobs.fail_transfers = fail_third_to_rank1
-    ids = {"a": ([[1, 2, 3]], [[4, 5, 6]]), "b": ([[7, 8, 9]], [[10, 11, 12]]), "c": ([[13, 14, 15]], [[1, 2, 3]])}
+    ids = {
+        "a": ([[1, 2, 3]], [[4, 5, 6]]),
+        "b": ([[7, 8, 9]], [[10, 11, 12]]),
+        "c": ([[13, 14, 15]], [[1, 2, 3]]),
+    }
     for rid, (p_ids, d_ids) in ids.items():
         _, params = prefill(P, f"p{rid}", 40, p_ids)
         decode_start(D, rid, 40, params, d_ids)

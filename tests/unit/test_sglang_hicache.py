@@ -55,8 +55,15 @@ def _idx(pool, pages) -> torch.Tensor:
 def test_real_argument_parser_accepts_the_dynamic_kvconnect_storage_backend():
     extra = json.dumps(_extra(10**9))
     args = MODS["sglang.srt.server_args"].prepare_server_args(
-        ["--model-path", "/nonexistent", "--enable-hierarchical-cache", "--hicache-storage-backend", "dynamic",
-         "--hicache-storage-backend-extra-config", extra]
+        [
+            "--model-path",
+            "/nonexistent",
+            "--enable-hierarchical-cache",
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            extra,
+        ]
     )
     assert args.hicache_storage_backend == "dynamic"
     assert json.loads(args.hicache_storage_backend_extra_config)["class_name"] == "KVConnectHiCacheStorage"
@@ -157,7 +164,10 @@ def test_capacity_is_split_over_tp_ranks_unless_per_rank():
     [
         ({"backend_name": "kvconnect"}, "'kvconnect' object"),
         ({"kvconnect": {"backend": "nixl"}}, "one 'cpu_offload' or 'mooncake' backend"),
-        ({"kvconnect": {"backend": "cpu_offload", "cpu_bytes_to_use": 10, "eviction": "lru"}}, "eviction_policy"),
+        (
+            {"kvconnect": {"backend": "cpu_offload", "cpu_bytes_to_use": 10, "eviction": "lru"}},
+            "eviction_policy",
+        ),
     ],
 )
 def test_bad_kvconnect_config_is_refused_naming_the_problem(extra, words):

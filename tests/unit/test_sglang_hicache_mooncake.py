@@ -38,8 +38,17 @@ def _extra(master, **kv) -> dict:
 
 def _sc(extra: dict, *, model="tiny", tp_size=1, tp_rank=0, mla=False, metrics=False):
     return HS.HiCacheStorageConfig(
-        tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=mla,
-        enable_storage_metrics=metrics, is_page_first_layout=True, model_name=model, extra_config=extra,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=metrics,
+        is_page_first_layout=True,
+        model_name=model,
+        extra_config=extra,
     )
 
 
@@ -73,7 +82,10 @@ def test_sglang_factory_builds_the_mooncake_storage_and_registers_the_host_pool(
     st, pool = make()
     assert isinstance(st, MooncakeHiCacheStorage) and issubclass(KVConnectHiCacheStorage, HS.HiCacheStorage)
     assert isinstance(st, HS.HiCacheStorage)
-    assert st.store.buffers.get(pool.kv_buffer.data_ptr()) == pool.kv_buffer.numel() * pool.kv_buffer.element_size()
+    assert (
+        st.store.buffers.get(pool.kv_buffer.data_ptr())
+        == pool.kv_buffer.numel() * pool.kv_buffer.element_size()
+    )
 
 
 @pytest.mark.parametrize("kind", ["page_first", "layer_first", "mla"])
@@ -125,7 +137,9 @@ def test_instances_whose_kv_bytes_differ_never_read_each_others_pages(make, diff
     a, pa = make(sc_kw={"tp_size": 2, "tp_rank": 0} if "tp_size" in differ.get("sc_kw", {}) else None)
     keys = _keys(2)
     assert all(a.batch_set_v1(keys, _idx(pa, [0, 1])))
-    b, pb = make(differ["pool"]() if "pool" in differ else None, sc_kw=differ.get("sc_kw"), **differ.get("kv", {}))
+    b, pb = make(
+        differ["pool"]() if "pool" in differ else None, sc_kw=differ.get("sc_kw"), **differ.get("kv", {})
+    )
     assert b.batch_exists(keys) == 0
     assert b.batch_get_v1(keys, _idx(pb, [4, 5])) == [False, False]
 
@@ -271,7 +285,9 @@ def test_nothing_raises_into_sglang(make, master):
     assert st.batch_set_v1(_keys(2), bad) == [False, False]
     assert st.batch_get_v1(_keys(2), bad) == [False, False]
     assert st.stats["errors"] == 2
-    early = FACTORY.create_backend("dynamic", _sc(_extra(master)), pool, store_factory=FakeMooncakeDistributedStore)
+    early = FACTORY.create_backend(
+        "dynamic", _sc(_extra(master)), pool, store_factory=FakeMooncakeDistributedStore
+    )
     try:  # before SGLang hands over the host pool
         assert early.batch_exists(_keys(1)) == 0 and early.batch_set_v1(_keys(1), _idx(pool, [0])) == [False]
         assert early.batch_get_v1(_keys(1), _idx(pool, [0])) == [False]
@@ -313,7 +329,9 @@ def test_sglang_storage_metrics_report_pages_and_bandwidth_per_call(make):
     assert st.get_stats().backup_pgs == []
 
 
-@pytest.mark.parametrize("module, cls", [("hicache_mooncake", "MooncakeHiCacheStorage"), ("hicache_cpu", "CpuHiCacheStorage")])
+@pytest.mark.parametrize(
+    "module, cls", [("hicache_mooncake", "MooncakeHiCacheStorage"), ("hicache_cpu", "CpuHiCacheStorage")]
+)
 def test_every_counter_a_storage_adds_is_declared(module, cls):
     # An undeclared name raises inside the storage, where it would be counted as an error.
     import ast

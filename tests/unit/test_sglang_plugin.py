@@ -24,12 +24,18 @@ def registered():
 
 
 def _entry_point():
-    return md.EntryPoint(name="kvconnect", value="kvconnect.adapters.sglang.plugin:register", group="sglang.srt.plugins")
+    return md.EntryPoint(
+        name="kvconnect", value="kvconnect.adapters.sglang.plugin:register", group="sglang.srt.plugins"
+    )
 
 
 def test_sglang_plugin_loader_finds_and_loads_the_entry_point(monkeypatch):
     plugins = MODS["sglang.srt.plugins"]
-    monkeypatch.setattr(plugins, "entry_points", lambda group: [_entry_point()] if group == plugins.GENERAL_PLUGINS_GROUP else [])
+    monkeypatch.setattr(
+        plugins,
+        "entry_points",
+        lambda group: [_entry_point()] if group == plugins.GENERAL_PLUGINS_GROUP else [],
+    )
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
     from kvconnect.adapters.sglang.plugin import register
 
@@ -98,8 +104,13 @@ def test_modules_that_imported_get_kv_class_see_the_hook(registered):
     from kvconnect.adapters.sglang import conn
 
     u = registered["sglang.srt.disaggregation.utils"]
-    assert ds.get_kv_class(u.TransferBackend("kvconnect"), u.KVClassType.BOOTSTRAP_SERVER) is conn.KVConnectKVBootstrapServer
-    assert ds.rust_server_serves_kv_bootstrap("kvconnect")  # a Common bootstrap server: the Rust registry may stand in
+    assert (
+        ds.get_kv_class(u.TransferBackend("kvconnect"), u.KVClassType.BOOTSTRAP_SERVER)
+        is conn.KVConnectKVBootstrapServer
+    )
+    assert ds.rust_server_serves_kv_bootstrap(
+        "kvconnect"
+    )  # a Common bootstrap server: the Rust registry may stand in
 
 
 def test_other_backends_pass_through_the_hook(registered):

@@ -8,7 +8,8 @@ import pytest
 CONFTEST = """
 from kvconnect.testing.sweep import SweepConfig, SweepPlugin
 
-SWEEP = (SweepConfig("alpha", "m", "single", "32", "first"), SweepConfig("beta", "m", "P/D", "P32->D32", "second"))
+SWEEP = (SweepConfig("alpha", "m", "single", "32", "first"),
+         SweepConfig("beta", "m", "P/D", "P32->D32", "second"))
 
 
 def pytest_configure(config):

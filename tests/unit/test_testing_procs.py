@@ -120,8 +120,13 @@ def test_stop_all_stops_every_server_not_stopped_yet(tmp_path):
 
 
 def test_a_server_that_exits_before_ready_raises_with_its_root_cause(tmp_path):
-    s = procs.ServerProcess(name="bad", argv=[sys.executable, "-c", "raise SystemExit('RootCause: no model')"],
-                            env={}, port=ports.free_port(), log_path=tmp_path / "bad.log").start()
+    s = procs.ServerProcess(
+        name="bad",
+        argv=[sys.executable, "-c", "raise SystemExit('RootCause: no model')"],
+        env={},
+        port=ports.free_port(),
+        log_path=tmp_path / "bad.log",
+    ).start()
     with pytest.raises(procs.ServerError, match="RootCause: no model"):
         s.wait_ready(time.monotonic() + 30)
 
@@ -146,9 +151,11 @@ def test_ports_are_free_distinct_and_below_the_ephemeral_range():
 
 def test_first_traceback_is_the_one_of_the_latest_start(tmp_path):
     log = tmp_path / "server.log"
-    log.write_text("### 10:00:00 a: argv\nTraceback (most recent call last)\nOldError: before\n"
-                   "### 10:01:00 a: argv\nstarting\nTraceback (most recent call last)\n"
-                   "  File \"core.py\", line 1\nRootCause: port taken\nTraceback (most recent call last)\nEcho\n")
+    log.write_text(
+        "### 10:00:00 a: argv\nTraceback (most recent call last)\nOldError: before\n"
+        "### 10:01:00 a: argv\nstarting\nTraceback (most recent call last)\n"
+        '  File "core.py", line 1\nRootCause: port taken\nTraceback (most recent call last)\nEcho\n'
+    )
     out = procs.first_traceback(log)
     assert "RootCause: port taken" in out and "OldError" not in out
     log.write_text("### 10:01:00 a: argv\nall fine\n")

@@ -17,8 +17,14 @@ L = 'engine="0",model_name="tiny"'
 def metrics_text(loads: int, load_le: dict[str, int], stores: int = 1, load_fail: int = 0) -> str:
     """/metrics as a vLLM server with kvconnect (cpu_offload) prints it."""
     buckets = "".join(
-        f'vllm:kvconnect_transfer_seconds_bucket{{backend="cpu_offload",direction="load",{L},le="{le}"}} {c}.0\n'
-        for le, c in load_le.items())
+        f'vllm:kvconnect_transfer_seconds_bucket{{backend="cpu_offload",direction="load",{L},le="{le}"}} '
+        f'{c}.0\n'
+        for le, c in load_le.items()
+    )
+    load_inf = (
+        f'vllm:kvconnect_transfer_seconds_bucket{{backend="cpu_offload",direction="load",{L},le="+Inf"}} '
+        f"{loads}.0"
+    )
     return f"""# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
 # TYPE vllm:prefix_cache_hits_total counter
 vllm:prefix_cache_hits_total{{{L}}} 640.0
@@ -38,7 +44,7 @@ vllm:kvconnect_total{{{L},stat="cpu_offload.key_mismatches"}} 1.0
 vllm:kvconnect_total{{{L},stat="cpu_offload.store_blocks"}} 18.0
 # HELP vllm:kvconnect_transfer_seconds kvconnect: duration of one transfer
 # TYPE vllm:kvconnect_transfer_seconds histogram
-{buckets}vllm:kvconnect_transfer_seconds_bucket{{backend="cpu_offload",direction="load",{L},le="+Inf"}} {loads}.0
+{buckets}{load_inf}
 vllm:kvconnect_transfer_seconds_count{{backend="cpu_offload",direction="load",{L}}} {loads}.0
 vllm:kvconnect_transfer_seconds_sum{{backend="cpu_offload",direction="load",{L}}} 0.05
 vllm:kvconnect_transfer_seconds_bucket{{backend="cpu_offload",direction="store",{L},le="0.01"}} {stores}.0

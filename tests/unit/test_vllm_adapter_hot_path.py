@@ -101,7 +101,9 @@ def test_finish_reason_of_vllm_requests_named_once_per_status():
     r.status = RequestStatus.FINISHED_STOPPED
     assert tr.VllmRequestView(r).finish_reason == "stop"
     assert tr.VllmRequestView(r, with_finish=False).finish_reason is None
-    plain = type("R", (), {"status": int(RequestStatus.FINISHED_STOPPED), "get_finished_reason": lambda self: None})()
+    plain = type(
+        "R", (), {"status": int(RequestStatus.FINISHED_STOPPED), "get_finished_reason": lambda self: None}
+    )()
     assert tr.finish_reason(plain) is None  # an int equal to a member is not that member
 
 

@@ -127,7 +127,9 @@ def test_a_composition_publishes_the_cpu_childs_events(env):
 def test_hits_are_attributed_to_the_tier_that_served_them(env):
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-    conn = _connector(env, {"backend": "cpu_offload", "cpu_bytes_to_use": 64 * env.bytes_per_block}, events=False)
+    conn = _connector(
+        env, {"backend": "cpu_offload", "cpu_bytes_to_use": 64 * env.bytes_per_block}, events=False
+    )
     req = _request(env, "r5", 2 * BS)
     assert conn.get_external_cache_hit_sources(req, 32) == {CacheHitSource.HOST: 32}
     assert conn.get_external_cache_hit_sources(req, 0) == {}

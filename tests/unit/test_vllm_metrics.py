@@ -82,7 +82,10 @@ def test_histogram_counts_and_sums_equal_the_transfers_observed(prom):
     assert value(reg, "vllm:kvconnect_transfer_seconds_count", backend="cpu_offload", direction="load") == 3
     assert value(reg, "vllm:kvconnect_transfer_seconds_sum", backend="cpu_offload", direction="load") == \
         pytest.approx(0.016)
-    assert value(reg, "vllm:kvconnect_transfer_bytes_sum", backend="cpu_offload", direction="load") == 4096 + 8192 + 65536
+    assert (
+        value(reg, "vllm:kvconnect_transfer_bytes_sum", backend="cpu_offload", direction="load")
+        == 4096 + 8192 + 65536
+    )
     assert value(reg, "vllm:kvconnect_transfer_seconds_count", backend="cpu_offload", direction="store") == 1
     assert value(reg, "vllm:kvconnect_total", stat="cpu_offload.load_blocks") == 3
     # the sample sections never leak into the counter family

@@ -116,9 +116,30 @@ def test_vllm_style_transfer_params_parse_and_ignore_unknown_keys():
 @pytest.mark.parametrize(
     "params,field",
     [
-        ({"do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": [1], "remote_host": "h"}, "remote_port"),
-        ({"do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": "1,2", "remote_host": "h", "remote_port": 1}, "remote_block_ids"),
-        ({"do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": [1], "remote_host": "h", "remote_port": 70000}, "remote_port"),
+        (
+            {"do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": [1], "remote_host": "h"},
+            "remote_port",
+        ),
+        (
+            {
+                "do_remote_prefill": True,
+                "remote_engine_id": "p",
+                "remote_block_ids": "1,2",
+                "remote_host": "h",
+                "remote_port": 1,
+            },
+            "remote_block_ids",
+        ),
+        (
+            {
+                "do_remote_prefill": True,
+                "remote_engine_id": "p",
+                "remote_block_ids": [1],
+                "remote_host": "h",
+                "remote_port": 70000,
+            },
+            "remote_port",
+        ),
         ({"do_remote_decode": "yes"}, "do_remote_decode"),
         ({"tp_size": 1.5}, "tp_size"),
     ],
@@ -134,9 +155,14 @@ def test_transfer_params_must_be_an_object():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["do_remote_prefill", "remote_block_ids", "remote_port", "tp_size", "x"]),
-                       st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5),
-                                 st.lists(st.integers(), max_size=3))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["do_remote_prefill", "remote_block_ids", "remote_port", "tp_size", "x"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3)
+        ),
+    )
+)
 def test_fuzzed_transfer_params_only_raise_wire_error(params):
     try:
         parse_transfer_params(params)
@@ -165,7 +191,10 @@ def test_single_backend_shorthand_and_list_form_parse():
     "raw,msg",
     [
         ({"backend": "nixl", "mdoe": "pull"}, "unknown config key 'mdoe'.*did you mean 'mode'"),
-        ({"backends": [{"backend": "cpu_offload", "cpu_byte_to_use": 1}]}, "cpu_byte_to_use.*cpu_bytes_to_use"),
+        (
+            {"backends": [{"backend": "cpu_offload", "cpu_byte_to_use": 1}]},
+            "cpu_byte_to_use.*cpu_bytes_to_use",
+        ),
         ({"backend": "nixel"}, "unknown backend 'nixel'.*did you mean 'nixl'"),
         ({"backend": "cpu_offload", "cpu_bytes_to_use": 0}, "cpu_bytes_to_use must be > 0"),
         ({"backend": "cpu_offload", "cpu_bytes_to_use": -5}, "cpu_bytes_to_use must be > 0"),

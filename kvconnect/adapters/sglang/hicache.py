@@ -40,7 +40,9 @@ class KVConnectHiCacheStorage(HiCacheStorage):
     (:class:`~.hicache_cpu.CpuHiCacheStorage` or :class:`~.hicache_mooncake.MooncakeHiCacheStorage`,
     both :class:`~.hicache_base.KVConnectHiCacheBase`) and returns it instead."""
 
-    def __new__(cls, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> KVConnectHiCacheBase:  # type: ignore[misc]
+    def __new__(
+        cls, storage_config: HiCacheStorageConfig, kwargs: dict | None = None
+    ) -> KVConnectHiCacheBase:  # type: ignore[misc]
         if isinstance(storage_config_of(storage_config.extra_config), MooncakeConfig):
             from kvconnect.adapters.sglang.hicache_mooncake import MooncakeHiCacheStorage as impl
         else:

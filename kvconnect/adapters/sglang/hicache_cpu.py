@@ -49,7 +49,9 @@ class CpuHiCacheStorage(KVConnectHiCacheBase):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
         super().__init__(storage_config, kwargs)
         if not isinstance(self.cfg, CpuOffloadConfig):
-            raise ConfigError(f"CpuHiCacheStorage runs the 'cpu_offload' backend, got {type(self.cfg).__name__}")
+            raise ConfigError(
+                f"CpuHiCacheStorage runs the 'cpu_offload' backend, got {type(self.cfg).__name__}"
+            )
         self._lock = threading.Lock()
         self._index: SlotIndex | None = None
         self._slots: torch.Tensor | None = None
@@ -71,7 +73,9 @@ class CpuHiCacheStorage(KVConnectHiCacheBase):
 
     def _ready(self) -> SlotIndex:
         if self._index is None:
-            raise RuntimeError("kvconnect HiCache storage: no host pool registered yet (register_mem_pool_host)")
+            raise RuntimeError(
+                "kvconnect HiCache storage: no host pool registered yet (register_mem_pool_host)"
+            )
         return self._index
 
     def _slot_ptr(self, slot: int) -> int:
@@ -146,14 +150,18 @@ class CpuHiCacheStorage(KVConnectHiCacheBase):
     def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
         return self.batch_set([key], [value])
 
-    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None) -> bool:
+    def batch_set(
+        self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None
+    ) -> bool:
         index = self._ready()
         values = list(values or [])
         if len(values) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         for v in values:
             if v.numel() * v.element_size() != self.page_bytes:
-                raise ValueError(f"a page of {v.numel() * v.element_size()} bytes; this store holds {self.page_bytes}")
+                raise ValueError(
+                    f"a page of {v.numel() * v.element_size()} bytes; this store holds {self.page_bytes}"
+                )
         with self._lock:
             fresh = {k.encode(): v for k, v in zip(keys, values) if k.encode() not in index}
             new_keys = list(fresh)
@@ -168,7 +176,9 @@ class CpuHiCacheStorage(KVConnectHiCacheBase):
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> torch.Tensor | None:
         return self.batch_get([key], [target_location])[0]
 
-    def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[torch.Tensor | None]:
+    def batch_get(
+        self, keys: list[str], target_locations: Any = None, target_sizes: Any = None
+    ) -> list[torch.Tensor | None]:
         index = self._ready()
         targets = list(target_locations) if target_locations is not None else [None] * len(keys)
         out: list[torch.Tensor | None] = [None] * len(keys)

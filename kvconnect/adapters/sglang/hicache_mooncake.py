@@ -57,10 +57,20 @@ from kvconnect.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_POOL_FACTS = ("layout", "layer_num", "head_num", "head_dim", "kv_cache_dim", "kv_lora_rank", "qk_rope_head_dim")
+_POOL_FACTS = (
+    "layout",
+    "layer_num",
+    "head_num",
+    "head_dim",
+    "kv_cache_dim",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+)
 
 
-def key_prefix(cfg: MooncakeConfig, sc: HiCacheStorageConfig, pool: Any, piece_sizes: tuple[int, ...]) -> tuple[str, bytes]:
+def key_prefix(
+    cfg: MooncakeConfig, sc: HiCacheStorageConfig, pool: Any, piece_sizes: tuple[int, ...]
+) -> tuple[str, bytes]:
     """This rank's object-key prefix and layout digest, from what makes its page bytes differ."""
     facts = {k: getattr(pool, k) for k in _POOL_FACTS if isinstance(getattr(pool, k, None), (int, str))}
     signature = {"engine": "sglang", "mla": bool(sc.is_mla_model), "dtype": str(pool.dtype),
@@ -100,11 +110,15 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict | None = None) -> None:
         super().__init__(storage_config, kwargs)
         if not isinstance(self.cfg, MooncakeConfig):
-            raise ConfigError(f"MooncakeHiCacheStorage runs the 'mooncake' backend, got {type(self.cfg).__name__}")
+            raise ConfigError(
+                f"MooncakeHiCacheStorage runs the 'mooncake' backend, got {type(self.cfg).__name__}"
+            )
         validate_mooncake(self.cfg, "kvconnect.mooncake")
         if not (storage_config.extra_config or {}).get("interface_v1"):
-            raise ConfigError('the kvconnect mooncake HiCache storage moves pages zero-copy: add "interface_v1": 1 '
-                              "to --hicache-storage-backend-extra-config")
+            raise ConfigError(
+                'the kvconnect mooncake HiCache storage moves pages zero-copy: add "interface_v1": 1 '
+                "to --hicache-storage-backend-extra-config"
+            )
         self._shared: SharedStore | None = shared_store(self.cfg, (kwargs or {}).get("store_factory"))
         self.store = self._shared.store
         self.health = self._shared.health
@@ -112,7 +126,10 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
         self.prefix: str | None = None
         self.layout = b""
         # set: two batches' headers (one being put while the next one's checksums are computed)
-        self._headers = {"get": ob.HeaderPool(self.cfg.batch_objects), "set": ob.HeaderPool(2 * self.cfg.batch_objects)}
+        self._headers = {
+            "get": ob.HeaderPool(self.cfg.batch_objects),
+            "set": ob.HeaderPool(2 * self.cfg.batch_objects),
+        }
         self._checksummer = ThreadPoolExecutor(1, thread_name_prefix="kvc-hicache-crc")
         self._header_locks = {k: threading.Lock() for k in ("get", "set")}
         for hp in self._headers.values():
@@ -123,7 +140,9 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
         super().register_mem_pool_host(mem_pool_host)
         tensors = _pool_tensors(mem_pool_host)
         if not tensors:
-            raise ConfigError("kvconnect mooncake HiCache storage: the host pool has no kv_buffer to register")
+            raise ConfigError(
+                "kvconnect mooncake HiCache storage: the host pool has no kv_buffer to register"
+            )
         ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
         ps = int(mem_pool_host.page_size)
         for page in {0, int(mem_pool_host.size) // ps - 1}:
@@ -186,7 +205,9 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
         except TimeoutError:
             fut.cancel()  # if it never started (both helpers stuck), it never will
             self.counters.add(lookup_timeouts=1)
-            self.health.failed(f"batch_is_exist gave no answer within lookup_timeout_s={self.cfg.lookup_timeout_s}")
+            self.health.failed(
+                f"batch_is_exist gave no answer within lookup_timeout_s={self.cfg.lookup_timeout_s}"
+            )
         except Exception as e:
             self.counters.add(errors=1)
             self.health.failed(f"batch_is_exist raised {type(e).__name__}: {e}")
@@ -248,14 +269,18 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
                     self.counters.add(deadline_misses=1, sets_dropped=len(missing) - n * B)
                     break
                 if n + 1 < len(chunks):  # checksums of the next batch while this one is put
-                    nxt = self._checksummer.submit(self._prepare_put, chunks[n + 1], pieces, first, (n + 1) % 2)
+                    nxt = self._checksummer.submit(
+                        self._prepare_put, chunks[n + 1], pieces, first, (n + 1) % 2
+                    )
                 codes = list(self.store.batch_put_from_multi_buffers(
                     [self.object_key(k) for k in chunk], ptrs, sizes, self._shared.replicate))  # type: ignore[union-attr]
                 good = [k for k, c in zip(chunk, codes) if c == 0]
                 for k in good:
                     ok[first[k]] = True
                 stored += len(good)
-                self.counters.add(set_pages=len(good), set_bytes=len(good) * (self.page_bytes + ob.HEADER_BYTES))
+                self.counters.add(
+                    set_pages=len(good), set_bytes=len(good) * (self.page_bytes + ob.HEADER_BYTES)
+                )
                 bad = [c for c in codes if c != 0]
                 if not bad:
                     self.health.ok()
@@ -276,7 +301,9 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
         for j, k in enumerate(chunk):
             p = [int(a) for a, _ in pieces[first[k]]]
             n = [int(b) for _, b in pieces[first[k]]]
-            ob.pack_header(hp.array[base + j], self.page_bytes, ob.checksum_of(p, n), self.layout, header_key(k))
+            ob.pack_header(
+                hp.array[base + j], self.page_bytes, ob.checksum_of(p, n), self.layout, header_key(k)
+            )
             ptrs.append(p + [hp.ptr(base + j)])
             sizes.append(n + [ob.HEADER_BYTES])
         return ptrs, sizes
@@ -312,7 +339,9 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
                 chunk = keys[lo : lo + self.cfg.batch_objects]
                 ptrs = [[int(a) for a, _ in pieces[lo + j]] + [hp.ptr(j)] for j in range(len(chunk))]
                 sizes = [[int(n) for _, n in pieces[lo + j]] + [ob.HEADER_BYTES] for j in range(len(chunk))]
-                got = list(self.store.batch_get_into_multi_buffers([self.object_key(k) for k in chunk], ptrs, sizes))
+                got = list(
+                    self.store.batch_get_into_multi_buffers([self.object_key(k) for k in chunk], ptrs, sizes)
+                )
                 for j, n in enumerate(got):
                     why = self._verify(chunk[j], n, want, hp.array[j], ptrs[j][:-1], sizes[j][:-1])
                     if why:
@@ -355,13 +384,17 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> torch.Tensor | None:
         return None  # interface_v1 is required (checked at start): SGLang calls batch_get_v1
 
-    def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list[torch.Tensor | None]:
+    def batch_get(
+        self, keys: list[str], target_locations: Any = None, target_sizes: Any = None
+    ) -> list[torch.Tensor | None]:
         return [None] * len(keys)
 
     def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
         return False
 
-    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None) -> bool:
+    def batch_set(
+        self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None
+    ) -> bool:
         return False
 
     def clear(self) -> None:
@@ -370,7 +403,10 @@ class MooncakeHiCacheStorage(KVConnectHiCacheBase):
             return
         try:
             fut = self._helper.submit(self.store.remove_by_regex, "^" + re.escape(self.prefix) + ".*", True)
-            logger.info("kvconnect mooncake HiCache: clear removed %s objects", fut.result(timeout=self.cfg.store_timeout_s))
+            logger.info(
+                "kvconnect mooncake HiCache: clear removed %s objects",
+                fut.result(timeout=self.cfg.store_timeout_s),
+            )
         except Exception as e:
             logger.warning("kvconnect mooncake HiCache: clear failed: %s", e)
 

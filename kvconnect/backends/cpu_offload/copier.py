@@ -3,10 +3,10 @@
 :func:`copy_blocks` does the bytes: per piece of engine memory (a layer, or all the entries that
 view one layer's memory, merged: see :mod:`rows`) and per run of consecutive slots, one gather
 (store) or one scatter (load) of whole rows, so every byte is read and written once and memory
-that is contiguous in the engine moves as one run. On the CPU these are numpy's ``take(out=...)`` and fancy assignment (a plain memcpy per row,
-GIL released), split over ``copy_threads`` threads for large tasks: one thread cannot saturate
-the memory bus; a plain ``copy_`` of a large tensor is multi-threaded too. On a GPU the gather
-and scatter run on the device and the host side is one DMA per run.
+that is contiguous in the engine moves as one run. On the CPU these are numpy's ``take(out=...)`` and fancy
+assignment (a plain memcpy per row, GIL released), split over ``copy_threads`` threads for large tasks: one
+thread cannot saturate the memory bus; a plain ``copy_`` of a large tensor is multi-threaded too. On a GPU
+the gather and scatter run on the device and the host side is one DMA per run.
 
 Two executors run :class:`CopyTask` s in submission order, so a load that follows a store into
 the same slot sees that store's bytes (or its key check fails):
@@ -85,8 +85,12 @@ class LayerCopy:
         return None if self.plan is None else self.plan.key
 
 
-def build_layers(caches: Mapping[str, tuple[torch.Tensor, KVLayout]], num_slots: int,
-                 pin_memory: bool = False, share_pools_with: Sequence[LayerCopy] | None = None) -> list[LayerCopy]:
+def build_layers(
+    caches: Mapping[str, tuple[torch.Tensor, KVLayout]],
+    num_slots: int,
+    pin_memory: bool = False,
+    share_pools_with: Sequence[LayerCopy] | None = None,
+) -> list[LayerCopy]:
     """Host pools and row plans for registered entries: entries that view one piece of memory
     (vLLM CPU's ``.k`` and ``.v`` of a layer) share one pool holding the engine's block bytes in
     the engine's order, so each block moves in as few runs as the engine's memory allows.
@@ -118,8 +122,14 @@ def build_layers(caches: Mapping[str, tuple[torch.Tensor, KVLayout]], num_slots:
         t, lay = caches[e.name]
         out.append(LayerCopy(t, pool_for((num_slots, *block_shape(lay)), t.dtype), lay.dims.index("block"),
                              None, lay.group, (e.name,)))
-    logger.info("cpu_offload: %d entries copied as %d pieces of memory, %d rows per block (%d entries "
-                "by block indexing)", len(entries), len(plans), sum(p.rows_per_block for p in plans), len(left))
+    logger.info(
+        "cpu_offload: %d entries copied as %d pieces of memory, %d rows per block (%d entries "
+        "by block indexing)",
+        len(entries),
+        len(plans),
+        sum(p.rows_per_block for p in plans),
+        len(left),
+    )
     return out
 
 

@@ -98,7 +98,9 @@ def rules_of(engine, who: str = "cpu_offload") -> tuple[GroupRule, ...]:
             )
         window = int(windows[g]) if g < len(windows) else 0
         if kind == SLIDING and window <= 0:
-            raise UnsupportedModelError(f"{who}: KV-cache group {g} is sliding-window but its window is {window}")
+            raise UnsupportedModelError(
+                f"{who}: KV-cache group {g} is sliding-window but its window is {window}"
+            )
         rules.append(GroupRule(kind, window if kind == SLIDING else 0))
     return tuple(rules)
 

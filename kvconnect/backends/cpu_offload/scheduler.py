@@ -135,7 +135,9 @@ class CpuOffloadScheduler(SchedulerConnector):
             return 0, False
         assert self.index is not None
         bs = self.block_size
-        n_tokens = len(request.all_token_ids) if request.all_token_ids is not None else request.num_prompt_tokens
+        n_tokens = (
+            len(request.all_token_ids) if request.all_token_ids is not None else request.num_prompt_tokens
+        )
         limit = (n_tokens - 1) // bs  # whole blocks that end before the last token
         start = num_computed_tokens // bs
         if limit <= start:
@@ -198,7 +200,9 @@ class CpuOffloadScheduler(SchedulerConnector):
         st.load_slots, st.load_keys = slots, keys
         st.load_tokens = (end - lk.start) * bs
         st.planned = [max(p, end) for p in st.planned]
-        self._loads.append(LoadJob(request_id=rid, block_ids=block_list, slots=slots, keys=keys, groups=groups))
+        self._loads.append(
+            LoadJob(request_id=rid, block_ids=block_list, slots=slots, keys=keys, groups=groups)
+        )
         self._counters.hits += 1
         self._counters.hit_tokens += num_external_tokens
 
@@ -213,7 +217,9 @@ class CpuOffloadScheduler(SchedulerConnector):
         )
 
     # -- stores ---------------------------------------------------------------------------------------
-    def _plan_store(self, st: ReqState, blocks: list[list[int]], after_forward: bool, alive_tokens: int) -> None:
+    def _plan_store(
+        self, st: ReqState, blocks: list[list[int]], after_forward: bool, alive_tokens: int
+    ) -> None:
         """Plan stores of the full, computed blocks not yet planned. ``alive_tokens``: the engine
         still holds every sliding-window block inside the window at that many computed tokens."""
         if self.index is None or not blocks:

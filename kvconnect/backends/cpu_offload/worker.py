@@ -89,7 +89,9 @@ class CpuOffloadWorker(WorkerConnector):
         total = 0
         for name, (t, lay) in caches.items():
             if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
-                raise LayoutError(f"cpu_offload: layer {name}: tensor {tuple(t.shape)} does not match its layout")
+                raise LayoutError(
+                    f"cpu_offload: layer {name}: tensor {tuple(t.shape)} does not match its layout"
+                )
             if lay.block_size != self.engine.block_size:
                 raise LayoutError(
                     f"cpu_offload: layer {name} has {lay.block_size}-token blocks, the engine "
@@ -114,7 +116,8 @@ class CpuOffloadWorker(WorkerConnector):
         first = build_layers(group_caches[0], self.num_slots, pin_memory=on_gpu)
         # a slot holds one block of one group: every group copies through group 0's pools
         self.group_layers = [first] + [
-            build_layers(gc, self.num_slots, pin_memory=on_gpu, share_pools_with=first) for gc in group_caches[1:]
+            build_layers(gc, self.num_slots, pin_memory=on_gpu, share_pools_with=first)
+            for gc in group_caches[1:]
         ]
         self.layers = first
         self._slot_keys = [None] * self.num_slots
@@ -168,7 +171,9 @@ class CpuOffloadWorker(WorkerConnector):
             return "block, slot and key lists differ in length"
         if task.groups and (len(task.groups) != len(task.slots)
                             or any(not 0 <= g < len(self.group_layers) for g in task.groups)):
-            return f"group list does not match the blocks or names a group outside [0, {len(self.group_layers)})"
+            return (
+                f"group list does not match the blocks or names a group outside [0, {len(self.group_layers)})"
+            )
         if any(not 0 <= b < nb for b in task.block_ids):
             return f"block id outside [0, {nb})"
         if any(not 0 <= s < self.num_slots for s in task.slots):

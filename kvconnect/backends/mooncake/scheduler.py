@@ -187,7 +187,9 @@ class MooncakeScheduler(SchedulerConnector):
             return 0
         ranks = len(flags) // n
         if self._events is not None:
-            lk.missing = [k for j, k in enumerate(lk.keys) if any(flags[r * n + j] == 0 for r in range(ranks))]
+            lk.missing = [
+                k for j, k in enumerate(lk.keys) if any(flags[r * n + j] == 0 for r in range(ranks))
+            ]
         if lk.gkeys is None:
             return longest_present(flags, n, ranks)
         lk.present = {k for j, k in enumerate(lk.keys) if all(flags[r * n + j] == 1 for r in range(ranks))}
@@ -203,7 +205,9 @@ class MooncakeScheduler(SchedulerConnector):
                 logger.warning("mooncake: no worker handshake yet (layout unknown): lookups miss")
             return 0, False
         bs = self.block_size
-        n_tokens = len(request.all_token_ids) if request.all_token_ids is not None else request.num_prompt_tokens
+        n_tokens = (
+            len(request.all_token_ids) if request.all_token_ids is not None else request.num_prompt_tokens
+        )
         limit = (n_tokens - 1) // bs
         start = num_computed_tokens // bs
         rid = request.request_id
@@ -211,7 +215,12 @@ class MooncakeScheduler(SchedulerConnector):
             self._lookups.pop(rid, None)
             return 0, False
         lk = self._lookups.get(rid)
-        if lk is not None and lk.start == start and lk.limit == limit and lk.num_computed == num_computed_tokens:
+        if (
+            lk is not None
+            and lk.start == start
+            and lk.limit == limit
+            and lk.num_computed == num_computed_tokens
+        ):
             found = lk.found
             if found is None:
                 if time.monotonic() - lk.t0 <= self.cfg.lookup_timeout_s:

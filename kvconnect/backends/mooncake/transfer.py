@@ -167,7 +167,9 @@ class StoreIO:
                 [(n - small, n)]
         return [(0, small)] + [(lo, min(lo + self.batch, n)) for lo in range(small, n, self.batch)]
 
-    def _prepare_save(self, job: Job, lo: int, hi: int, half: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    def _prepare_save(
+        self, job: Job, lo: int, hi: int, half: int
+    ) -> tuple[list[str], list[list[int]], list[list[int]]]:
         """Existence query, then buffers, checksum and header of each missing block of one batch."""
         keys = [self._key(k) for k in job.keys[lo:hi]]
         blocks = job.block_ids[lo:hi]
@@ -233,7 +235,9 @@ class StoreIO:
                 self._store_failed([n], "batch_get_into_multi_buffers")
                 job.add("objects_missing")
             else:
-                crc, why = ob.check_header(hp.array[half * self.batch + j], self.payload, self.layout, bkeys[j])
+                crc, why = ob.check_header(
+                    hp.array[half * self.batch + j], self.payload, self.layout, bkeys[j]
+                )
                 if crc is not None and ob.checksum_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
                     why = "checksum mismatch"
                 if why:

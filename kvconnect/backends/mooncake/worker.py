@@ -88,12 +88,18 @@ class MooncakeWorker(WorkerConnector):
         grouped: list[list[tuple[torch.Tensor, KVLayout]]] = [[] for _ in range(n_groups)]
         for name, (t, lay) in caches.items():
             if tuple(t.shape) != lay.shape or tuple(t.stride()) != lay.strides:
-                raise LayoutError(f"mooncake: layer {name}: tensor {tuple(t.shape)} does not match its layout")
+                raise LayoutError(
+                    f"mooncake: layer {name}: tensor {tuple(t.shape)} does not match its layout"
+                )
             if not 0 <= lay.group < n_groups:
-                raise LayoutError(f"mooncake: layer {name} is in KV-cache group {lay.group}; the engine has {n_groups}")
+                raise LayoutError(
+                    f"mooncake: layer {name} is in KV-cache group {lay.group}; the engine has {n_groups}"
+                )
             grouped[lay.group].append((t, lay))
         if any(not r for r in grouped):
-            raise LayoutError(f"mooncake: KV-cache groups {[g for g, r in enumerate(grouped) if not r]} have no layers")
+            raise LayoutError(
+                f"mooncake: KV-cache groups {[g for g, r in enumerate(grouped) if not r]} have no layers"
+            )
         blocks = self._placement(grouped)
         self.layout = ks.layout_digest(ob.layout_parts(caches))
         ns = ks.namespace(self.cfg, self.engine)

@@ -56,6 +56,8 @@ xxh3_64 = system_xxh3_64 or wheel_xxh3_64
 def require() -> Callable[[int, int], int]:
     """The binding, or a BackendUnavailableError saying how to get one."""
     if xxh3_64 is None:
-        raise BackendUnavailableError("the mooncake shared tier checksums objects with XXH3: pip install "
-                                      "'kvconnect[mooncake]' (the xxhash wheel) or apt-get install libxxhash0")
+        raise BackendUnavailableError(
+            "the mooncake shared tier checksums objects with XXH3: pip install "
+            "'kvconnect[mooncake]' (the xxhash wheel) or apt-get install libxxhash0"
+        )
     return xxh3_64

@@ -25,7 +25,15 @@ from kvconnect.pd.worker import PDWorker
 from .runs import batch_entries
 from .transport import MoriBlob, MoriTransport
 
-__all__ = ["INSTALL_HINT", "MoriBlob", "MoriScheduler", "MoriTransport", "MoriWorker", "batch_entries", "load_mori"]
+__all__ = [
+    "INSTALL_HINT",
+    "MoriBlob",
+    "MoriScheduler",
+    "MoriTransport",
+    "MoriWorker",
+    "batch_entries",
+    "load_mori",
+]
 
 INSTALL_HINT = (
     "MoRI is not on PyPI; build it from source on a ROCm machine: "

@@ -177,7 +177,9 @@ class MoriTransport(Transport):
         if not isinstance(key, str) or not key:
             raise HandshakeError("MoRI transport metadata: engine descriptor has no key")
         if not desc.host or not 0 < int(desc.port) < 65536:
-            raise HandshakeError(f"MoRI engine {key}: descriptor has no RDMA address ({desc.host!r}:{desc.port})")
+            raise HandshakeError(
+                f"MoRI engine {key}: descriptor has no RDMA address ({desc.host!r}:{desc.port})"
+            )
         if not blob.mailbox_host or not 0 < blob.mailbox_port < 65536:
             raise HandshakeError(f"MoRI engine {key}: bad notification address "
                                  f"{blob.mailbox_host!r}:{blob.mailbox_port}")
@@ -187,7 +189,12 @@ class MoriTransport(Transport):
         memory = []
         for i, (raw, (addr, nbytes)) in enumerate(zip(blob.memory, regions)):
             md = self._unpack(self._m.MemoryDesc, raw, f"memory descriptor {i}")
-            if md.engine_key != key or int(md.data) != int(addr) or int(md.size) != int(nbytes) or not md.size:
+            if (
+                md.engine_key != key
+                or int(md.data) != int(addr)
+                or int(md.size) != int(nbytes)
+                or not md.size
+            ):
                 raise HandshakeError(
                     f"MoRI engine {key}: memory descriptor {i} (engine {md.engine_key!r}, {md.size} bytes at "
                     f"{int(md.data):#x}) does not match KV region {i} ({nbytes} bytes at {int(addr):#x})"
@@ -232,9 +239,15 @@ class MoriTransport(Transport):
         region, offset, size = d[:, 0].copy(), d[:, 1].copy(), d[:, 2].copy()
         if d.size:
             if int(region.min()) < 0 or int(region.max()) >= len(memory):
-                raise TransferError(f"descriptor names a region outside the {len(memory)} of {peer or 'local'}")
+                raise TransferError(
+                    f"descriptor names a region outside the {len(memory)} of {peer or 'local'}"
+                )
             ends = offset + size
-            if int(offset.min()) < 0 or int(size.min()) < 0 or (ends > np.asarray(sizes, np.int64)[region]).any():
+            if (
+                int(offset.min()) < 0
+                or int(size.min()) < 0
+                or (ends > np.asarray(sizes, np.int64)[region]).any()
+            ):
                 raise TransferError(f"descriptor outside its registered region ({peer or 'local'})")
         return _Prepared(peer, memory, region, offset, size)
 
