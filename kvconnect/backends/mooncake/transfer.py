@@ -20,8 +20,9 @@ With a :class:`~kvconnect.backends.mooncake.staging.Staging` buffer (KV caches i
 ``staging="always"``) the calls name staging slots instead of the engine's blocks: a store
 gathers its missing blocks into slots before the checksum; a load verifies the objects in the
 slots and only then scatters the good ones into the engine's blocks, so nothing unverified ever
-reaches them. A batch is then at most half the slots (two batches in flight), so a job larger
-than the buffer moves in chunks.
+reaches them. Loads and stores run at once, so each lane has its own half of the slots, and a
+batch is at most half of that (two batches in flight): a job larger than the buffer moves in
+chunks.
 
 When a load may be reported (:meth:`Job.expire`). A get cannot be cancelled, and once a load is
 reported, failed or not, the engine owns its blocks again: it recomputes into them, or frees them
@@ -161,8 +162,11 @@ class StoreIO:
         self.store = shared.store
         self.blocks = blocks
         self.staging = blocks if isinstance(blocks, Staging) else None
+        #: Each lane's first staging slot: a store's gather never lands in a load's slots.
+        self._slot0 = {"load": 0, "save": 0}
         if self.staging is not None:
-            batch_objects = min(batch_objects, self.staging.slots // 2)
+            batch_objects = min(batch_objects, self.staging.slots // 4)
+            self._slot0["save"] = self.staging.slots // 2
         self.prefix = prefix
         self.layout = layout
         self.batch = batch_objects
@@ -183,7 +187,10 @@ class StoreIO:
         hp = self._headers[kind]
         ptrs, sizes = [], []
         for i, b in enumerate(block_ids):
-            p, s = self.blocks.runs(b) if self.staging is None else self.staging.runs(half * self.batch + i)
+            if self.staging is None:
+                p, s = self.blocks.runs(b)
+            else:
+                p, s = self.staging.runs(self._slot0[kind] + half * self.batch + i)
             p.append(hp.ptr(half * self.batch + i))
             s.append(ob.HEADER_BYTES)
             ptrs.append(p)
@@ -221,7 +228,8 @@ class StoreIO:
         job.counters.objects_present += len(keys) - len(todo)
         hp = self._headers["save"]
         if self.staging is not None:
-            self.staging.gather([blocks[i] for i in todo], half * self.batch, after=job.marker)
+            slot = self._slot0["save"] + half * self.batch
+            self.staging.gather([blocks[i] for i in todo], slot, after=job.marker)
         ptrs, sizes = self._buffers("save", [blocks[i] for i in todo], half)
         for j, i in enumerate(todo):
             crc = ob.checksum_of(ptrs[j][:-1], sizes[j][:-1])
@@ -297,7 +305,8 @@ class StoreIO:
         with job.lock:
             if job.reported:
                 return
-            self.staging.scatter(job.block_ids[lo : lo + ok], half * self.batch, after=job.marker)
+            slot = self._slot0["load"] + half * self.batch
+            self.staging.scatter(job.block_ids[lo : lo + ok], slot, after=job.marker)
 
     def load(self, job: Job) -> None:
         """Batch k+1 is fetched while batch k is verified on the helper thread."""
@@ -315,8 +324,9 @@ class StoreIO:
 
         for n, (lo, hi) in enumerate(self.spans(len(job.keys), small_last=True)):
             if time.monotonic() > job.deadline:
-                job.error = "deadline passed"
-                job.counters.deadline_misses += 1
+                if not job.reported:  # a staged load failed at its deadline was counted then
+                    job.error = "deadline passed"
+                    job.counters.deadline_misses += 1
                 break
             half = n % 2
             bkeys = job.keys[lo:hi]

@@ -141,11 +141,12 @@ class MooncakeWorker(WorkerConnector):
             )
         payload = sum(n for _, lay in layers for _, n in ob._runs(lay))
         slots = self.cfg.staging_buffer_bytes // payload
-        if slots < 2:
+        if slots < 4:
             raise ConfigError(
                 f"mooncake.staging_buffer_bytes={self.cfg.staging_buffer_bytes} holds {slots} "
-                f"object(s) of {payload} bytes (one block, every layer); it needs at least 2 "
-                f"({2 * payload} bytes): one batch in flight while the next is copied"
+                f"object(s) of {payload} bytes (one block, every layer); it needs at least 4 "
+                f"({4 * payload} bytes): loads and stores each one batch in flight while the next "
+                "is copied"
             )
         staging = Staging(layers, slots)
         self._shared.register(staging.ptr, staging.nbytes)
