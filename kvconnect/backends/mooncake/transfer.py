@@ -40,6 +40,7 @@ Sending late loads into a bounce buffer instead would need every zero-copy get t
 started call cannot be pointed elsewhere): the staged path's extra copy on every load, paid to
 shorten only the rare load that meets a store that stopped answering.
 """
+
 from __future__ import annotations
 
 import collections
