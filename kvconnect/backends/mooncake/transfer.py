@@ -33,8 +33,9 @@ So a load is never reported while a get into the engine's blocks may still be ru
 * staged: reported failed at the deadline; its get lands in staging slots, and the scatter into
   the engine's blocks happens under ``Job.lock`` only while the load is not reported;
 * zero-copy with a get in flight: reported when the get returns (the job ends: no batch starts
-  after the deadline). Mooncake's calls end by themselves: a dead master or memory holder answers
-  an error within seconds (:mod:`store`), so the wait past ``load_timeout_s`` is one call.
+  after the deadline). Mooncake's calls end by themselves (0.3.13 over TCP, measured: a killed
+  memory holder fails a get with -800 in 1.0 s, a stopped (SIGSTOP) one in 60.0 s), so the wait
+  past ``load_timeout_s`` is at most one call.
 
 Sending late loads into a bounce buffer instead would need every zero-copy get to name one (a
 started call cannot be pointed elsewhere): the staged path's extra copy on every load, paid to
