@@ -140,7 +140,8 @@ class MooncakeConfig(_Base, frozen=True, tag="mooncake", tag_field="backend"):
     connect_timeout_s: float = 10.0
     #: A lookup not answered within this counts as a miss.
     lookup_timeout_s: float = 1.0
-    #: A load not complete (and verified) within this fails (the engine's failure policy applies).
+    #: A load not complete (and verified) within this fails (the engine's failure policy applies);
+    #: a zero-copy load whose get is in flight then is reported when that call returns.
     load_timeout_s: float = 10.0
     #: A store not complete within this is dropped and counted.
     store_timeout_s: float = 30.0

@@ -82,8 +82,8 @@ def _staging(device: str) -> str:
 def test_staged_blocks_round_trip_byte_for_byte_in_chunks(master, device, dims):
     caches = _caches(dims, device)
     obj = sum(lay.block_bytes for _, lay in caches.values())
-    # Room for 4 objects: batches of 2, so 7 blocks move in 4 chunks each way.
-    w = _worker(master, caches, staging=_staging(device), staging_buffer_bytes=4 * obj)
+    # Room for 8 objects, 4 per lane: batches of 2, so 7 blocks move in 4 chunks each way.
+    w = _worker(master, caches, staging=_staging(device), staging_buffer_bytes=8 * obj)
     try:
         assert w.io.staging is not None and w.io.batch == 2
         if device == "cuda":

@@ -151,11 +151,11 @@ def _corrupt(inst, name: str) -> None:
 
 
 def test_staged_loads_verify_before_writing_and_stop_at_a_corrupt_or_missing_object(store):
-    """staging='always' on the real store, buffers of 2 objects (7 blocks move in chunks of one):
+    """staging='always' on the real store, buffers of 4 objects (7 blocks move in chunks of one):
     a zero-copy instance's objects load byte for byte; a corrupt object (block 3) and, after it
     was removed, a missing one end the load there and never reach the engine's blocks."""
     a = make_instance(_cfg(store), engine_id="a", store_factory=None)
-    b = make_instance(_cfg(store, staging="always", staging_buffer_bytes=2 * a.worker.io.payload),
+    b = make_instance(_cfg(store, staging="always", staging_buffer_bytes=4 * a.worker.io.payload),
                       engine_id="b", store_factory=None)
     try:
         assert b.worker.io.staging is not None and b.worker.io.batch == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,26 +171,113 @@ def test_store_down_lookups_miss_saves_are_dropped_and_it_comes_back(instances):
     assert b.lookup(RequestView("r4", PROMPT)) == (6 * BS, True)
 
 
-def test_a_stuck_load_fails_at_its_deadline_and_holds_the_blocks_until_the_call_returns(instances):
+SENTINEL = -7.0
+
+
+@pytest.fixture
+def gets(monkeypatch):
+    """Once ``armed``, every ``batch_get_into_multi_buffers`` of the fake store is held on ``gate``
+    (as on a stopped memory holder) until the test sets it; ``returned`` records when each held
+    call returned (after its last write into the buffers)."""
+    real = fake_mooncake.FakeMooncakeDistributedStore.batch_get_into_multi_buffers
+    rec = SimpleNamespace(armed=False, gate=threading.Event(), entered=threading.Event(), returned=[])
+
+    def held(self, keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node=False):
+        if not rec.armed:
+            return real(self, keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node)
+        rec.entered.set()
+        assert rec.gate.wait(10), "the test never released the get"
+        out = real(self, keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node)
+        rec.returned.append(time.monotonic())
+        return out
+
+    monkeypatch.setattr(fake_mooncake.FakeMooncakeDistributedStore, "batch_get_into_multi_buffers", held)
+    yield rec
+    rec.gate.set()
+
+
+def _until_reported(b, rid, release_at: float, gate: threading.Event) -> tuple[float, object]:
+    """Engine steps until ``rid``'s load is reported, the held get released at ``release_at``."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= release_at:
+            gate.set()
+        out = b.step()
+        if rid in out.finished_recving:
+            return time.monotonic(), out
+        time.sleep(0.005)
+    raise AssertionError(f"{rid}'s load was never reported")
+
+
+def test_a_zero_copy_load_whose_get_is_in_flight_at_its_deadline_is_reported_only_when_it_returned(
+    instances, gets
+):
     a, b = instances(), instances(load_timeout_s=0.3)
     a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
     req = RequestView("r2", PROMPT)
     assert b.lookup(req) == (6 * BS, True)
-    gate = threading.Event()
-    fake_mooncake.cluster.gate = gate
     blocks = list(range(10, 17))
-    b.sched.update_state_after_alloc(req, (blocks,), 6 * BS)
+    for layer in b.kv:
+        layer[10:17] = SENTINEL
+    gets.armed = True
     t0 = time.monotonic()
-    out = b.wait_for(lambda r: "r2" in r.finished_recving, timeout_s=3.0)
-    assert time.monotonic() - t0 < 2.0
-    assert out.invalid_block_ids == set(blocks[:6])
-    delay, _ = b.sched.request_finished(req, (blocks,))
-    assert delay
-    for _ in range(5):
-        assert "r2" not in b.step().finished_sending  # the get is still writing into the blocks
-    fake_mooncake.cluster.gate = None
-    gate.set()
+    b.sched.update_state_after_alloc(req, (blocks,), 6 * BS)
+    assert "r2" not in b.step().finished_recving and gets.entered.wait(2)
+    t_report, out = _until_reported(b, "r2", t0 + 1.0, gets.gate)  # the get returns 0.7 s late
+    assert gets.returned and gets.returned[-1] <= t_report  # every write landed before the report
+    assert t_report - t0 >= 1.0
+    # The get returned whole and verified: the late load is used, not recomputed.
+    assert not out.invalid_block_ids
+    for la, lb in zip(a.kv, b.kv):
+        assert torch.equal(la[1:7], lb[10:16])
+    for layer in b.kv:  # reported: nothing of this load writes into the engine's blocks any more
+        layer[10:17] = SENTINEL
+    assert b.sched.request_finished(req, (blocks,))[0]
     b.wait_for(lambda r: "r2" in r.finished_sending)
+    time.sleep(0.1)
+    for layer in b.kv:
+        assert bool((layer[10:17] == SENTINEL).all())
+
+
+def test_no_batch_starts_after_the_deadline_and_the_batch_in_flight_is_kept(instances, gets):
+    a, b = instances(batch_objects=2), instances(batch_objects=2, load_timeout_s=0.3)
+    a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
+    req = RequestView("r2", PROMPT)
+    assert b.lookup(req) == (6 * BS, True)
+    blocks = list(range(10, 17))
+    for layer in b.kv:
+        layer[10:17] = SENTINEL
+    gets.armed = True
+    t0 = time.monotonic()
+    b.sched.update_state_after_alloc(req, (blocks,), 6 * BS)
+    t_report, out = _until_reported(b, "r2", t0 + 0.8, gets.gate)
+    assert len(gets.returned) == 1 and gets.returned[0] <= t_report  # only the first batch ran
+    assert out.invalid_block_ids == set(blocks[2:6])
+    for la, lb in zip(a.kv, b.kv):
+        assert torch.equal(la[1:3], lb[10:12])  # the batch in flight, verified
+        assert bool((lb[12:16] == SENTINEL).all())  # never fetched
+    assert b.sched.get_stats()["deadline_misses"] == 1
+
+
+def test_a_load_still_queued_at_its_deadline_fails_then_without_a_call(instances, gets):
+    a, b = instances(), instances(load_timeout_s=0.3)
+    a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
+    first, queued = RequestView("r2", PROMPT), RequestView("r3", PROMPT)
+    assert b.lookup(first) == (6 * BS, True) and b.lookup(queued) == (6 * BS, True)
+    for layer in b.kv:
+        layer[20:27] = SENTINEL
+    gets.armed = True
+    t0 = time.monotonic()
+    b.sched.update_state_after_alloc(first, (list(range(10, 17)),), 6 * BS)
+    b.sched.update_state_after_alloc(queued, (list(range(20, 27)),), 6 * BS)
+    out = b.wait_for(lambda r: "r3" in r.finished_recving, timeout_s=3.0)  # behind r2's held get
+    assert time.monotonic() - t0 < 2.0
+    assert out.invalid_block_ids == set(range(20, 26)) and "r2" not in out.finished_recving
+    gets.gate.set()
+    b.wait_for(lambda r: "r2" in r.finished_recving)
+    assert len(gets.returned) == 1  # r3 made no call
+    for layer in b.kv:
+        assert bool((layer[20:27] == SENTINEL).all())
 
 
 def test_a_lookup_not_answered_in_time_is_a_miss(instances):

@@ -67,9 +67,9 @@ def test_staged_and_zero_copy_objects_are_the_same_bytes(instances, store_mode, 
 
 
 def test_a_load_and_a_store_larger_than_the_buffer_move_in_chunks(instances):
-    # Room for exactly 2 objects: one per batch, 6 batches each way.
-    a = instances(staging="always", staging_buffer_bytes=2 * OBJECT + OBJECT // 2)
-    b = instances(staging="always", staging_buffer_bytes=2 * OBJECT)
+    # Room for exactly 4 objects, 2 per lane: one per batch, 6 batches each way.
+    a = instances(staging="always", staging_buffer_bytes=4 * OBJECT + OBJECT // 2)
+    b = instances(staging="always", staging_buffer_bytes=4 * OBJECT)
     assert a.worker.io.batch == b.worker.io.batch == 1
     puts = fake_mooncake.cluster.calls.get("batch_put_from_multi_buffers", 0)
     a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
@@ -80,6 +80,34 @@ def test_a_load_and_a_store_larger_than_the_buffer_move_in_chunks(instances):
     assert fake_mooncake.cluster.calls["batch_get_into_multi_buffers"] - gets == 6
     for la, lb in zip(a.kv, b.kv):
         assert torch.equal(la[1:7], lb[10:16])
+
+
+def test_loads_and_stores_stage_through_slots_of_their_own(instances, monkeypatch):
+    """The two lanes run at once: a store's gather must never land in slots a load is fetching
+    into, verifying or scattering from (unverified bytes would reach the engine's blocks)."""
+    named: dict[str, set[int]] = {"put": set(), "get": set()}
+    cls = fake_mooncake.FakeMooncakeDistributedStore
+    real_put, real_get = cls.batch_put_from_multi_buffers, cls.batch_get_into_multi_buffers
+
+    def put(self, keys, all_buffer_ptrs, all_sizes, config=None):
+        named["put"].update(p for ptrs in all_buffer_ptrs for p in ptrs)
+        return real_put(self, keys, all_buffer_ptrs, all_sizes, config)
+
+    def get(self, keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node=False):
+        named["get"].update(p for ptrs in all_buffer_ptrs for p in ptrs)
+        return real_get(self, keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node)
+
+    monkeypatch.setattr(cls, "batch_put_from_multi_buffers", put)
+    monkeypatch.setattr(cls, "batch_get_into_multi_buffers", get)
+    a = instances()
+    b = instances(staging="always", batch_objects=2)
+    a.serve_and_store(RequestView("r1", PROMPT), list(range(1, 8)))
+    b.serve_and_store(RequestView("s1", [t + 1 for t in PROMPT]), list(range(20, 27)))
+    n, out = _load(b, "r2", list(range(10, 17)))
+    assert n == 6 * BS and not out.invalid_block_ids
+    st = b.worker.io.staging
+    put, got = ({p for p in named[k] if st.ptr <= p < st.ptr + st.nbytes} for k in ("put", "get"))
+    assert put and got and not put & got
 
 
 @pytest.mark.parametrize("batch_objects", [32, 2])
@@ -126,9 +154,9 @@ def test_a_staging_buffer_of_no_bytes_is_a_config_error(master, size):
         make_instance(config(master, staging="always", staging_buffer_bytes=size))
 
 
-def test_a_staging_buffer_smaller_than_two_objects_is_a_config_error(master):
-    with pytest.raises(ConfigError, match=r"staging_buffer_bytes=.*at least 2"):
-        make_instance(config(master, staging="always", staging_buffer_bytes=2 * OBJECT - 1))
+def test_a_staging_buffer_smaller_than_four_objects_is_a_config_error(master):
+    with pytest.raises(ConfigError, match=r"staging_buffer_bytes=.*at least 4"):
+        make_instance(config(master, staging="always", staging_buffer_bytes=4 * OBJECT - 1))
 
 
 def _meta_caches():

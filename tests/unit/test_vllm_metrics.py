@@ -205,17 +205,22 @@ def test_engine_load_wait_runs_from_allocation_to_the_load_reported_received(mon
     assert conn.get_kv_connector_stats() is None
 
 
-def test_mooncake_workers_report_only_declared_stats():
-    """Every counter name the shared tier's worker code adds (``add("x")`` / ``_add("x")``) is declared,
-    so none can appear on /metrics undeclared (and missing from the start)."""
-    import pathlib
-    import re
-
-    import kvconnect.backends.mooncake as mc
+def test_mooncake_stats_are_typed_records_whose_names_are_the_declared_metrics():
+    """The shared tier counts through records: every counter a worker reports is declared (on
+    /metrics from the start, under the names it always had), and a misspelt one raises."""
+    from kvconnect.backends.mooncake.stats import SchedulerCounters, WorkerCounters
     from kvconnect.registry import stat_names
 
-    used = set()
-    for path in pathlib.Path(mc.__file__).parent.glob("*.py"):
-        used |= set(re.findall(r"add\(\"([a-z_]+)\"", path.read_text()))
-    assert {"load_failures", "objects_corrupt", "deadline_misses"} <= used  # the scan sees the calls
-    assert used <= set(stat_names("mooncake").counters), used - set(stat_names("mooncake").counters)
+    assert stat_names("mooncake").counters == WorkerCounters.names()
+    assert set(WorkerCounters.names()) == {
+        "load_bytes", "load_blocks", "load_seconds", "load_failures", "save_bytes", "save_seconds",
+        "save_failures", "saves_dropped", "objects_present", "objects_stored", "objects_missing",
+        "objects_corrupt", "put_failures", "deadline_misses",
+    }
+    w, s = WorkerCounters(), SchedulerCounters()
+    w.objects_corrupt += 2
+    assert w.take() == {"objects_corrupt": 2} and w.take() == {}
+    with pytest.raises(AttributeError):
+        w.object_corrupt += 1
+    with pytest.raises(AttributeError):
+        s.lookup_hit += 1

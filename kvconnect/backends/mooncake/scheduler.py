@@ -58,6 +58,7 @@ from kvconnect.backends.cpu_offload.plan import known_kv_tokens, per_group
 from kvconnect.backends.mooncake import groups as H
 from kvconnect.backends.mooncake import keys as ks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata, StoreLoad, StoreSave
+from kvconnect.backends.mooncake.stats import SchedulerCounters, WorkerCounters
 from kvconnect.backends.mooncake.store import RPC_FAIL, SharedStore, release_store, shared_store
 from kvconnect.config import MooncakeConfig, validate_mooncake
 from kvconnect.errors import ConfigError
@@ -135,11 +136,9 @@ class MooncakeScheduler(SchedulerConnector):
         self._loads: list[StoreLoad] = []
         self._saves: list[StoreSave] = []
         self._closed: list[str] = []
-        self._counters = dict.fromkeys(
-            ("lookups", "lookup_hits", "lookup_timeouts", "lookups_skipped", "hit_tokens",
-             "loads_planned", "saves_planned", "saves_skipped", "save_blocks_planned",
-             "loads_invalid"), 0)
-        self._worker: dict[str, float] = {}
+        self._counters = SchedulerCounters()
+        #: What the workers reported, summed (for ``get_stats``).
+        self._worker = WorkerCounters()
         #: KV cache events of this tier (only when the engine publishes them).
         self._events = (TierEvents(MEDIUM_STORAGE, self.block_size, LOCALITY_REMOTE, "mooncake")
                         if engine.kv_events else None)
@@ -225,7 +224,7 @@ class MooncakeScheduler(SchedulerConnector):
             if found is None:
                 if time.monotonic() - lk.t0 <= self.cfg.lookup_timeout_s:
                     return None, False
-                self._counters["lookup_timeouts"] += 1
+                self._counters.lookup_timeouts += 1
                 lk.found = found = 0
             if lk.missing:
                 assert self._events is not None
@@ -233,7 +232,7 @@ class MooncakeScheduler(SchedulerConnector):
                 lk.missing = None
             return ((start + found) * bs - num_computed_tokens, True) if found else (0, False)
         if not self._shared.health.usable():
-            self._counters["lookups_skipped"] += 1
+            self._counters.lookups_skipped += 1
             return 0, False
         if self._simple:
             keys = self._keys.keys(request, limit)[start:limit]
@@ -249,7 +248,7 @@ class MooncakeScheduler(SchedulerConnector):
         self._lookups[rid] = lk
         if len(self._lookups) > MAX_LOOKUPS:
             self._lookups.pop(next(iter(self._lookups)))
-        self._counters["lookups"] += 1
+        self._counters.lookups += 1
         self._q.put((lk, [p + k.hex() for p in prefixes for k in keys]))
         return None, False
 
@@ -290,9 +289,9 @@ class MooncakeScheduler(SchedulerConnector):
         st.loaded, st.load_blocks, st.had_load = (lk.start, end), tuple(ids), True
         st.load_keys = tuple(keys)
         self._loads.append(StoreLoad(request_id=rid, block_ids=ids, keys=keys, groups=groups))
-        self._counters["loads_planned"] += 1
-        self._counters["lookup_hits"] += 1
-        self._counters["hit_tokens"] += num_external_tokens
+        self._counters.loads_planned += 1
+        self._counters.lookup_hits += 1
+        self._counters.hit_tokens += num_external_tokens
 
     def _real(self, blocks: list[list[int]], lo: int, hi: int) -> list[int]:
         return [b for ids in blocks for b in ids[lo:hi] if b != self._null]
@@ -346,7 +345,7 @@ class MooncakeScheduler(SchedulerConnector):
         saved = False
         if n_full > 0 and self._prefixes is not None:
             if not self._shared.health.usable():
-                self._counters["saves_skipped"] += 1
+                self._counters.saves_skipped += 1
             else:
                 saved = self._plan_save(st, blocks, n_full)
         self._keys.forget(rid)
@@ -371,8 +370,8 @@ class MooncakeScheduler(SchedulerConnector):
         keys = [t[3] for t in todo]
         self._saves.append(StoreSave(request_id=view.request_id, block_ids=[t[2] for t in todo], keys=keys,
                                      groups=[t[0] for t in todo] if not self._simple else []))
-        self._counters["saves_planned"] += 1
-        self._counters["save_blocks_planned"] += len(todo)
+        self._counters.saves_planned += 1
+        self._counters.save_blocks_planned += len(todo)
         if self._events is not None:
             ev = self._events
             new = [t for t in todo if not ev.holds(t[3])]  # published already: not again
@@ -401,7 +400,7 @@ class MooncakeScheduler(SchedulerConnector):
                 # The tail from the first bad block is recomputed: store it again at finish.
                 lo, _ = st.loaded
                 st.loaded = (lo, lo + first_bad if self._simple else lo)
-                self._counters["loads_invalid"] += 1
+                self._counters.loads_invalid += 1
                 if self._events is not None and self._simple and first_bad < len(st.load_keys):
                     # Its first bad object is gone (missing, or removed when it failed
                     # verification) or did not arrive in time; the store at finish republishes it
@@ -411,9 +410,7 @@ class MooncakeScheduler(SchedulerConnector):
         if self._events is not None and results.finished_sending:
             self._saves_done(results)
         if results.stats:
-            for k, v in results.stats.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._worker[k] = self._worker.get(k, 0) + v
+            self._worker.add_reported(results.stats)
 
     def _saves_done(self, results: TransferResults) -> None:
         assert self._events is not None
@@ -437,13 +434,12 @@ class MooncakeScheduler(SchedulerConnector):
         return ev.take()
 
     def get_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self._counters)
-        out.update(self._worker)
+        w = self._worker
+        out: dict[str, Any] = self._counters.as_dict() | w.as_dict()
         out["store_failures"] = self._shared.health.failures
         out["store_usable"] = int(self._shared.health.usable())
-        for d in ("load", "save"):
-            secs = self._worker.get(f"{d}_seconds", 0.0)
-            out[f"{d}_gbps"] = self._worker.get(f"{d}_bytes", 0) / secs / 1e9 if secs > 0 else 0.0
+        out["load_gbps"] = w.load_bytes / w.load_seconds / 1e9 if w.load_seconds > 0 else 0.0
+        out["save_gbps"] = w.save_bytes / w.save_seconds / 1e9 if w.save_seconds > 0 else 0.0
         return out
 
     def shutdown(self) -> None:

@@ -3,9 +3,8 @@
 Every Mooncake call blocks (measured: a dead master makes a put or get return an error after about
 4 s, a stopped memory holder holds a get for 13-60 s), so no call runs on the engine thread.
 Each :class:`Lane` is one thread with a queue; the worker keeps one for loads and one for stores,
-so a slow store never delays a load. A job carries its deadline: the worker reports a load that
-ran past it as failed without waiting for it, and a job that reaches the front of its queue after
-its deadline is failed without a call.
+so a slow store never delays a load. A job carries its deadline: no batch starts after it, and a
+job that reaches the front of its queue after it is failed without a call.
 
 Per job, in batches of ``batch_objects`` objects:
 
@@ -21,8 +20,26 @@ With a :class:`~kvconnect.backends.mooncake.staging.Staging` buffer (KV caches i
 ``staging="always"``) the calls name staging slots instead of the engine's blocks: a store
 gathers its missing blocks into slots before the checksum; a load verifies the objects in the
 slots and only then scatters the good ones into the engine's blocks, so nothing unverified ever
-reaches them. A batch is then at most half the slots (two batches in flight), so a job larger
-than the buffer moves in chunks.
+reaches them. Loads and stores run at once, so each lane has its own half of the slots, and a
+batch is at most half of that (two batches in flight): a job larger than the buffer moves in
+chunks.
+
+When a load may be reported (:meth:`Job.expire`). A get cannot be cancelled, and once a load is
+reported, failed or not, the engine owns its blocks again: it recomputes into them, or frees them
+(a failed load with no good block, ``kv_load_failure_policy=fail``, an abort) for another request.
+So a load is never reported while a get into the engine's blocks may still be running:
+
+* still queued at its deadline (no call made, none will be): reported failed at the deadline;
+* staged: reported failed at the deadline; its get lands in staging slots, and the scatter into
+  the engine's blocks happens under ``Job.lock`` only while the load is not reported;
+* zero-copy with a get in flight: reported when the get returns (the job ends: no batch starts
+  after the deadline). Mooncake's calls end by themselves (0.3.13 over TCP, measured: a killed
+  memory holder fails a get with -800 in 1.0 s, a stopped (SIGSTOP) one in 60.0 s), so the wait
+  past ``load_timeout_s`` is at most one call.
+
+Sending late loads into a bounce buffer instead would need every zero-copy get to name one (a
+started call cannot be pointed elsewhere): the staged path's extra copy on every load, paid to
+shorten only the rare load that meets a store that stopped answering.
 """
 
 from __future__ import annotations
@@ -40,6 +57,7 @@ from typing import Any
 
 from kvconnect.backends.mooncake import objects as ob
 from kvconnect.backends.mooncake.staging import Staging
+from kvconnect.backends.mooncake.stats import WorkerCounters
 from kvconnect.backends.mooncake.store import RPC_FAIL, TRANSFER_FAIL, SharedStore
 
 logger = logging.getLogger(__name__)
@@ -62,17 +80,45 @@ class Job:
     good: int = 0
     error: str | None = None
     done: bool = False
-    #: The engine was told about this load already (it ran past its deadline).
+    #: The lane took the job from its queue and made (or is making) store calls for it.
+    started: bool = False
+    #: The engine was told about this load already (failed at its deadline: :meth:`expire`).
     reported: bool = False
     nbytes: int = 0
     seconds: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
-    #: Held while verified objects are copied into the engine's blocks (staging); the engine
-    #: reports a load past its deadline only when it can take this, so no copy lands after.
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    #: Guards ``started`` and ``reported``, and is held while verified objects are copied into
+    #: the engine's blocks (staging): a load is reported early only when it can take this.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, key: str, v: float = 1) -> None:
-        self.stats[key] = self.stats.get(key, 0) + v
+    def begin(self) -> bool:
+        """Lane: whether to run the job now it is at the front of the queue (not when the engine
+        was told already, or when its deadline passed)."""
+        with self.lock:
+            if self.reported:
+                return False
+            if time.monotonic() > self.deadline:
+                self.error = "deadline passed while queued (the store is slow or down)"
+                self.counters.deadline_misses += 1
+                return False
+            self.started = True
+            return True
+
+    def expire(self, why: str, writes_blocks: bool) -> bool:
+        """Engine, for a load past its deadline: fail it now if no store call can still write into
+        the engine's blocks (still queued, or the calls name staging slots: ``writes_blocks`` is
+        False); True when it was failed. Otherwise the lane's return reports it."""
+        if not self.lock.acquire(blocking=False):
+            return False  # the lane is starting it or copying verified blocks in: ask again
+        try:
+            if self.reported or self.done or (self.started and writes_blocks):
+                return False
+            self.error = self.error or why
+            self.good = 0  # whatever landed in staging was not delivered
+            self.reported = True
+            return True
+        finally:
+            self.lock.release()
 
 
 class Lane:
@@ -94,10 +140,7 @@ class Lane:
             if job is None:
                 return
             t0 = time.monotonic()
-            if t0 > job.deadline:
-                job.error = "deadline passed while queued (the store is slow or down)"
-                job.add("deadline_misses")
-            else:
+            if job.begin():
                 try:
                     self._run(job)
                 except Exception as e:  # a bug or a library error must not kill the lane
@@ -121,8 +164,11 @@ class StoreIO:
         self.store = shared.store
         self.blocks = blocks
         self.staging = blocks if isinstance(blocks, Staging) else None
+        #: Each lane's first staging slot: a store's gather never lands in a load's slots.
+        self._slot0 = {"load": 0, "save": 0}
         if self.staging is not None:
-            batch_objects = min(batch_objects, self.staging.slots // 2)
+            batch_objects = min(batch_objects, self.staging.slots // 4)
+            self._slot0["save"] = self.staging.slots // 2
         self.prefix = prefix
         self.layout = layout
         self.batch = batch_objects
@@ -143,7 +189,10 @@ class StoreIO:
         hp = self._headers[kind]
         ptrs, sizes = [], []
         for i, b in enumerate(block_ids):
-            p, s = self.blocks.runs(b) if self.staging is None else self.staging.runs(half * self.batch + i)
+            if self.staging is None:
+                p, s = self.blocks.runs(b)
+            else:
+                p, s = self.staging.runs(self._slot0[kind] + half * self.batch + i)
             p.append(hp.ptr(half * self.batch + i))
             s.append(ob.HEADER_BYTES)
             ptrs.append(p)
@@ -178,10 +227,11 @@ class StoreIO:
             self._store_failed(list(exist), "batch_is_exist")
             raise _StoreDown(f"existence query failed ({min(exist)})")
         todo = [i for i, e in enumerate(exist) if e != 1]
-        job.add("objects_present", len(keys) - len(todo))
+        job.counters.objects_present += len(keys) - len(todo)
         hp = self._headers["save"]
         if self.staging is not None:
-            self.staging.gather([blocks[i] for i in todo], half * self.batch, after=job.marker)
+            slot = self._slot0["save"] + half * self.batch
+            self.staging.gather([blocks[i] for i in todo], slot, after=job.marker)
         ptrs, sizes = self._buffers("save", [blocks[i] for i in todo], half)
         for j, i in enumerate(todo):
             crc = ob.checksum_of(ptrs[j][:-1], sizes[j][:-1])
@@ -199,25 +249,25 @@ class StoreIO:
                 keys, ptrs, sizes = nxt.result()
             except _StoreDown as e:
                 job.error = str(e)
-                job.add("saves_dropped", len(job.keys) - lo)
+                job.counters.saves_dropped += len(job.keys) - lo
                 return
             if n + 1 < len(spans):
                 nxt = self._pools["save"].submit(self._prepare_save, job, *spans[n + 1], (n + 1) % 2)
             if time.monotonic() > job.deadline:
                 job.error = "deadline passed"
-                job.add("deadline_misses")
+                job.counters.deadline_misses += 1
                 break
             if keys:
                 codes = self.store.batch_put_from_multi_buffers(keys, ptrs, sizes, self.sh.replicate)
                 bad = [c for c in codes if c != 0]
                 if bad:
                     self._store_failed(bad, "batch_put_from_multi_buffers")
-                    job.add("put_failures", len(bad))
+                    job.counters.put_failures += len(bad)
                     job.error = f"{len(bad)} of {len(keys)} puts failed (code {bad[0]})"
                     break
                 self.sh.health.ok()
                 job.nbytes += len(keys) * self.object_bytes
-                job.add("objects_stored", len(keys))
+                job.counters.objects_stored += len(keys)
             job.good = hi
         with contextlib.suppress(Exception):
             nxt.result()  # never leave the helper writing a header half the next job reuses
@@ -233,7 +283,7 @@ class StoreIO:
             if n != self.object_bytes:
                 why = f"object missing or of another size (get returned {n})"
                 self._store_failed([n], "batch_get_into_multi_buffers")
-                job.add("objects_missing")
+                job.counters.objects_missing += 1
             else:
                 crc, why = ob.check_header(
                     hp.array[half * self.batch + j], self.payload, self.layout, bkeys[j]
@@ -241,7 +291,7 @@ class StoreIO:
                 if crc is not None and ob.checksum_of(ptrs[j][:-1], sizes[j][:-1]) != crc:
                     why = "checksum mismatch"
                 if why:
-                    job.add("objects_corrupt")
+                    job.counters.objects_corrupt += 1
                     self._remove(bkeys[j])
             if why:
                 self._deliver(job, lo, half, j)
@@ -257,7 +307,8 @@ class StoreIO:
         with job.lock:
             if job.reported:
                 return
-            self.staging.scatter(job.block_ids[lo : lo + ok], half * self.batch, after=job.marker)
+            slot = self._slot0["load"] + half * self.batch
+            self.staging.scatter(job.block_ids[lo : lo + ok], slot, after=job.marker)
 
     def load(self, job: Job) -> None:
         """Batch k+1 is fetched while batch k is verified on the helper thread."""
@@ -275,8 +326,9 @@ class StoreIO:
 
         for n, (lo, hi) in enumerate(self.spans(len(job.keys), small_last=True)):
             if time.monotonic() > job.deadline:
-                job.error = "deadline passed"
-                job.add("deadline_misses")
+                if not job.reported:  # a staged load failed at its deadline was counted then
+                    job.error = "deadline passed"
+                    job.counters.deadline_misses += 1
                 break
             half = n % 2
             bkeys = job.keys[lo:hi]

@@ -11,9 +11,10 @@ Reporting, per request:
 * a load that ended early (an object missing, evicted, corrupt) or ran past ``load_timeout_s``:
   ``finished_recving`` with the blocks from the first bad one on in ``invalid_block_ids``; vLLM
   then keeps the good prefix and recomputes the rest (``kv_load_failure_policy=recompute``) or
-  fails the request (``fail``). A load past its deadline is reported at the deadline; its
-  request's blocks stay held (``finished_sending`` waits) until the store call returns, so a late
-  write never lands in blocks the engine gave to someone else;
+  fails the request (``fail``). A load never is reported while a get into the engine's blocks
+  may still run (vLLM recomputes into the blocks of a failed load, or frees them for another
+  request): past its deadline, a load still queued or staged is reported failed at once, a
+  zero-copy load whose get is in flight when that get returns (:mod:`transfer`);
 * ``finished_sending`` once the request is closed and every job issued for it has returned;
   ``failed_sending`` too when a store of it failed.
 
@@ -41,6 +42,7 @@ from kvconnect.backends.mooncake import xxh3
 from kvconnect.backends.mooncake.groups import GroupedBlocks
 from kvconnect.backends.mooncake.messages import MooncakeHandshake, MooncakeStepMetadata
 from kvconnect.backends.mooncake.staging import Staging
+from kvconnect.backends.mooncake.stats import WorkerCounters
 from kvconnect.backends.mooncake.store import SharedStore, release_store, shared_store
 from kvconnect.backends.mooncake.transfer import Job, Lane, StoreIO, merged_ranges, run_job
 from kvconnect.config import MooncakeConfig, validate_mooncake
@@ -78,7 +80,7 @@ class MooncakeWorker(WorkerConnector):
         self._closed: set[str] = set()
         self._save_failed: set[str] = set()
         self._out = TransferResults()
-        self._stats: dict[str, float] = {}
+        self._counters = WorkerCounters()
 
     # -- registration ---------------------------------------------------------------------------
     def register_kv_caches(self, caches: Mapping[str, tuple[torch.Tensor, KVLayout]]) -> None:
@@ -139,11 +141,12 @@ class MooncakeWorker(WorkerConnector):
             )
         payload = sum(n for _, lay in layers for _, n in ob._runs(lay))
         slots = self.cfg.staging_buffer_bytes // payload
-        if slots < 2:
+        if slots < 4:
             raise ConfigError(
                 f"mooncake.staging_buffer_bytes={self.cfg.staging_buffer_bytes} holds {slots} "
-                f"object(s) of {payload} bytes (one block, every layer); it needs at least 2 "
-                f"({2 * payload} bytes): one batch in flight while the next is copied"
+                f"object(s) of {payload} bytes (one block, every layer); it needs at least 4 "
+                f"({4 * payload} bytes): loads and stores each one batch in flight while the next "
+                "is copied"
             )
         staging = Staging(layers, slots)
         self._shared.register(staging.ptr, staging.nbytes)
@@ -178,7 +181,7 @@ class MooncakeWorker(WorkerConnector):
             error = "KV caches were never registered"
         if error is None and kind == "save" and not self._shared.health.usable():
             error = "store unavailable"
-            job.add("saves_dropped", len(keys))
+            job.counters.saves_dropped += len(keys)
         if error is None and len(block_ids) != len(keys):
             error = "block and key lists differ in length"
         if error is None and self.io is not None:
@@ -227,23 +230,23 @@ class MooncakeWorker(WorkerConnector):
                 self._out.failed_recving.add(job.request_id)
             logger.warning("mooncake: load for %s ended after %d of %d blocks: %s", job.request_id,
                            job.good, len(job.block_ids), job.error)
-            self._add("load_failures", 1)
+            self._counters.load_failures += 1
 
     def _complete(self, job: Job) -> None:
-        for k, v in job.stats.items():
-            self._add(k, v)
+        c = self._counters
+        c.add(job.counters)
         if job.kind == "load":
             if job.good:
-                self._add("load_blocks", job.good)
-                self._add("load_bytes", job.nbytes)
-                self._add("load_seconds", job.seconds)
+                c.load_blocks += job.good
+                c.load_bytes += job.nbytes
+                c.load_seconds += job.seconds
             if not job.reported:
                 self._report_load(job)
         else:
-            self._add("save_bytes", job.nbytes)
-            self._add("save_seconds", job.seconds)
+            c.save_bytes += job.nbytes
+            c.save_seconds += job.seconds
             if job.error is not None:
-                self._add("save_failures", 1)
+                c.save_failures += 1
                 self._save_failed.add(job.request_id)
                 logger.info("mooncake: store for %s dropped: %s", job.request_id, job.error)
         lst = self._inflight.get(job.request_id)
@@ -252,26 +255,19 @@ class MooncakeWorker(WorkerConnector):
             if not lst:
                 del self._inflight[job.request_id]
 
-    def _add(self, key: str, v: float) -> None:
-        self._stats[key] = self._stats.get(key, 0) + v
-
     def get_transfer_results(self, finished_request_ids: set[str]) -> TransferResults:
         for lane in self._lanes.values():
             while lane.done:
                 self._complete(lane.done.popleft())
         now = time.monotonic()
+        writes_blocks = self.io is not None and self.io.staging is None
+        why = f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
         for jobs in self._inflight.values():
             for job in jobs:
                 if job.kind == "load" and not job.reported and now > job.deadline:
-                    if not job.lock.acquire(blocking=False):
-                        continue  # verified blocks are being copied in: report once that ends
-                    try:
-                        job.error = job.error or f"no answer within load_timeout_s={self.cfg.load_timeout_s}"
-                        job.good = 0  # what landed so far is not verified
-                        self._add("deadline_misses", 1)
+                    if job.expire(why, writes_blocks):
+                        self._counters.deadline_misses += 1
                         self._report_load(job)
-                    finally:
-                        job.lock.release()
         out, self._out = self._out, TransferResults()
         for rid in list(self._closed):
             if rid not in self._inflight:
@@ -280,8 +276,9 @@ class MooncakeWorker(WorkerConnector):
                 if rid in self._save_failed:
                     self._save_failed.discard(rid)
                     out.failed_sending.add(rid)
-        if self._stats:
-            out.stats, self._stats = self._stats, {}
+        stats = self._counters.take()
+        if stats:
+            out.stats = stats
         return out
 
     def shutdown(self) -> None:
